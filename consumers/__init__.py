@@ -1,0 +1,1 @@
+"""Everything downstream of Kafka: decoding, the sink, Redis status, dead letters, the worker loop."""

@@ -1,0 +1,1 @@
+"""How the pipeline runs: the local stack on loopback, compose, Prometheus configuration."""

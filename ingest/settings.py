@@ -1,0 +1,111 @@
+"""The one settings model, read once at start-up from ``FLEET_*`` variables and ``.env``.
+
+Nothing else in the project reads ``os.environ``: commands build a :class:`Settings`
+at the edge and pass it (or the parts they need) to constructors.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, safe for logs and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class Settings(BaseSettings):
+    """Every knob of the pipeline. Frozen: read once, passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLEET_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # --- CONTRACT.md ---------------------------------------------------------
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/fleet"
+    database_replica_urls: Annotated[tuple[str, ...], NoDecode] = ()
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_ssl_cafile: str = ""
+    telemetry_topic: str = "fleet.telemetry.v1"
+    dlq_topic: str = "fleet.telemetry.dlq.v1"
+    consumer_group: str = "fleet-telemetry"
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- validation rules ----------------------------------------------------
+    max_future_seconds: float = Field(default=300.0, ge=0)
+    """A reading may be at most this far ahead of the consumer's clock."""
+    raw_retention_days: int = Field(default=30, ge=1)
+    """Raw readings older than this are dead-lettered as ``outside_retention``."""
+
+    # --- consumer tuning -------------------------------------------------------
+    batch_max_readings: int = Field(default=5000, ge=1)
+    batch_max_age_ms: int = Field(default=500, ge=1)
+    max_batches_in_flight: int = Field(default=2, ge=1)
+    status_ttl_seconds: int = Field(default=300, ge=1)
+    vehicle_cache_seconds: float = Field(default=60.0, ge=0)
+    dashboard_cache_seconds: int = Field(default=3600, ge=1)
+    retry_initial_seconds: float = Field(default=0.2, gt=0)
+    retry_max_seconds: float = Field(default=10.0, gt=0)
+    shutdown_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    # --- local stack ---------------------------------------------------------
+    stack_dir: str = ".local"
+    """Project-local folder for the local broker's data and logs (git-ignored)."""
+
+    @field_validator("database_replica_urls", mode="before")
+    @classmethod
+    def _split_replicas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @cached_property
+    def database_url_masked(self) -> str:
+        return mask_url(self.database_url)
+
+    @cached_property
+    def redis_url_masked(self) -> str:
+        return mask_url(self.redis_url)
+
+    def kafka_client_options(self) -> dict[str, object]:
+        """Connection options shared by every aiokafka client of the project."""
+        options: dict[str, object] = {
+            "bootstrap_servers": self.kafka_bootstrap,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_security_protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+            options["sasl_mechanism"] = self.kafka_sasl_mechanism or "PLAIN"
+            options["sasl_plain_username"] = self.kafka_sasl_username
+            options["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            options["ssl_context"] = create_ssl_context(
+                cafile=self.kafka_ssl_cafile or None
+            )
+        return options
