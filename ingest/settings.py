@@ -6,7 +6,6 @@ at the edge and pass it (or the parts they need) to constructors.
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -84,11 +83,11 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
-    @cached_property
+    @property
     def database_url_masked(self) -> str:
         return mask_url(self.database_url)
 
-    @cached_property
+    @property
     def redis_url_masked(self) -> str:
         return mask_url(self.redis_url)
 

@@ -1,0 +1,100 @@
+"""Shared fixtures.
+
+Integration tests talk to the real services named by the ``FLEET_*`` settings (the
+README's test command starts them on loopback). Each test session works in a database
+of its own, created and migrated here and dropped at the end; each test gets topics and
+a consumer group of its own, so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from ingest.settings import Settings
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    return Settings(_env_file=None)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def database_url(base_settings: Settings) -> AsyncIterator[str]:
+    """A freshly created and migrated database for this test session."""
+    from schema.migrate import apply_migrations
+
+    name = f"fleet_test_{uuid.uuid4().hex[:10]}"
+    admin_url = _with_database(base_settings.database_url, "postgres")
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = _with_database(base_settings.database_url, name)
+    await apply_migrations(url)
+    yield url
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def settings(base_settings: Settings, database_url: str) -> Settings:
+    """Settings for one test: the session's database, topics and group of its own."""
+    tag = uuid.uuid4().hex[:10]
+    return base_settings.model_copy(
+        update={
+            "database_url": database_url,
+            "telemetry_topic": f"test.telemetry.{tag}",
+            "dlq_topic": f"test.dlq.{tag}",
+            "consumer_group": f"test-group-{tag}",
+            "metrics_port": 0,
+        }
+    )
+
+
+@pytest_asyncio.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture
+async def redis_client(base_settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(base_settings.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def make_vehicles(db: asyncpg.Connection) -> Callable[[int], Awaitable[list[uuid.UUID]]]:
+    """Registers ``n`` vehicles of this test and returns their ids."""
+
+    async def make(n: int) -> list[uuid.UUID]:
+        ids = [uuid.uuid4() for _ in range(n)]
+        await db.executemany(
+            "INSERT INTO vehicles (id, vin, license_plate, make, model, year, type, status)"
+            " VALUES ($1, $2, $3, 'Volvo', 'FH16', 2022, 'truck', 'active')",
+            [(vid, vid.hex[:17].upper(), "T-" + vid.hex[:8].upper()) for vid in ids],
+        )
+        return ids
+
+    return make
