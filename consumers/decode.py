@@ -1,0 +1,284 @@
+"""Bytes to readings: the pure first stage of the pipeline.
+
+:func:`decode_message` takes one Kafka record's value (plus where it came from and the
+current time) and returns the readings it holds and the rejections, each with a reason
+code and a one-sentence detail. It does no I/O and reads no clock, and no input bytes
+can make it raise: whatever is not a valid reading becomes a :class:`Rejection`.
+
+Rules that need the database (is the vehicle registered?) are applied later, by the sink.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from uuid import UUID
+
+import orjson
+
+from ingest.reading import (
+    FUTURE_TIME,
+    INVALID_READING,
+    MALFORMED_JSON,
+    OUTSIDE_RETENTION,
+    Reading,
+    Rejection,
+    Source,
+)
+
+_DTC = re.compile(r"^[PCBU][0-9A-F]{4}$")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+# (field, minimum, maximum, maximum is exclusive)
+_OPTIONAL_NUMBERS: tuple[tuple[str, float, float | None, bool], ...] = (
+    ("speed", 0.0, 400.0, False),
+    ("fuel_level", 0.0, 100.0, False),
+    ("heading", 0.0, 360.0, True),
+    ("odometer_km", 0.0, None, False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """The time rules of the contract, resolved against one ``now``."""
+
+    now: datetime
+    max_future: timedelta = timedelta(minutes=5)
+    retention: timedelta = timedelta(days=30)
+
+    @property
+    def latest(self) -> datetime:
+        return self.now + self.max_future
+
+    @property
+    def oldest(self) -> datetime:
+        return self.now - self.retention
+
+
+@dataclass(slots=True)
+class Decoded:
+    readings: list[Reading] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+class _Invalid(Exception):
+    """Internal: a reading broke a rule; carries the reason and the detail sentence."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_message(
+    value: bytes | None,
+    *,
+    key: bytes | None,
+    source: Source,
+    rules: Rules,
+) -> Decoded:
+    """Decode one record: a reading object or an array of them. Never raises."""
+    out = Decoded()
+    if not value:
+        out.rejections.append(
+            Rejection(MALFORMED_JSON, "the message value is empty", source, key, value or b"")
+        )
+        return out
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        out.rejections.append(
+            Rejection(MALFORMED_JSON, f"the message is not valid UTF-8 JSON: {exc}", source, key, value)
+        )
+        return out
+    if isinstance(document, dict):
+        _decode_one(document, value, key, source, rules, out)
+    elif isinstance(document, list):
+        for index, element in enumerate(document):
+            element_source = Source(source.topic, source.partition, source.offset, index)
+            if isinstance(element, dict):
+                _decode_one(element, element, key, element_source, rules, out)
+            else:
+                out.rejections.append(
+                    Rejection(
+                        INVALID_READING,
+                        f"array element {index} is {_kind(element)}, expected a reading object",
+                        element_source,
+                        key,
+                        _dumps(element),
+                    )
+                )
+    else:
+        out.rejections.append(
+            Rejection(
+                INVALID_READING,
+                f"the message is {_kind(document)}, expected a reading object or an array of them",
+                source,
+                key,
+                value,
+            )
+        )
+    return out
+
+
+def _decode_one(
+    obj: dict[str, Any],
+    raw: bytes | dict[str, Any],
+    key: bytes | None,
+    source: Source,
+    rules: Rules,
+    out: Decoded,
+) -> None:
+    try:
+        out.readings.append(_reading(obj, raw, key, source, rules))
+    except _Invalid as exc:
+        value = raw if isinstance(raw, bytes) else _dumps(raw)
+        out.rejections.append(Rejection(exc.reason, exc.detail, source, key, value))
+
+
+def _reading(
+    obj: dict[str, Any], raw: bytes | dict[str, Any], key: bytes | None, source: Source, rules: Rules
+) -> Reading:
+    vehicle_id = _vehicle_id(obj.get("vehicle_id"))
+    time = _time(obj.get("time"))
+    lat = _number(obj, "lat", -90.0, 90.0, required=True)
+    lon = _number(obj, "lon", -180.0, 180.0, required=True)
+    optional = [_number(obj, name, lo, hi, exclusive=excl) for name, lo, hi, excl in _OPTIONAL_NUMBERS]
+    engine_status = _engine_status(obj.get("engine_status"))
+    if time > rules.latest:
+        raise _Invalid(
+            FUTURE_TIME,
+            f"field 'time' is {time.isoformat()}, more than "
+            f"{rules.max_future.total_seconds():g} seconds ahead of the consumer's clock",
+        )
+    if time < rules.oldest:
+        raise _Invalid(
+            OUTSIDE_RETENTION,
+            f"field 'time' is {time.isoformat()}, older than the raw retention of "
+            f"{rules.retention.days} days",
+        )
+    assert lat is not None and lon is not None
+    return Reading(
+        vehicle_id, time, lat, lon, optional[0], optional[1], optional[2], optional[3],
+        engine_status, source, key, raw,
+    )
+
+
+def _vehicle_id(value: Any) -> UUID:
+    if value is None:
+        raise _Invalid(INVALID_READING, "field 'vehicle_id' is missing")
+    if not isinstance(value, str):
+        raise _Invalid(INVALID_READING, f"field 'vehicle_id' is {_kind(value)}, expected a UUID string")
+    try:
+        return UUID(value)
+    except ValueError:
+        raise _Invalid(INVALID_READING, f"field 'vehicle_id' is {_show(value)}, not a UUID") from None
+
+
+def _time(value: Any) -> datetime:
+    if value is None:
+        raise _Invalid(INVALID_READING, "field 'time' is missing")
+    if isinstance(value, bool):
+        raise _Invalid(INVALID_READING, "field 'time' is a boolean, expected RFC 3339 text or epoch milliseconds")
+    if isinstance(value, int):
+        try:
+            return _EPOCH + timedelta(milliseconds=value)
+        except OverflowError:
+            raise _Invalid(INVALID_READING, f"field 'time' is {value}, out of range for epoch milliseconds") from None
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise _Invalid(INVALID_READING, f"field 'time' is {_show(value)}, not an RFC 3339 timestamp") from None
+        if parsed.tzinfo is None:
+            raise _Invalid(INVALID_READING, f"field 'time' is {_show(value)}, which has no UTC offset")
+        try:
+            return parsed.astimezone(timezone.utc)
+        except OverflowError:
+            raise _Invalid(INVALID_READING, f"field 'time' is {_show(value)}, out of range") from None
+    raise _Invalid(
+        INVALID_READING, f"field 'time' is {_kind(value)}, expected RFC 3339 text or integer epoch milliseconds"
+    )
+
+
+def _number(
+    obj: dict[str, Any], name: str, low: float, high: float | None,
+    *, required: bool = False, exclusive: bool = False,
+) -> float | None:
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise _Invalid(INVALID_READING, f"field '{name}' is missing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid(INVALID_READING, f"field '{name}' is {_kind(value)}, expected a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise _Invalid(INVALID_READING, f"field '{name}' is {value}, expected a finite number")
+    if number < low or (high is not None and (number >= high if exclusive else number > high)):
+        if high is None:
+            rule = f"must be {low:g} or more"
+        elif exclusive:
+            rule = f"must be from {low:g} to below {high:g}"
+        else:
+            rule = f"must be between {low:g} and {high:g}"
+        raise _Invalid(INVALID_READING, f"field '{name}' is {value}, {rule}")
+    return number
+
+
+def _engine_status(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _Invalid(INVALID_READING, f"field 'engine_status' is {_kind(value)}, expected an object")
+    rpm = value.get("rpm")
+    if rpm is not None and (isinstance(rpm, bool) or not isinstance(rpm, (int, float)) or not rpm >= 0):
+        raise _Invalid(INVALID_READING, f"field 'engine_status.rpm' is {_show(rpm)}, expected a number of 0 or more")
+    coolant = value.get("coolant_temp_c")
+    if coolant is not None and (isinstance(coolant, bool) or not isinstance(coolant, (int, float))):
+        raise _Invalid(INVALID_READING, f"field 'engine_status.coolant_temp_c' is {_show(coolant)}, expected a number")
+    ignition = value.get("ignition")
+    if ignition is not None and not isinstance(ignition, bool):
+        raise _Invalid(INVALID_READING, f"field 'engine_status.ignition' is {_show(ignition)}, expected true or false")
+    dtc = value.get("dtc")
+    if dtc is not None:
+        if not isinstance(dtc, list):
+            raise _Invalid(INVALID_READING, f"field 'engine_status.dtc' is {_kind(dtc)}, expected an array of OBD-II codes")
+        for code in dtc:
+            if not isinstance(code, str) or not _DTC.match(code):
+                raise _Invalid(
+                    INVALID_READING,
+                    f"field 'engine_status.dtc' holds {_show(code)}, not an OBD-II code such as \"P0301\"",
+                )
+    return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _show(value: Any) -> str:
+    text = _dumps(value).decode("utf-8", "replace")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        return repr(value).encode()

@@ -1,0 +1,152 @@
+"""The decoder from byte fixtures: no services, no clock (``now`` is passed in)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from uuid import UUID
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consumers.decode import Rules, decode_message
+from ingest.reading import Source
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+RULES = Rules(now=NOW)
+SRC = Source("fleet.telemetry.v1", 3, 42)
+VID = "6f1c2a4e-9b3d-4c1e-8f00-1234567890ab"
+
+
+def decode(value: bytes | None, key: bytes | None = VID.encode()):
+    return decode_message(value, key=key, source=SRC, rules=RULES)
+
+
+def reading(**fields: object) -> dict[str, object]:
+    base: dict[str, object] = {"vehicle_id": VID, "time": "2026-11-25T11:59:00+01:00", "lat": 52.52, "lon": 13.405}
+    base.update(fields)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+def test_a_full_reading_is_accepted_with_every_field() -> None:
+    raw = orjson.dumps(
+        reading(speed=88.5, fuel_level=42, heading=359.9, odometer_km=120345.6,
+                engine_status={"rpm": 2100, "coolant_temp_c": 91, "dtc": ["P0301"], "ignition": True},
+                firmware="1.2.3")
+    )
+    out = decode(raw)
+    assert out.rejections == []
+    (r,) = out.readings
+    assert r.vehicle_id == UUID(VID)
+    assert r.time == datetime(2026, 11, 25, 10, 59, tzinfo=timezone.utc)
+    assert (r.lat, r.lon, r.speed, r.fuel_level, r.heading, r.odometer_km) == (52.52, 13.405, 88.5, 42.0, 359.9, 120345.6)
+    assert r.engine_status == {"rpm": 2100, "coolant_temp_c": 91, "dtc": ["P0301"], "ignition": True}
+    assert r.dead_letter_value() == raw
+    assert r.source.index is None
+
+
+def test_epoch_milliseconds_are_accepted() -> None:
+    ms = int((NOW - timedelta(seconds=1)).timestamp() * 1000)
+    (r,) = decode(orjson.dumps(reading(time=ms))).readings
+    assert r.time == NOW - timedelta(seconds=1)
+
+
+def test_an_array_message_yields_each_element_with_its_index() -> None:
+    good = reading(speed=10)
+    bad = reading(lat=91)
+    out = decode(orjson.dumps([good, bad, 7]))
+    assert [r.source.index for r in out.readings] == [0]
+    assert [(j.reason, j.source.index) for j in out.rejections] == [("invalid_reading", 1), ("invalid_reading", 2)]
+    assert orjson.loads(out.rejections[0].value) == bad
+    assert out.rejections[0].detail == "field 'lat' is 91, must be between -90 and 90"
+    assert out.rejections[1].value == b"7"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "detail"),
+    [
+        (b"{not json", "malformed_json", "the message is not valid UTF-8 JSON"),
+        (b"\xff\xfe\x00", "malformed_json", "the message is not valid UTF-8 JSON"),
+        (b"", "malformed_json", "the message value is empty"),
+        (b"42", "invalid_reading", "the message is a number, expected a reading object or an array of them"),
+        (orjson.dumps(reading(vehicle_id=...)), "invalid_reading", "field 'vehicle_id' is missing"),
+        (orjson.dumps(reading(vehicle_id="truck-7")), "invalid_reading", "field 'vehicle_id' is \"truck-7\", not a UUID"),
+        (orjson.dumps(reading(time=...)), "invalid_reading", "field 'time' is missing"),
+        (orjson.dumps(reading(time="2026-11-25T11:00:00")), "invalid_reading", "which has no UTC offset"),
+        (orjson.dumps(reading(time="yesterday")), "invalid_reading", "not an RFC 3339 timestamp"),
+        (orjson.dumps(reading(time=1.5)), "invalid_reading", "field 'time' is a number"),
+        (orjson.dumps(reading(lon=-180.5)), "invalid_reading", "field 'lon' is -180.5, must be between -180 and 180"),
+        (orjson.dumps(reading(lat="52")), "invalid_reading", "field 'lat' is text, expected a number"),
+        (orjson.dumps(reading(speed=401)), "invalid_reading", "field 'speed' is 401, must be between 0 and 400"),
+        (orjson.dumps(reading(fuel_level=-1)), "invalid_reading", "field 'fuel_level' is -1, must be between 0 and 100"),
+        (orjson.dumps(reading(heading=360)), "invalid_reading", "field 'heading' is 360, must be from 0 to below 360"),
+        (orjson.dumps(reading(odometer_km=-0.1)), "invalid_reading", "field 'odometer_km' is -0.1, must be 0 or more"),
+        (orjson.dumps(reading(engine_status=[1])), "invalid_reading", "field 'engine_status' is an array"),
+        (orjson.dumps(reading(engine_status={"dtc": ["X123"]})), "invalid_reading", "not an OBD-II code"),
+        (orjson.dumps(reading(engine_status={"ignition": "on"})), "invalid_reading", "expected true or false"),
+        (orjson.dumps(reading(time="2026-11-25T12:05:01Z")), "future_time", "ahead of the consumer's clock"),
+        (orjson.dumps(reading(time="2026-10-26T11:59:59Z")), "outside_retention", "older than the raw retention of 30 days"),
+    ],
+)
+def test_each_broken_rule_is_rejected_with_its_reason(value: bytes, reason: str, detail: str) -> None:
+    out = decode(value)
+    assert out.readings == []
+    (rejection,) = out.rejections
+    assert rejection.reason == reason
+    assert detail in rejection.detail
+    assert rejection.value == value
+    assert rejection.key == VID.encode()
+    assert rejection.source == SRC
+
+
+def test_the_edges_of_the_time_window_are_accepted() -> None:
+    edge_future = orjson.dumps(reading(time="2026-11-25T12:05:00Z"))
+    edge_past = orjson.dumps(reading(time="2026-10-26T12:00:00Z"))
+    assert len(decode(edge_future).readings) == 1
+    assert len(decode(edge_past).readings) == 1
+
+
+def test_a_missing_value_is_a_malformed_message() -> None:
+    (rejection,) = decode(None).rejections
+    assert rejection.reason == "malformed_json"
+    assert rejection.value == b""
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=6),
+    max_leaves=20,
+)
+reading_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "vehicle_id": st.sampled_from([VID, "x", ""]) | st.uuids().map(str) | json_values,
+        "time": st.integers() | st.datetimes(timezones=st.just(timezone.utc)).map(lambda d: d.isoformat()) | st.text(),
+        "lat": st.floats() | st.integers() | json_values,
+        "lon": st.floats() | st.integers() | json_values,
+        "speed": st.floats() | json_values,
+        "heading": st.floats() | json_values,
+        "engine_status": json_values,
+    },
+)
+
+
+@settings(max_examples=400)
+@given(st.binary(max_size=300))
+def test_no_bytes_at_all_make_the_decoder_raise(value: bytes) -> None:
+    out = decode(value)
+    if len(out.readings) + len(out.rejections) == 0:
+        assert orjson.loads(value) == []  # only an empty array holds nothing to report
+
+
+@settings(max_examples=400)
+@given(st.one_of(reading_like, st.lists(reading_like | json_values, max_size=5)))
+def test_no_json_at_all_makes_the_decoder_raise(document: object) -> None:
+    try:
+        value = orjson.dumps(document)
+    except orjson.JSONEncodeError:
+        return
+    out = decode(value)
+    expected = len(document) if isinstance(document, list) else 1
+    assert len(out.readings) + len(out.rejections) == expected
