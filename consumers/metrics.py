@@ -1,0 +1,91 @@
+"""Every metric the pipeline exports, in one place.
+
+Each worker owns a :class:`PipelineMetrics` on a registry of its own, so tests (and the
+demo's live view) can read one worker's numbers; ``serve`` exposes that registry on
+``/metrics`` in the Prometheus text format.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
+
+
+class PipelineMetrics:
+    """The consumer's metrics. Names and labels are part of the contract (CONTRACT.md)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.readings = Counter(
+            "fleet_readings", "Readings by what became of them.", ["outcome"], registry=r
+        )
+        self.dead_letters = Counter(
+            "fleet_dead_letters", "Readings sent to the dead-letter topic, by reason.", ["reason"], registry=r
+        )
+        self.ingest_latency = Histogram(
+            "fleet_ingest_latency_seconds",
+            "From a reading's event time to its batch committed in PostgreSQL.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "fleet_batch_size", "Readings per written batch.", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.consumer_lag = Gauge(
+            "fleet_consumer_lag", "Records between the committed offset and the partition's end.",
+            ["topic", "partition"], registry=r,
+        )
+        self.alerts = Counter(
+            "fleet_alerts", "Alerts raised and resolved.", ["type", "action"], registry=r
+        )
+        self.copy_duration = Histogram(
+            "fleet_copy_duration_seconds", "Time to write one batch into PostgreSQL (COPY and commit).",
+            buckets=_DURATION_BUCKETS, registry=r,
+        )
+        self.commit_duration = Histogram(
+            "fleet_offset_commit_duration_seconds", "Time to commit offsets to Kafka.",
+            buckets=_DURATION_BUCKETS, registry=r,
+        )
+        self.status_duration = Histogram(
+            "fleet_status_update_duration_seconds", "Time to write one batch's statuses to Redis.",
+            buckets=_DURATION_BUCKETS, registry=r,
+        )
+        self.paused_partitions = Gauge(
+            "fleet_paused_partitions", "Partitions paused because the writer is behind.", registry=r
+        )
+        self.batches_in_flight = Gauge(
+            "fleet_batches_in_flight", "Batches handed to the writer and not yet committed.", registry=r
+        )
+        self.retries = Counter(
+            "fleet_retries", "Retries after a transient failure, by dependency.", ["dependency"], registry=r
+        )
+        self.status_updates_skipped = Counter(
+            "fleet_status_updates_skipped",
+            "Vehicle status updates skipped because Redis was unreachable.", registry=r,
+        )
+        self.messages = Counter(
+            "fleet_messages", "Kafka records consumed.", registry=r
+        )
+        self.committed_batches = Counter(
+            "fleet_batches_committed", "Batches written and whose offsets were committed.", registry=r
+        )
+        # Pre-create the label sets an operator alerts on, so they read 0 rather than
+        # being absent before the first event.
+        for outcome in ("stored", "duplicate", "dead_lettered"):
+            self.readings.labels(outcome=outcome)
+        for dependency in ("postgresql", "kafka", "redis"):
+            self.retries.labels(dependency=dependency)
+
+    def value(self, name: str, **labels: str) -> float:
+        """Current value of a sample (``fleet_readings_total``, ...), 0 if absent."""
+        result = self.registry.get_sample_value(name, labels or None)
+        return float(result or 0.0)
+
+
+def serve(metrics: PipelineMetrics, port: int, addr: str = "0.0.0.0") -> None:
+    """Expose ``metrics`` on ``http://addr:port/metrics``; port 0 turns it off."""
+    if port:
+        start_http_server(port, addr=addr, registry=metrics.registry)

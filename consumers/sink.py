@@ -1,0 +1,183 @@
+"""The PostgreSQL sink: one batch of readings into ``vehicle_telemetry``, exactly once.
+
+:meth:`TelemetrySink.write` checks that each reading's vehicle is registered, drops
+readings whose identity ``(vehicle_id, time)`` is already stored (or appears earlier in
+the same batch: the first one wins), and writes the rest with binary COPY in one
+transaction, together with the hours the batch touched (for the rollups). It returns
+what was stored, what was a duplicate and what belongs to an unknown vehicle. The
+caller commits Kafka offsets only after this returns.
+
+The fast path COPYs straight into the partitioned table. Only when that trips the
+unique constraint (a redelivery or a replay) does the batch go through a staging table
+and ``INSERT ... ON CONFLICT DO NOTHING``, which reports exactly which rows were new.
+"""
+
+from __future__ import annotations
+
+import time as monotonic_clock
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from ingest.reading import Reading, ewkb_point
+
+COLUMNS = ("time", "vehicle_id", "location", "speed", "fuel_level", "heading", "odometer_km", "engine_status")
+
+_STAGING_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS telemetry_staging"
+    " (LIKE vehicle_telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_INSERT_FROM_STAGING = (
+    "INSERT INTO vehicle_telemetry SELECT * FROM telemetry_staging"
+    " ON CONFLICT (vehicle_id, time) DO NOTHING RETURNING vehicle_id, time"
+)
+_MARK_HOURS = (
+    "INSERT INTO telemetry_dirty_hours (hour) SELECT unnest($1::timestamptz[])"
+    " ON CONFLICT (hour) DO NOTHING"
+)
+_REGISTERED = "SELECT id FROM vehicles WHERE id = ANY($1::uuid[]) AND deleted_at IS NULL"
+_UPSERT_POSITIONS = """
+INSERT INTO vehicle_positions AS p (vehicle_id, time, location, speed, updated_at)
+SELECT v, t, ST_SetSRID(ST_MakePoint(lon, lat), 4326), s, now()
+FROM unnest($1::uuid[], $2::timestamptz[], $3::float8[], $4::float8[], $5::float8[]) AS u(v, t, lon, lat, s)
+ON CONFLICT (vehicle_id) DO UPDATE
+SET time = excluded.time, location = excluded.location, speed = excluded.speed, updated_at = now()
+WHERE p.time < excluded.time
+"""
+
+
+def _jsonb_encode(value: Any) -> bytes:
+    return b"\x01" + orjson.dumps(value)
+
+
+def _jsonb_decode(data: bytes) -> Any:
+    return orjson.loads(data[1:])
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Binary codecs for the COPY: geometry as EWKB bytes, jsonb via orjson."""
+    geometry_schema = await conn.fetchval(
+        "SELECT n.nspname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace"
+        " WHERE t.typname = 'geometry' LIMIT 1"
+    )
+    if geometry_schema is not None:
+        await conn.set_type_codec(
+            "geometry", schema=geometry_schema, encoder=bytes, decoder=bytes, format="binary"
+        )
+    await conn.set_type_codec(
+        "jsonb", schema="pg_catalog", encoder=_jsonb_encode, decoder=_jsonb_decode, format="binary"
+    )
+
+
+async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        database_url, min_size=min_size, max_size=max_size, init=init_connection,
+        command_timeout=60,
+    )
+    assert pool is not None
+    return pool
+
+
+@dataclass
+class WriteOutcome:
+    stored: list[Reading] = field(default_factory=list)
+    duplicates: list[Reading] = field(default_factory=list)
+    unknown: list[Reading] = field(default_factory=list)
+
+
+class VehicleRegistry:
+    """Which vehicle ids are registered (and not soft-deleted), cached for ``ttl`` seconds.
+
+    Known ids are cached; unknown ids are asked again on every batch, so a vehicle
+    registered a moment ago is accepted at once.
+    """
+
+    def __init__(self, ttl: float = 60.0) -> None:
+        self._ttl = ttl
+        self._known: dict[UUID, float] = {}
+
+    async def unknown(self, conn: asyncpg.Connection, ids: set[UUID]) -> set[UUID]:
+        now = monotonic_clock.monotonic()
+        missing = [vid for vid in ids if self._known.get(vid, 0.0) < now]
+        if not missing:
+            return set()
+        rows = await conn.fetch(_REGISTERED, missing)
+        expires = now + self._ttl
+        found = set()
+        for row in rows:
+            found.add(row["id"])
+            self._known[row["id"]] = expires
+        if len(self._known) > 1_000_000:  # bound memory on a fleet with churn
+            self._known = {k: v for k, v in self._known.items() if v >= now}
+        return set(missing) - found
+
+
+class TelemetrySink:
+    """Writes batches of readings into PostgreSQL. One instance per worker."""
+
+    def __init__(self, pool: asyncpg.Pool, registry: VehicleRegistry | None = None) -> None:
+        self._pool = pool
+        self._registry = registry or VehicleRegistry()
+
+    async def write(self, readings: list[Reading]) -> WriteOutcome:
+        """Store ``readings`` once; raises asyncpg errors (the caller retries transient ones)."""
+        outcome = WriteOutcome()
+        if not readings:
+            return outcome
+        async with self._pool.acquire() as conn:
+            unknown = await self._registry.unknown(conn, {r.vehicle_id for r in readings})
+            accepted: list[Reading] = []
+            seen: set[tuple[UUID, datetime]] = set()
+            for reading in readings:
+                if reading.vehicle_id in unknown:
+                    outcome.unknown.append(reading)
+                elif reading.identity in seen:
+                    outcome.duplicates.append(reading)
+                else:
+                    seen.add(reading.identity)
+                    accepted.append(reading)
+            if not accepted:
+                return outcome
+            rows = [
+                (r.time, r.vehicle_id, ewkb_point(r.lon, r.lat), r.speed, r.fuel_level,
+                 r.heading, r.odometer_km, r.engine_status)
+                for r in accepted
+            ]
+            hours = sorted({r.time.replace(minute=0, second=0, microsecond=0) for r in accepted})
+            try:
+                async with conn.transaction():
+                    await conn.copy_records_to_table("vehicle_telemetry", records=rows, columns=COLUMNS)
+                    await conn.execute(_MARK_HOURS, hours)
+                outcome.stored.extend(accepted)
+            except asyncpg.exceptions.UniqueViolationError:
+                new = await self._write_skipping_stored(conn, rows, hours)
+                for reading in accepted:
+                    (outcome.stored if reading.identity in new else outcome.duplicates).append(reading)
+        return outcome
+
+    async def _write_skipping_stored(
+        self, conn: asyncpg.Connection, rows: list[tuple[Any, ...]], hours: list[datetime]
+    ) -> set[tuple[UUID, datetime]]:
+        await conn.execute(_STAGING_DDL)
+        async with conn.transaction():
+            await conn.copy_records_to_table("telemetry_staging", records=rows, columns=COLUMNS)
+            inserted = await conn.fetch(_INSERT_FROM_STAGING)
+            if inserted:
+                await conn.execute(_MARK_HOURS, hours)
+        return {(row["vehicle_id"], row["time"]) for row in inserted}
+
+    async def update_positions(self, newest: dict[UUID, Reading]) -> None:
+        """Last-known positions for the nearest-driver search; never moves one backwards."""
+        if not newest:
+            return
+        values = list(newest.values())
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                _UPSERT_POSITIONS,
+                [r.vehicle_id for r in values], [r.time for r in values],
+                [r.lon for r in values], [r.lat for r in values], [r.speed for r in values],
+            )
