@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 COMMAND_MODULES: tuple[str, ...] = (
     "deploy.services",
     "schema.migrate",
+    "consumers.worker",
+    "ingest.simulate",
 )
 
 
