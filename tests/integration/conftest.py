@@ -1,0 +1,32 @@
+"""Fixtures for tests that run readings through the real broker, PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+import pytest
+import pytest_asyncio
+from aiokafka import AIOKafkaProducer
+
+from ingest.settings import Settings
+from ingest.topics import ensure_topics
+
+pytestmark = pytest.mark.integration
+
+
+@pytest_asyncio.fixture
+async def topics(settings: Settings) -> Settings:
+    """The test's telemetry (4 partitions) and dead-letter topics, created."""
+    await ensure_topics(settings, [settings.telemetry_topic, settings.dlq_topic], partitions=4)
+    return settings
+
+
+@pytest_asyncio.fixture
+async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
+    p = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=2)
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+

@@ -1,0 +1,70 @@
+"""Helpers for scenario tests: publish readings, read a topic back, run a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from consumers.worker import Worker
+from ingest.settings import Settings
+
+
+@dataclass
+class Record:
+    key: bytes | None
+    value: bytes
+    headers: dict[str, str]
+
+
+async def publish(producer: AIOKafkaProducer, topic: str, messages: list[tuple[bytes | None, Any]]) -> None:
+    """Send (key, value) pairs in order; dict/list values are JSON-encoded."""
+    for key, value in messages:
+        raw = value if isinstance(value, bytes) else orjson.dumps(value)
+        await producer.send(topic, raw, key=key)
+    await producer.flush()
+
+
+async def read_topic(settings: Settings, topic: str, expected: int, timeout: float = 30.0) -> list[Record]:
+    """Read ``topic`` from the beginning until ``expected`` records came (or timeout), then a bit more."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    out: list[Record] = []
+    try:
+        deadline = time.monotonic() + timeout
+        extra_until: float | None = None
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=300)
+            for records in batch.values():
+                for r in records:
+                    out.append(Record(r.key, r.value, {k: v.decode() for k, v in r.headers}))
+            if len(out) >= expected:
+                extra_until = extra_until or time.monotonic() + 1.0  # catch any surplus
+                if time.monotonic() >= extra_until:
+                    break
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def run_worker(settings: Settings, idle: float = 2.0, **kwargs: Any) -> Worker:
+    """Run one worker in this process until the topic has been idle for ``idle`` seconds."""
+    worker = Worker(settings, stop_when_idle=idle, **kwargs)
+    code = await asyncio.wait_for(worker.run(), timeout=120)
+    assert code == 0
+    return worker
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
