@@ -18,7 +18,8 @@ import pytest_asyncio
 from ingest.cli import main
 from ingest.errors import FleetError
 from ingest.settings import Settings
-from schema.migrate import apply_migrations, load_migrations
+import schema.migrate
+from schema.migrate import Migration, apply_migrations, load_migrations
 
 pytestmark = pytest.mark.integration
 
@@ -103,6 +104,37 @@ async def test_an_edited_applied_migration_is_refused(fresh_url: str) -> None:
     assert f"{ALL_VERSIONS[1]}.sql" in message
     assert "append-only" in message
     assert "new numbered file" in message
+
+
+async def test_a_server_without_postgis_gets_the_install_command(
+    fresh_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Simulated: the first migration asks for an extension the server does not have, and
+    # the availability check reports PostGIS missing, as on a server without the package.
+    sql = "CREATE EXTENSION fleet_no_such_extension"
+    monkeypatch.setattr(
+        schema.migrate,
+        "load_migrations",
+        lambda: [Migration("0001_extensions", "0001_extensions.sql", sql, "0" * 64)],
+    )
+
+    async def postgis_missing(conn: asyncpg.Connection) -> list[str]:
+        return ["postgis"]
+
+    monkeypatch.setattr(schema.migrate, "_missing_extensions", postgis_missing)
+
+    with pytest.raises(FleetError) as caught:
+        await apply_migrations(fresh_url)
+
+    probe = await asyncpg.connect(fresh_url)
+    try:
+        major = int(await probe.fetchval("SHOW server_version_num")) // 10000
+        ledger = await probe.fetchval("SELECT count(*) FROM schema_migrations")
+    finally:
+        await probe.close()
+    assert "PostGIS" in str(caught.value)
+    assert f"apt-get install postgresql-{major}-postgis-3" in str(caught.value)
+    assert ledger == 0
 
 
 def test_cli_migrate_prints_applied_versions(
