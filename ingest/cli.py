@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "schema.migrate",
     "consumers.worker",
     "ingest.simulate",
+    "ingest.demo",
 )
 
 
