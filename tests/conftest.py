@@ -8,8 +8,9 @@ a consumer group of its own, so tests never see each other's data.
 
 from __future__ import annotations
 
+import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -25,8 +26,27 @@ def _with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def base_settings() -> Settings:
-    return Settings(_env_file=None)
+def base_settings() -> Iterator[Settings]:
+    """The services to test against: the ``FLEET_*`` addresses, or throwaway containers.
+
+    With ``FLEET_TEST_CONTAINERS=1`` (and a Docker engine) the session starts PostGIS,
+    Redis and Kafka with testcontainers instead of using local services.
+    """
+    settings = Settings(_env_file=None)
+    if os.environ.get("FLEET_TEST_CONTAINERS") != "1":
+        yield settings
+        return
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.postgres import PostgresContainer
+    from testcontainers.redis import RedisContainer
+
+    with PostgresContainer("postgis/postgis:16-3.4", driver=None) as pg, RedisContainer("redis:7") as rd, \
+            KafkaContainer("confluentinc/cp-kafka:7.6.0") as kafka:
+        yield settings.model_copy(update={
+            "database_url": pg.get_connection_url(),
+            "redis_url": f"redis://{rd.get_container_host_ip()}:{rd.get_exposed_port(6379)}/0",
+            "kafka_bootstrap": kafka.get_bootstrap_server(),
+        })
 
 
 @pytest_asyncio.fixture(scope="session")
