@@ -72,6 +72,15 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(default=10.0, gt=0)
     shutdown_timeout_seconds: float = Field(default=30.0, gt=0)
 
+    # --- fleet operations (small writers, commands, read replicas) -----------
+    commands_topic: str = "fleet.commands.v1"
+    """Command events for the small writers (docs/commands.md)."""
+    commands_dlq_topic: str = "fleet.commands.dlq.v1"
+    """Rejected commands, with their reason in the headers."""
+    commands_group: str = "fleet-commands"
+    replica_retry_seconds: float = Field(default=30.0, gt=0)
+    """A read replica that failed to answer is skipped for this long."""
+
     # --- local stack ---------------------------------------------------------
     stack_dir: str = ".local"
     """Project-local folder for the local broker's data and logs (git-ignored)."""
