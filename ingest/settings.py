@@ -81,6 +81,34 @@ class Settings(BaseSettings):
     replica_retry_seconds: float = Field(default=30.0, gt=0)
     """A read replica that failed to answer is skipped for this long."""
 
+    # --- geofences and alert rules (schema/README.md, "Geofences and alerts") ---
+    rules_enabled: bool = True
+    """Evaluate geofences and alert rules in the consumer workers."""
+    geofence_refresh_seconds: float = Field(default=2.0, gt=0)
+    """How often a worker looks for added, changed or removed geofences."""
+    geofence_dwell_seconds: float = Field(default=20.0, ge=0)
+    """Minimum dwell: an enter or exit counts once the new side held this long (a
+    geofence's own ``dwell_seconds`` overrides it)."""
+    alert_timer_seconds: float = Field(default=10.0, gt=0)
+    """How often the offline and maintenance-due checks run."""
+    alert_overspeed_kmh: float = Field(default=120.0, gt=0)
+    alert_overspeed_min_seconds: float = Field(default=20.0, ge=0)
+    """Speed must stay above the limit this long before an overspeed alert."""
+    alert_low_fuel_percent: float = Field(default=10.0, ge=0, le=100)
+    alert_fuel_hysteresis_percent: float = Field(default=5.0, ge=0)
+    """Low fuel resolves at the threshold plus this; a rise of this much is a refuel."""
+    alert_fuel_drop_percent: float = Field(default=8.0, gt=0)
+    """A fall of this many points while stationary is a sudden fuel drop (theft)..."""
+    alert_fuel_drop_seconds: float = Field(default=900.0, gt=0)
+    """...within this long."""
+    alert_stationary_kmh: float = Field(default=3.0, ge=0)
+    alert_overheat_c: float = Field(default=105.0)
+    alert_overheat_hysteresis_c: float = Field(default=5.0, ge=0)
+    alert_offline_seconds: float = Field(default=900.0, ge=0)
+    """No reading for this long raises ``offline``; 0 turns the check off."""
+    alert_max_gps_speed_kmh: float = Field(default=300.0, gt=0)
+    """A move implying more than this speed is an implausible GPS jump."""
+
     # --- local stack ---------------------------------------------------------
     stack_dir: str = ".local"
     """Project-local folder for the local broker's data and logs (git-ignored)."""
