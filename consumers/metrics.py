@@ -41,6 +41,21 @@ class PipelineMetrics:
         self.alerts = Counter(
             "fleet_alerts", "Alerts raised and resolved.", ["type", "action"], registry=r
         )
+        self.geofence_transitions = Counter(
+            "fleet_geofence_transitions", "Geofence enters and exits confirmed.", ["kind"], registry=r
+        )
+        self.rule_duration = Histogram(
+            "fleet_rule_evaluation_seconds",
+            "Time to evaluate geofences and alert rules for one batch, state writes included.",
+            buckets=_DURATION_BUCKETS, registry=r,
+        )
+        self.late_readings = Counter(
+            "fleet_late_readings",
+            "Readings stored but not evaluated by the rules: older than the vehicle's newest.", registry=r,
+        )
+        self.geofences_active = Gauge(
+            "fleet_geofences_active", "Active geofences in this worker's index.", registry=r
+        )
         self.copy_duration = Histogram(
             "fleet_copy_duration_seconds", "Time to write one batch into PostgreSQL (COPY and commit).",
             buckets=_DURATION_BUCKETS, registry=r,
@@ -78,6 +93,8 @@ class PipelineMetrics:
             self.readings.labels(outcome=outcome)
         for dependency in ("postgresql", "kafka", "redis"):
             self.retries.labels(dependency=dependency)
+        for kind in ("enter", "exit"):
+            self.geofence_transitions.labels(kind=kind)
 
     def value(self, name: str, **labels: str) -> float:
         """Current value of a sample (``fleet_readings_total``, ...), 0 if absent."""
