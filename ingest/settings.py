@@ -109,6 +109,22 @@ class Settings(BaseSettings):
     alert_max_gps_speed_kmh: float = Field(default=300.0, gt=0)
     """A move implying more than this speed is an implausible GPS jump."""
 
+    # --- time-series lifecycle (schema/README.md, "Lifecycle") -----------------
+    hourly_retention_days: int = Field(default=365, ge=1)
+    """Hourly rollups older than this are removed (whole UTC days); at least the raw retention."""
+    daily_retention_days: int = Field(default=0, ge=0)
+    """Daily rollups older than this are removed; 0 keeps them forever."""
+    partitions_ahead_days: int = Field(default=7, ge=1)
+    """``fleet maintain`` keeps daily telemetry partitions this many days ahead."""
+    audit_partitions_ahead_months: int = Field(default=2, ge=1)
+    """...and monthly audit-log partitions this many months ahead."""
+    stats_refresh_hour: int = Field(default=3, ge=0, le=23)
+    """UTC hour of the nightly ``monthly_vehicle_stats`` refresh (the first pass after it)."""
+    maintain_lock_timeout_seconds: float = Field(default=1.0, gt=0)
+    """Longest a maintenance step waits for a lock that also holds up ingestion; it retries later."""
+    maintain_metrics_port: int = Field(default=9119, ge=0, le=65535)
+    """``fleet maintain --every`` serves its metrics here; ``0`` turns it off."""
+
     # --- local stack ---------------------------------------------------------
     stack_dir: str = ".local"
     """Project-local folder for the local broker's data and logs (git-ignored)."""
