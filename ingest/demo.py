@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from consumers.metrics import PipelineMetrics, serve
 from consumers.worker import Worker
 from ingest.errors import UsageError
+from ingest.logs import configure_logging
 from ingest.reading import REASONS
 from ingest.settings import Settings
 from ingest.simulate import SimulationStats, simulate
@@ -142,6 +143,9 @@ async def demo(settings: Settings, *, vehicles: int, rate: float, bad_ratio: flo
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.verbose:
+        # The live view is the demo's output; only problems interrupt it.
+        configure_logging(settings.log_format, "warning")
     if args.vehicles < 1 or args.rate <= 0 or not 0 <= args.bad_ratio <= 1:
         raise UsageError("--vehicles must be 1 or more, --rate above 0 and --bad-ratio between 0 and 1")
     return asyncio.run(demo(settings, vehicles=args.vehicles, rate=args.rate, bad_ratio=args.bad_ratio,
@@ -161,5 +165,6 @@ def register(sub: Any) -> None:
     parser.add_argument("--duration", type=float, default=None, metavar="SECONDS",
                         help="stop after this long (default: until Ctrl-C)")
     parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh of the live view")
+    parser.add_argument("--verbose", action="store_true", help="show the workers' info logs under the live view")
     parser.add_argument("--no-services", action="store_true", help="do not run `fleet services up` first")
     parser.set_defaults(handler=run)
