@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
+from consumers.alerts import RuleEngine
 from consumers.batch import Abandoned, Batch, BatchProcessor
 from consumers.deadletter import DeadLetters
 from consumers.decode import Rules, decode_message
@@ -219,7 +220,10 @@ class Worker:
         producer: AIOKafkaProducer | None = None
         consumer: AIOKafkaConsumer | None = None
         writer: asyncio.Task[None] | None = None
+        rules = RuleEngine(pool, redis, s, self.metrics) if s.rules_enabled else None
         try:
+            if rules is not None:
+                await rules.start()  # geofences loaded; timers (refresh, offline, maintenance) run
             producer = await self._start_with_retry("kafka", lambda: start_producer(self.settings))
             self._processor = BatchProcessor(
                 TelemetrySink(pool, VehicleRegistry(s.vehicle_cache_seconds)),
@@ -227,6 +231,7 @@ class Worker:
                 StatusWriter(redis, pool, s.status_ttl_seconds),
                 self.metrics,
                 backoff=lambda: Backoff(s.retry_initial_seconds, s.retry_max_seconds),
+                after_write=None if rules is None else rules.after_write,
             )
             consumer = AIOKafkaConsumer(
                 group_id=s.consumer_group,
@@ -247,6 +252,8 @@ class Worker:
             log.error("stopped with work unwritten; it will be redelivered", detail=str(exc))
             return 1
         finally:
+            if rules is not None:
+                await rules.stop()
             if writer is not None and not writer.done():
                 writer.cancel()
             if consumer is not None:
