@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 COMMAND_MODULES: tuple[str, ...] = (
     "deploy.services",
     "schema.migrate",
+    "schema.maintain",
     "consumers.worker",
     "ingest.simulate",
     "ingest.demo",
