@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "consumers.replay",
     "ingest.simulate",
     "ingest.demo",
+    "consumers.fleetops.cli",
 )
 
 
