@@ -19,7 +19,7 @@ import structlog
 from aiokafka.structs import TopicPartition
 
 from consumers.deadletter import DeadLetters, unknown_vehicle
-from consumers.metrics import PipelineMetrics
+from consumers.metrics import PipelineMetrics, observe_many
 from consumers.retry import Backoff, is_transient
 from consumers.sink import TelemetrySink, WriteOutcome
 from consumers.status import StatusWriter, newest_per_vehicle
@@ -130,9 +130,7 @@ class BatchProcessor:
         if written.stored:
             m.copy_duration.observe(copy_seconds)
             m.batch_size.observe(len(written.stored))
-            observe = m.ingest_latency.observe
-            for reading in written.stored:
-                observe((committed_at - reading.time).total_seconds())
+            observe_many(m.ingest_latency, [(committed_at - r.time).total_seconds() for r in written.stored])
         m.readings.labels(outcome="stored").inc(len(written.stored))
         m.readings.labels(outcome="duplicate").inc(len(written.duplicates))
         m.readings.labels(outcome="dead_lettered").inc(len(rejections))

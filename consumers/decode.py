@@ -31,6 +31,7 @@ from ingest.reading import (
 
 _DTC = re.compile(r"^[PCBU][0-9A-F]{4}$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_INF = math.inf
 
 # (field, minimum, maximum, maximum is exclusive)
 _OPTIONAL_NUMBERS: tuple[tuple[str, float, float | None, bool], ...] = (
@@ -167,15 +168,28 @@ def _reading(
     )
 
 
+_UUIDS: dict[str, UUID] = {}
+_UUID_CACHE_LIMIT = 200_000
+
+
 def _vehicle_id(value: Any) -> UUID:
+    # A fleet repeats the same few thousand ids; parsing each once is a large share of
+    # the decoder's time. The cache is bounded and only holds ids that parsed.
+    cached = _UUIDS.get(value) if type(value) is str else None
+    if cached is not None:
+        return cached
     if value is None:
         raise _Invalid(INVALID_READING, "field 'vehicle_id' is missing")
     if not isinstance(value, str):
         raise _Invalid(INVALID_READING, f"field 'vehicle_id' is {_kind(value)}, expected a UUID string")
     try:
-        return UUID(value)
+        parsed = UUID(value)
     except ValueError:
         raise _Invalid(INVALID_READING, f"field 'vehicle_id' is {_show(value)}, not a UUID") from None
+    if len(_UUIDS) >= _UUID_CACHE_LIMIT:
+        _UUIDS.clear()
+    _UUIDS[value] = parsed
+    return parsed
 
 
 def _time(value: Any) -> datetime:
@@ -209,6 +223,11 @@ def _number(
     *, required: bool = False, exclusive: bool = False,
 ) -> float | None:
     value = obj.get(name)
+    kind = type(value)
+    if kind is float or kind is int:  # the common case, checked without isinstance chains
+        number = float(value)
+        if low <= number < _INF and (high is None or (number < high if exclusive else number <= high)):
+            return number
     if value is None:
         if required:
             raise _Invalid(INVALID_READING, f"field '{name}' is missing")

@@ -7,6 +7,8 @@ demo's live view) can read one worker's numbers; ``serve`` exposes that registry
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
@@ -100,6 +102,29 @@ class PipelineMetrics:
         """Current value of a sample (``fleet_readings_total``, ...), 0 if absent."""
         result = self.registry.get_sample_value(name, labels or None)
         return float(result or 0.0)
+
+
+def observe_many(histogram: Histogram, values: list[float]) -> None:
+    """``histogram.observe`` for many values at once.
+
+    prometheus-client takes a lock and walks the buckets on every ``observe``; for the
+    per-reading latency of a 5,000-reading batch that is a visible share of the
+    consumer's time. This counts the buckets locally and adds each once.
+    """
+    buckets = getattr(histogram, "_upper_bounds", None)
+    counters = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if buckets is None or counters is None or total is None:  # a different client version
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(buckets)
+    for value in values:
+        counts[bisect_left(buckets, value)] += 1
+    for counter, count in zip(counters, counts):
+        if count:
+            counter.inc(count)
+    total.inc(sum(values))
 
 
 def serve(metrics: PipelineMetrics, port: int, addr: str = "0.0.0.0") -> None:

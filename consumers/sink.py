@@ -35,8 +35,11 @@ _INSERT_FROM_STAGING = (
     "INSERT INTO vehicle_telemetry SELECT * FROM telemetry_staging"
     " ON CONFLICT (vehicle_id, time) DO NOTHING RETURNING vehicle_id, time"
 )
+# The hours a batch touched, for the incremental rollups; PostgreSQL truncates and
+# de-duplicates the batch's times faster than Python would.
 _MARK_HOURS = (
-    "INSERT INTO telemetry_dirty_hours (hour) SELECT unnest($1::timestamptz[])"
+    "INSERT INTO telemetry_dirty_hours (hour)"
+    " SELECT DISTINCT date_trunc('hour', t, 'UTC') FROM unnest($1::timestamptz[]) AS u(t)"
     " ON CONFLICT (hour) DO NOTHING"
 )
 _REGISTERED = "SELECT id FROM vehicles WHERE id = ANY($1::uuid[]) AND deleted_at IS NULL"
@@ -133,12 +136,13 @@ class TelemetrySink:
             accepted: list[Reading] = []
             seen: set[tuple[UUID, datetime]] = set()
             for reading in readings:
-                if reading.vehicle_id in unknown:
+                identity = (reading.vehicle_id, reading.time)
+                if unknown and reading.vehicle_id in unknown:
                     outcome.unknown.append(reading)
-                elif reading.identity in seen:
+                elif identity in seen:
                     outcome.duplicates.append(reading)
                 else:
-                    seen.add(reading.identity)
+                    seen.add(identity)
                     accepted.append(reading)
             if not accepted:
                 return outcome
@@ -147,7 +151,7 @@ class TelemetrySink:
                  r.heading, r.odometer_km, r.engine_status)
                 for r in accepted
             ]
-            hours = sorted({r.time.replace(minute=0, second=0, microsecond=0) for r in accepted})
+            hours = [r.time for r in accepted]
             try:
                 async with conn.transaction():
                     await conn.copy_records_to_table("vehicle_telemetry", records=rows, columns=COLUMNS)
@@ -160,14 +164,14 @@ class TelemetrySink:
         return outcome
 
     async def _write_skipping_stored(
-        self, conn: asyncpg.Connection, rows: list[tuple[Any, ...]], hours: list[datetime]
+        self, conn: asyncpg.Connection, rows: list[tuple[Any, ...]], times: list[datetime]
     ) -> set[tuple[UUID, datetime]]:
         await conn.execute(_STAGING_DDL)
         async with conn.transaction():
             await conn.copy_records_to_table("telemetry_staging", records=rows, columns=COLUMNS)
             inserted = await conn.fetch(_INSERT_FROM_STAGING)
             if inserted:
-                await conn.execute(_MARK_HOURS, hours)
+                await conn.execute(_MARK_HOURS, times)
         return {(row["vehicle_id"], row["time"]) for row in inserted}
 
     async def update_positions(self, newest: dict[UUID, Reading]) -> None:

@@ -51,9 +51,11 @@ class Source:
     index: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reading:
-    """One accepted reading. ``time`` is timezone-aware UTC."""
+    """One accepted reading. ``time`` is timezone-aware UTC. Treated as immutable
+    (not ``frozen`` only because frozen dataclasses are slower to build, and the
+    decoder builds one per reading)."""
 
     vehicle_id: UUID
     time: datetime
