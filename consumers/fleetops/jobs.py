@@ -56,9 +56,10 @@ SELECT id, ST_Y(origin) AS origin_lat, ST_X(origin) AS origin_lon,
   FROM routes WHERE job_id = $1 ORDER BY created_at
 """
 
+# clock_timestamp(), not now(): the cargo of one job keeps the order it was given in.
 _INSERT_SHIPMENT = (
-    "INSERT INTO shipments (job_id, type, weight_kg, dimensions, description)"
-    " VALUES ($1, $2, $3, $4, $5) RETURNING *"
+    "INSERT INTO shipments (job_id, type, weight_kg, dimensions, description, created_at)"
+    " VALUES ($1, $2, $3, $4, $5, clock_timestamp()) RETURNING *"
 )
 
 

@@ -233,9 +233,10 @@ Rule = Callable[[Any, str], Any]
 
 
 def _fields(data: Mapping[str, Any], rules: Mapping[str, Rule], *, required: tuple[str, ...] = (),
-            not_null: tuple[str, ...] = (), partial: bool = False, what: str) -> dict[str, Any]:
+            not_null: tuple[str, ...] = (), partial: bool = False, what: str,
+            prefix: str = "") -> dict[str, Any]:
     """Checks each present field with its rule; ``required`` must be present unless partial,
-    ``not_null`` may not be given as null."""
+    ``not_null`` may not be given as null. Errors name fields as ``prefix + name``."""
     if not isinstance(data, Mapping):
         raise InvalidInput(f"{what} must be a JSON object")
     unknown = sorted(set(data) - set(rules))
@@ -249,8 +250,8 @@ def _fields(data: Mapping[str, Any], rules: Mapping[str, Rule], *, required: tup
     for name, rule in rules.items():
         if name in data:
             if data[name] is None and (name in not_null or name in required):
-                raise InvalidInput(f"field '{name}' of {what} cannot be null")
-            out[name] = rule(data[name], name)
+                raise InvalidInput(f"field '{prefix}{name}' of {what} cannot be null")
+            out[name] = rule(data[name], prefix + name)
     if partial and not out:
         raise InvalidInput(f"nothing to change: give at least one of {', '.join(rules)}")
     return out
@@ -347,7 +348,7 @@ def shipment(value: Any, field: str = "shipment") -> Shipment:
         "weight_kg": _optional(lambda v, f: parse_money(v, f)),
         "dimensions": parse_object,
         "description": _optional(lambda v, f: optional_text(v, f, max_length=500)),
-    }, not_null=("type", "dimensions"), what=field)
+    }, not_null=("type", "dimensions"), what=field, prefix=f"{field}.")
     return Shipment(data.get("type", "general"), data.get("weight_kg"), data.get("dimensions", {}),
                     data.get("description"))
 
@@ -358,7 +359,7 @@ def route(value: Any, field: str = "route") -> Route:
         "destination": parse_point,
         "waypoints": lambda v, f: tuple(parse_point(p, f"{f}[{i}]") for i, p in enumerate(_list(v, f))),
         "distance_km": _optional(lambda v, f: parse_number(v, f, minimum=0)),
-    }, required=("origin", "destination"), not_null=("waypoints",), what=field)
+    }, required=("origin", "destination"), not_null=("waypoints",), what=field, prefix=f"{field}.")
     return Route(data["origin"], data["destination"], data.get("waypoints", ()), data.get("distance_km"))
 
 
