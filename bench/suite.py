@@ -1,0 +1,519 @@
+"""The whole benchmark, phase by phase: dataset, contestants, latency, preload, report.
+
+Every contestant gets a database of its own, created and migrated for it, and a
+consumer group of its own on one pre-produced topic, so they all ingest the same bytes
+into the same table definition. Databases, topics and the fleet's Redis statuses are
+removed at the end unless ``keep`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import platform
+import random
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+from aiokafka.admin import AIOKafkaAdminClient
+
+from bench import dataset, report
+from bench.measure import BackendCpu, KafkaTarget, ProcessRun, run_contestant, scrape, wait_for_metrics
+from consumers.status import status_key
+from ingest.producer import TelemetryProducer
+from ingest.settings import Settings
+from ingest.simulate import make_fleet
+from ingest.topics import ensure_topics
+from schema.migrate import apply_migrations
+
+CONTESTANTS = ("ceiling", "peer", "naive", "pipeline")
+DESCRIPTIONS = {
+    "ceiling": "asyncpg binary COPY of the rows, in memory, straight into vehicle_telemetry",
+    "peer": "Quix Streams application with its PostgreSQL sink",
+    "naive": "aiokafka + asyncpg executemany per fetched batch, commit after each",
+    "pipeline": "fleet consume: validation, COPY, Redis status",
+}
+# Modules that turn the worker's geofence checks and alert rules on, once they exist.
+GEOFENCE_MODULES = ("consumers.geofence", "consumers.geofences")
+ALERT_MODULES = ("consumers.alerts", "consumers.alert_rules")
+READY_LOG = "partitions assigned"
+
+
+@dataclass
+class Options:
+    readings: int = 1_000_000
+    vehicles: int = 5_000
+    partitions: int = 8
+    seed: int = 7
+    span_hours: float = 2.0
+    contestants: tuple[str, ...] = CONTESTANTS
+    workers: int = 1
+    idle_seconds: float = 3.0
+    geofences: str = "auto"
+    geofence_count: int = 1000
+    latency_seconds: float = 30.0
+    latency_warmup: float = 5.0
+    latency_rate: float | None = None
+    preload: int = 2_000_000
+    ceiling_batch: int | None = None
+    timeout: float | None = None
+    pipeline_env: dict[str, str] = field(default_factory=dict)
+    profile: str | None = None
+    keep: bool = False
+
+
+def module_present(names: tuple[str, ...]) -> bool:
+    return any(importlib.util.find_spec(name) is not None for name in names)
+
+
+def peer_missing() -> str | None:
+    """Why the Quix Streams peer cannot run here, or ``None`` if it can."""
+    for module, package in (("quixstreams", "quixstreams"), ("psycopg2", "psycopg2-binary")):
+        if importlib.util.find_spec(module) is None:
+            return f"{package} is not installed (pip install '.[bench]')"
+    return None
+
+
+def with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def free_ports(count: int) -> int:
+    """A base port such that ``base .. base + count - 1`` are free on loopback now."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - count)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free ports on loopback")
+
+
+def conditions(pg_version: str) -> dict[str, Any]:
+    """The machine the numbers come from."""
+    model = "?"
+    memory_gb = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return {
+        "cpu_model": model, "cpus": os.cpu_count(), "memory_gb": memory_gb,
+        "os": platform.platform(), "python": platform.python_version(), "postgresql": pg_version,
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+class Bench:
+    """One invocation of the benchmark. :meth:`run` returns the report."""
+
+    def __init__(self, settings: Settings, options: Options, progress: Callable[[str], None]) -> None:
+        self.s = settings
+        self.o = options
+        self.say = progress
+        self.tag = uuid.uuid4().hex[:8]
+        self.databases: list[str] = []
+        self.topics: list[str] = []
+        self.admin_url = with_database(settings.database_url, "postgres")
+        self.spec = dataset.DatasetSpec(
+            readings=options.readings, vehicles=options.vehicles, seed=options.seed,
+            end=dataset.window_ending_now(timedelta(hours=options.span_hours)),
+            span=timedelta(hours=options.span_hours),
+        )
+        self.fleet = dataset.fleet_ids(self.spec)
+        self.geofences_on = options.geofences == "on" or (
+            options.geofences == "auto" and module_present(GEOFENCE_MODULES))
+        self.timeout = options.timeout or 120 + options.readings / 500
+
+    # --- resources ----------------------------------------------------------
+
+    async def fresh_database(self, label: str, *, geofences: bool = False) -> str:
+        """A new database named for this run, migrated, with the fleet registered."""
+        name = f"fleet_bench_{self.tag}_{label}"
+        url = with_database(self.s.database_url, name)
+        self.databases.append(name)
+        await apply_migrations(url)
+        conn = await asyncpg.connect(url)
+        try:
+            await dataset.register_fleet(conn, self.fleet)
+            if geofences:
+                await dataset.create_geofences(conn, self.o.geofence_count, self.o.seed)
+        finally:
+            await conn.close()
+        return url
+
+    async def copy_database(self, source_url: str, label: str) -> str:
+        """A file-level copy of ``source_url``'s database (nobody may be connected to it)."""
+        name = f"fleet_bench_{self.tag}_{label}"
+        source = urlsplit(source_url).path.lstrip("/")
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}" STRATEGY FILE_COPY')
+        finally:
+            await conn.close()
+        self.databases.append(name)
+        return with_database(self.s.database_url, name)
+
+    async def count_rows(self, url: str) -> int:
+        conn = await asyncpg.connect(url)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM vehicle_telemetry"))
+        finally:
+            await conn.close()
+
+    async def new_topic(self, label: str) -> str:
+        name = f"bench.{self.tag}.{label}"
+        await ensure_topics(self.s, [name], partitions=self.o.partitions)
+        self.topics.append(name)
+        return name
+
+    async def clear_statuses(self) -> None:
+        """Removes the fleet's Redis statuses, so every pipeline run does the same Redis work."""
+        client = aioredis.Redis.from_url(self.s.redis_url)
+        try:
+            keys = [status_key(vid) for vid in self.fleet]
+            for start in range(0, len(keys), 1000):
+                await client.delete(*keys[start:start + 1000])
+        finally:
+            await client.aclose()
+
+    async def cleanup(self) -> None:
+        if self.o.keep:
+            self.say(f"kept databases {', '.join(self.databases)} and topics {', '.join(self.topics)}")
+            return
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            for name in self.databases:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+        try:
+            await self.clear_statuses()
+        except Exception as exc:  # best effort: the statuses expire anyway
+            self.say(f"could not clear Redis statuses: {type(exc).__name__}")
+        admin = AIOKafkaAdminClient(**self.s.kafka_client_options())  # type: ignore[arg-type]
+        try:
+            await admin.start()
+            await admin.delete_topics(self.topics)
+        except Exception as exc:  # best effort: some brokers refuse DeleteTopics
+            self.say(f"topics not deleted ({type(exc).__name__}): {', '.join(self.topics)}")
+        finally:
+            await admin.close()
+
+    # --- contestants ------------------------------------------------------------
+
+    def child_env(self, **overrides: str) -> dict[str, str]:
+        """The environment of a contestant process: ours, with this checkout importable first."""
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        env.update(overrides)
+        return env
+
+    def pipeline_command(self) -> list[str]:
+        return [sys.executable, "-m", "ingest.cli", "consume",
+                "--stop-when-idle", str(self.o.idle_seconds), "--workers", str(self.o.workers)]
+
+    def pipeline_env(self, url: str, topic: str, group: str, port: int) -> dict[str, str]:
+        return self.child_env(
+            FLEET_DATABASE_URL=url, FLEET_REDIS_URL=self.s.redis_url, FLEET_KAFKA_BOOTSTRAP=self.s.kafka_bootstrap,
+            FLEET_TELEMETRY_TOPIC=topic, FLEET_DLQ_TOPIC=topic + ".dlq", FLEET_CONSUMER_GROUP=group,
+            FLEET_METRICS_PORT=str(port), FLEET_LOG_FORMAT="json", FLEET_LOG_LEVEL="info",
+            FLEET_RULES_ENABLED="true" if self.geofences_on else "false",
+            **self.o.pipeline_env,
+        )
+
+    async def measure(self, name: str, url: str, cmd: list[str], env: dict[str, str], *,
+                      kafka: KafkaTarget | None, expected_rows: int, readings: int,
+                      ready_marker: str | None = None, ports: list[int] | None = None,
+                      profile: str | None = None, **hooks: Any) -> tuple[dict[str, Any], ProcessRun]:
+        database = urlsplit(url).path.lstrip("/")
+        run = await run_contestant(
+            cmd, env, kafka=kafka, ready_marker=ready_marker, metrics_ports=ports,
+            backend_cpu=BackendCpu(self.admin_url, database), timeout=self.timeout, profile_out=profile, **hooks,
+        )
+        rows = await self.count_rows(url)
+        failure = None
+        if run.timed_out:
+            failure = f"did not finish within {self.timeout:.0f} s"
+        if run.exit_code not in (0, None) or run.timed_out:
+            tail = " | ".join(line[:300] for line in run.stderr_tail[-5:])
+            failure = (failure or f"exited with status {run.exit_code}") + (f"; stderr: {tail}" if tail else "")
+        extra: dict[str, Any] = {}
+        if ports:
+            extra["internals"] = report.pipeline_internals(run.metrics_text)
+        result = report.contestant_result(
+            name, DESCRIPTIONS.get(name.split("@")[0], name), readings=readings, rows=rows,
+            expected_rows=expected_rows, wall_s=run.wall_s, startup_s=run.startup_s,
+            cpu_s=run.cpu_s, peak_rss_mb=run.peak_rss_mb, db_cpu_s=run.db_cpu_s, exit_code=run.exit_code,
+            failure=failure, extra=extra,
+        )
+        self.say(f"{name}: {result['status']}, {_fmt_rate(result)} readings/s, {rows:,} rows"
+                 + (f" ({result['reason']})" if result["reason"] else ""))
+        return result, run
+
+    async def run_ceiling(self, url: str, path: Path, expected: int, label: str = "ceiling") -> dict[str, Any]:
+        batch = self.o.ceiling_batch or self.s.batch_max_readings
+        cmd = [sys.executable, "-m", "bench.contestants", "ceiling", "--database-url", url,
+               "--dataset", str(path), "--batch", str(batch)]
+        result, _ = await self.measure(label, url, cmd, self.child_env(), kafka=None,
+                                       expected_rows=expected, readings=self.o.readings)
+        result["batch_rows"] = batch
+        return result
+
+    async def run_kafka_contestant(self, name: str, url: str, topic: str, ends: dict[int, int],
+                                   workdir: Path) -> dict[str, Any]:
+        group = f"bench-{self.tag}-{name}"
+        cmd = [sys.executable, "-m", "bench.contestants", name, "--database-url", url,
+               "--bootstrap", self.s.kafka_bootstrap, "--topic", topic, "--group", group,
+               "--idle", str(self.o.idle_seconds), "--state-dir", str(workdir / f"state-{name}")]
+        result, _ = await self.measure(name, url, cmd, self.child_env(),
+                                       kafka=KafkaTarget(self.s.kafka_bootstrap, topic, group, dict(ends)),
+                                       expected_rows=self.o.readings, readings=self.o.readings)
+        return result
+
+    async def run_pipeline(self, label: str, url: str, topic: str, ends: dict[int, int], expected: int,
+                           profile: str | None = None) -> dict[str, Any]:
+        await self.clear_statuses()
+        await ensure_topics(self.s, [topic + ".dlq"], partitions=1)
+        self.topics.append(topic + ".dlq")
+        group = f"bench-{self.tag}-{label}"
+        port = free_ports(self.o.workers)
+        result, _ = await self.measure(
+            label, url, self.pipeline_command(), self.pipeline_env(url, topic, group, port),
+            kafka=KafkaTarget(self.s.kafka_bootstrap, topic, group, dict(ends)), expected_rows=expected,
+            readings=self.o.readings, ready_marker=READY_LOG, ports=list(range(port, port + self.o.workers)),
+            profile=profile,
+        )
+        result["workers"] = self.o.workers
+        result["geofences"] = self.o.geofence_count if self.geofences_on else 0
+        if self.geofences_on:
+            result["description"] += f", geofence checks against {self.o.geofence_count:,} geofences, alert rules"
+        return result
+
+    # --- latency at a fixed offered rate -------------------------------------------
+
+    async def run_latency(self, rate: float) -> dict[str, Any]:
+        """The pipeline consuming a live stream at ``rate`` readings/s; quantiles after the warm-up."""
+        o = self.o
+        url = await self.fresh_database("latency", geofences=self.geofences_on)
+        topic = await self.new_topic("live")
+        await self.clear_statuses()
+        await ensure_topics(self.s, [topic + ".dlq"], partitions=1)
+        self.topics.append(topic + ".dlq")
+        group = f"bench-{self.tag}-latency"
+        port = free_ports(o.workers)
+        ports = list(range(port, port + o.workers))
+        target = KafkaTarget(self.s.kafka_bootstrap, topic, group, {p: 0 for p in range(o.partitions)},
+                             still_producing=True)
+        state: dict[str, Any] = {"sent": 0, "warm": None, "warm_sent": 0, "elapsed": 0.0}
+        tasks: list[asyncio.Task[None]] = []
+        fleet = make_fleet(o.vehicles, o.seed)
+
+        async def produce() -> None:
+            def note(future: asyncio.Future[Any]) -> None:
+                if not future.cancelled() and future.exception() is None:
+                    meta = future.result()
+                    target.ends[meta.partition] = max(target.ends[meta.partition], meta.offset + 1)
+
+            async with TelemetryProducer(self.s, topic=topic) as producer:
+                started = time.monotonic()
+                cursor = 0
+                while (elapsed := time.monotonic() - started) < o.latency_seconds:
+                    due = int(rate * elapsed) - state["sent"]
+                    now = datetime.now(timezone.utc)
+                    for _ in range(max(0, due)):
+                        vehicle = fleet[cursor % len(fleet)]
+                        cursor += 1
+                        future = await producer.producer.send(
+                            topic, orjson.dumps(vehicle.step(now)), key=str(vehicle.id).encode())
+                        future.add_done_callback(note)
+                    state["sent"] += max(0, due)
+                    if state["warm"] is None and elapsed >= o.latency_warmup:
+                        state["warm"] = await asyncio.to_thread(lambda: [scrape(p) for p in ports])
+                        state["warm_sent"] = state["sent"]
+                        state["warm_at"] = time.monotonic()
+                    await asyncio.sleep(0.005)
+                state["elapsed"] = time.monotonic() - started
+                state["measured_s"] = time.monotonic() - state.get("warm_at", started)
+                await producer.flush()
+            await asyncio.sleep(0)
+            target.still_producing = False
+
+        async def on_ready() -> None:
+            await wait_for_metrics(ports, 30)
+            tasks.append(asyncio.create_task(produce()))
+
+        self.say(f"latency: offering {rate:,.0f} readings/s for {o.latency_seconds:.0f} s")
+        run = await run_contestant(
+            self.pipeline_command(), self.pipeline_env(url, topic, group, port), kafka=target,
+            ready_marker=READY_LOG, metrics_ports=ports, timeout=o.latency_seconds + self.timeout, on_ready=on_ready,
+        )
+        for task in tasks:
+            await task
+        rows = await self.count_rows(url)
+        out: dict[str, Any] = {"offered_rate": round(rate, 1), "duration_s": o.latency_seconds,
+                               "warmup_s": o.latency_warmup, "rows_stored": rows, "readings_sent": state["sent"]}
+        failure = None
+        if run.exit_code != 0 or run.timed_out:
+            failure = f"pipeline exited with status {run.exit_code}" + (" after the timeout" if run.timed_out else "")
+        elif rows != state["sent"]:
+            failure = f"stored {rows} rows, expected {state['sent']}"
+        elif not run.metrics_text or state["warm"] is None:
+            failure = "no metrics scraped after the warm-up (run longer than --latency-warmup)"
+        if failure is not None:
+            out.update(status="failed", reason=failure)
+            return out
+        name = "fleet_ingest_latency_seconds"
+        h = report.histogram(run.metrics_text, name).minus(report.histogram(state["warm"], name))
+        measured_readings = state["sent"] - state["warm_sent"]
+        out.update(
+            status="ok", reason=None, readings=int(h.count),
+            achieved_rate=round(measured_readings / max(state.get("measured_s", 1e-9), 1e-9), 1),
+            p50_s=report.quantile(h, 0.50), p95_s=report.quantile(h, 0.95), p99_s=report.quantile(h, 0.99),
+            mean_s=h.total / h.count if h.count else None,
+            buckets_s=[le for le, _ in h.buckets if le != float("inf")],
+            cpu_s=round(run.cpu_s, 3), peak_rss_mb=round(run.peak_rss_mb, 1),
+        )
+        return out
+
+    # --- the whole run ---------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        o = self.o
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            pg_version = "PostgreSQL " + str(await conn.fetchval("SHOW server_version")).split()[0]
+        finally:
+            await conn.close()
+        result: dict[str, Any] = {
+            "benchmark": "fleet telemetry ingestion",
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "conditions": conditions(pg_version),
+            "settings": {
+                "workers": o.workers, "batch_max_readings": self.s.batch_max_readings,
+                "batch_max_age_ms": self.s.batch_max_age_ms, "max_batches_in_flight": self.s.max_batches_in_flight,
+                "idle_seconds": o.idle_seconds, "pipeline_env": o.pipeline_env,
+                "geofences": self.o.geofence_count if self.geofences_on else 0,
+                "geofence_module": module_present(GEOFENCE_MODULES), "alert_module": module_present(ALERT_MODULES),
+            },
+            "contestants": {}, "ratios": {}, "failures": [],
+        }
+        contestants: dict[str, dict[str, Any]] = result["contestants"]
+        with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
+            workdir = Path(tmp)
+            path = workdir / "dataset.jsonl"
+            started = time.monotonic()
+            size = dataset.write_dataset(self.spec, path)
+            generated_s = time.monotonic() - started
+            self.say(f"dataset: {o.readings:,} readings, {size / 1e6:.0f} MB, generated in {generated_s:.1f} s")
+            topic = await self.new_topic("telemetry")
+            started = time.monotonic()
+            ends = await dataset.produce_file(self.s, topic, path)
+            produced_s = time.monotonic() - started
+            self.say(f"dataset: produced to {topic} in {produced_s:.1f} s")
+            result["dataset"] = {
+                "readings": o.readings, "vehicles": o.vehicles, "partitions": o.partitions, "seed": o.seed,
+                "window_start": self.spec.start.isoformat(), "window_end": self.spec.end.isoformat(),
+                "bytes": size, "generated_s": round(generated_s, 2), "produced_s": round(produced_s, 2),
+                "partition_ends": {str(p): n for p, n in sorted(ends.items())},
+            }
+            if sum(ends.values()) != o.readings:
+                raise RuntimeError(f"the broker acknowledged {sum(ends.values())} of {o.readings} readings")
+            try:
+                for name in CONTESTANTS:
+                    if name not in o.contestants:
+                        continue
+                    if name == "peer" and (missing := peer_missing()):
+                        contestants[name] = report.skipped(name, DESCRIPTIONS[name], missing)
+                        self.say(f"peer: skipped: {missing}")
+                        continue
+                    self.say(f"{name}: running")
+                    url = await self.fresh_database(name, geofences=name == "pipeline" and self.geofences_on)
+                    if name == "ceiling":
+                        contestants[name] = await self.run_ceiling(url, path, o.readings)
+                    elif name == "pipeline":
+                        contestants[name] = await self.run_pipeline(
+                            "pipeline", url, topic, ends, o.readings, profile=o.profile)
+                    else:
+                        contestants[name] = await self.run_kafka_contestant(name, url, topic, ends, workdir)
+                pipeline = contestants.get("pipeline")
+                for other in ("ceiling", "peer", "naive"):
+                    if other in contestants:
+                        result["ratios"][f"pipeline/{other}"] = report.ratio(pipeline, contestants[other])
+                if pipeline is not None and pipeline["status"] == "ok" and o.latency_seconds > 0:
+                    rate = o.latency_rate or pipeline["readings_per_s"] / 2
+                    result["latency"] = await self.run_latency(rate)
+                if pipeline is not None and pipeline["status"] == "ok" and o.preload > 0:
+                    result["preload"] = await self.run_preload(path, topic, ends, pipeline, contestants.get("ceiling"))
+            finally:
+                await self.cleanup()
+        result["conditions"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+        for name, r in list(contestants.items()) + [
+                (f"{k} (preloaded)", v) for k, v in result.get("preload", {}).get("runs", {}).items()]:
+            if r["status"] == "failed":
+                result["failures"].append(f"{name}: {r['reason']}")
+        for phase in ("latency", "preload"):
+            if result.get(phase, {}).get("status") == "failed":
+                result["failures"].append(f"{phase}: {result[phase]['reason']}")
+        result["goals"] = report.goals(result)
+        result["ok"] = not result["failures"]
+        return result
+
+    async def run_preload(self, path: Path, topic: str, ends: dict[int, int], empty: dict[str, Any],
+                          ceiling_empty: dict[str, Any] | None) -> dict[str, Any]:
+        o = self.o
+        url = await self.fresh_database("preload", geofences=self.geofences_on)
+        self.say(f"preload: inserting {o.preload:,} older readings of the same fleet")
+        conn = await asyncpg.connect(url)
+        try:
+            seconds = await dataset.preload(conn, o.preload, self.spec.end, progress=self.say)
+        finally:
+            await conn.close()
+        ceiling_url = None
+        if ceiling_empty is not None and ceiling_empty["status"] == "ok":
+            ceiling_url = await self.copy_database(url, "preload_ceiling")
+        out: dict[str, Any] = {"rows": o.preload, "preload_s": round(seconds, 1), "runs": {}}
+        expected = o.preload + o.readings
+        out["runs"]["pipeline"] = await self.run_pipeline("pipeline@preload", url, topic, ends, expected)
+        if ceiling_url is not None:
+            self.say("ceiling@preload: running")
+            out["runs"]["ceiling"] = await self.run_ceiling(ceiling_url, path, expected, "ceiling@preload")
+        failed = [k for k, r in out["runs"].items() if r["status"] != "ok"]
+        if failed:
+            out.update(status="failed", reason=f"{', '.join(failed)} failed on the preloaded table")
+            return out
+        out["status"] = "ok"
+        out["throughput_change"] = round(out["runs"]["pipeline"]["readings_per_s"] / empty["readings_per_s"] - 1, 4)
+        if "ceiling" in out["runs"] and ceiling_empty is not None:
+            out["ceiling_change"] = round(
+                out["runs"]["ceiling"]["readings_per_s"] / ceiling_empty["readings_per_s"] - 1, 4)
+        return out
+
+
+def _fmt_rate(result: dict[str, Any]) -> str:
+    rate = result.get("readings_per_s")
+    return "-" if rate is None else f"{rate:,.0f}"
