@@ -281,7 +281,8 @@ class MaintainMetrics:
             "fleet_maintain_default_rows_moved", "Rows moved out of a default partition.", registry=r
         )
         self.hours_rolled_up = Counter(
-            "fleet_maintain_rollup_hours", "Hours recomputed into vehicle_telemetry_hourly.", registry=r
+            "fleet_maintain_rollup_recomputes", "Hours recomputed into vehicle_telemetry_hourly from raw rows.",
+            registry=r,
         )
         self.rollup_lag = Gauge(
             "fleet_maintain_rollup_lag_seconds",
@@ -289,7 +290,7 @@ class MaintainMetrics:
             registry=r,
         )
         self.rollup_pending = Gauge(
-            "fleet_maintain_rollup_pending_hours", "Hours marked dirty and not yet rolled up, after the last pass.",
+            "fleet_maintain_rollup_pending", "Hours marked dirty and not yet rolled up, after the last pass.",
             registry=r,
         )
         self.deferred = Counter(
@@ -520,7 +521,9 @@ class _Pass:
             try:
                 done, _ = await self.locked(f"detaching {name}", detach)
             except _StillDirty as still:
-                self.report.raw_partitions_kept[name] = f"{still.hours} hours marked while detaching; rolled up next pass"
+                self.report.raw_partitions_kept[name] = (
+                    f"{still.hours} hours marked while detaching; rolled up next pass"
+                )
                 break
             if not done:
                 break

@@ -245,7 +245,9 @@ async def test_partitions_appear_ahead_of_time(conn: asyncpg.Connection) -> None
     assert again.telemetry_partitions_created == [] and again.audit_partitions_created == []
 
 
-async def test_no_row_is_lost_between_the_default_partition_and_a_new_one(conn: asyncpg.Connection, own_url: str) -> None:
+async def test_no_row_is_lost_between_the_default_partition_and_a_new_one(
+    conn: asyncpg.Connection, own_url: str
+) -> None:
     day = today() + timedelta(days=12)  # beyond the migration's partitions: rows go to the default one
     vehicle = uuid.uuid4()
     written = 0
@@ -272,7 +274,8 @@ async def test_no_row_is_lost_between_the_default_partition_and_a_new_one(conn: 
     name = f"vehicle_telemetry_p{day:%Y%m%d}"
     assert report.rows_moved.get(name, 0) >= 20
     where = await conn.fetch(
-        "SELECT tableoid::regclass::text AS part, count(*) AS n FROM vehicle_telemetry WHERE vehicle_id = $1 GROUP BY 1",
+        "SELECT tableoid::regclass::text AS part, count(*) AS n FROM vehicle_telemetry"
+        " WHERE vehicle_id = $1 GROUP BY 1",
         vehicle,
     )
     assert {r["part"]: r["n"] for r in where} == {name: written}
@@ -559,7 +562,7 @@ async def test_metrics_and_the_nightly_stats_refresh_follow_the_clock(
     assert [r.stats_refreshed for r in (first, same_day, before_slot, next_night)] == [True, False, False, True]
     assert await conn.fetchval("SELECT total_cost FROM monthly_vehicle_stats WHERE vehicle_id = $1", vehicle) == 420
     assert metrics.value("fleet_maintain_passes_total", outcome="success") == 4
-    assert metrics.value("fleet_maintain_rollup_hours_total") == 1
+    assert metrics.value("fleet_maintain_rollup_recomputes_total") == 1
     assert metrics.value("fleet_maintain_partitions_created_total", table="vehicle_telemetry") >= 1
     assert metrics.value("fleet_maintain_partitions_dropped_total", table="vehicle_telemetry") >= 1
     assert metrics.value("fleet_maintain_last_success_timestamp_seconds") > 0
