@@ -49,14 +49,12 @@ class Rules:
     now: datetime
     max_future: timedelta = timedelta(minutes=5)
     retention: timedelta = timedelta(days=30)
+    latest: datetime = field(init=False)
+    oldest: datetime = field(init=False)
 
-    @property
-    def latest(self) -> datetime:
-        return self.now + self.max_future
-
-    @property
-    def oldest(self) -> datetime:
-        return self.now - self.retention
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "latest", self.now + self.max_future)
+        object.__setattr__(self, "oldest", self.now - self.retention)
 
 
 @dataclass(slots=True)
