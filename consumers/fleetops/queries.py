@@ -85,15 +85,15 @@ WITH cost AS (
 ), revenue AS (
     SELECT vehicle_id, month,
            sum(revenue) FILTER (WHERE currency = $3) AS revenue,
-           sum(jobs) FILTER (WHERE currency = $3)    AS jobs,
-           sum(jobs) FILTER (WHERE currency <> $3)   AS jobs_other_currency
+           (sum(jobs) FILTER (WHERE currency = $3))::bigint  AS jobs,
+           (sum(jobs) FILTER (WHERE currency <> $3))::bigint AS jobs_other_currency
       FROM monthly_vehicle_revenue WHERE month BETWEEN $1 AND $2
      GROUP BY 1, 2
 )
 SELECT vehicle_id, month, v.license_plate,
-       coalesce(r.revenue, 0)                             AS revenue,
-       coalesce(c.total_cost, 0)                          AS maintenance_cost,
-       coalesce(r.revenue, 0) - coalesce(c.total_cost, 0) AS profit,
+       coalesce(r.revenue, 0.00)                                AS revenue,
+       coalesce(c.total_cost, 0.00)                             AS maintenance_cost,
+       coalesce(r.revenue, 0.00) - coalesce(c.total_cost, 0.00) AS profit,
        coalesce(r.jobs, 0)                                AS jobs,
        coalesce(r.jobs_other_currency, 0)                 AS jobs_other_currency,
        coalesce(c.records, 0)                             AS services
