@@ -219,12 +219,12 @@ class ChunkProcessor:
         readings: list[Reading] = []
         rejections: list[Rejection] = []
         dead_letters: dict[tuple[int, int], dict[str, str]] = {}
-        for message in messages(payload, rejections):
-            decoded = decode_message(message.value, key=message.key, source=message.source, rules=rules)
+        for key, value, source, dead_letter in messages(payload, rejections):
+            decoded = decode_message(value, key=key, source=source, rules=rules)
             readings.extend(decoded.readings)
             rejections.extend(decoded.rejections)
-            if message.dead_letter is not None:
-                dead_letters[(message.source.partition, message.source.offset)] = message.dead_letter
+            if dead_letter is not None:
+                dead_letters[(source.partition, source.offset)] = dead_letter
         result = ChunkResult(read=len(readings) + len(rejections))
         if plan.mode == DIRECT:
             await self._direct(readings, rejections, result)
@@ -637,6 +637,8 @@ class Summary:
     rejects_file: str | None
     checkpoint: str | None
     resumed_from: dict[str, Any] | None
+    rollups: dict[str, Any] | None = None
+    """``--direct``: what the final :func:`refresh_dirty_rollups` did."""
 
     def to_json(self) -> dict[str, Any]:
         counts = self.counts.to_json()
@@ -644,7 +646,7 @@ class Summary:
             "status": self.status, "source": self.source, "mode": self.mode, "dry_run": self.dry_run,
             **counts, "rejected_total": sum(self.counts.rejected.values()),
             "seconds": round(self.seconds, 3), "rejects_file": self.rejects_file,
-            "checkpoint": self.checkpoint, "resumed_from": self.resumed_from,
+            "checkpoint": self.checkpoint, "resumed_from": self.resumed_from, "rollups": self.rollups,
         }
 
     def text(self) -> str:
@@ -659,8 +661,12 @@ class Summary:
             lines += [
                 f"  stored      {c.stored:>12,}  {would}new rows in vehicle_telemetry",
                 f"  duplicates  {c.duplicates:>12,}  already stored, {would}skipped",
-                f"  folded      {c.folded:>12,}  older than the raw retention, {would}merged into the rollups",
+                f"  folded      {c.folded:>12,}  older than the raw retention, {would}handed to the rollups",
             ]
+            if self.rollups is not None:
+                lines.append(f"  rollups: {self.rollups.get('hours', 0):,} hours and {self.rollups.get('days', 0):,}"
+                             " days recomputed" + ("; some hours left for fleet maintain (lock busy)"
+                                                   if self.rollups.get("claim_deferred") else ""))
         else:
             lines.append(f"  published   {c.published:>12,}  {would}sent to the telemetry topic")
         rejected = sum(c.rejected.values())
@@ -716,7 +722,8 @@ class Replay:
         if o.workers is not None:
             return o.workers
         if o.mode == DIRECT and isinstance(self.source, FileSource):
-            return max(1, min(4, os.cpu_count() or 1))
+            # Half the cores: PostgreSQL needs the others to write what they decode.
+            return max(1, min(4, (os.cpu_count() or 1) // 2))
         return 1
 
     def _plan(self, now: datetime) -> Plan:
@@ -805,9 +812,10 @@ class Replay:
         await executor.close()
         progress.update(units, counts, final=True)
         seconds = elapsed_before + time.monotonic() - started
+        rollups = None
         if completed:
             if o.mode == DIRECT and not o.dry_run:
-                await self._refresh_rollups()
+                rollups = await self._refresh_rollups()
             self.checkpoint.remove()
             rejects.close()
             if not counts.rejected:
@@ -821,7 +829,7 @@ class Replay:
             status, self.source.describe(), o.mode, o.dry_run, counts, seconds,
             self.rejects_path if counts.rejected else None,
             None if completed or o.dry_run else self.checkpoint.path,
-            resumed_from,
+            resumed_from, rollups,
         )
 
     @staticmethod
@@ -857,17 +865,20 @@ class Replay:
                         path=self.rejects_path)
         return open(self.rejects_path, "wb")
 
-    async def _refresh_rollups(self) -> None:
-        """Recomputes the rollups of the hours the sink marked (this replay's and any other)."""
+    async def _refresh_rollups(self) -> dict[str, Any]:
+        """Recomputes the rollups of the hours the sink marked (this replay's and any other
+        pending ones); commits per day. Returns the rollup report as JSON."""
         import asyncpg
 
         from schema.rollups import refresh_dirty_rollups
 
+        started = time.monotonic()
         conn = await asyncpg.connect(self.settings.database_url)
         try:
-            await refresh_dirty_rollups(conn)
+            report = await refresh_dirty_rollups(conn)
         finally:
             await conn.close()
+        return {**report.to_json(), "seconds": round(time.monotonic() - started, 3)}
 
 
 # --- the command -----------------------------------------------------------------
@@ -1014,7 +1025,7 @@ def register(sub: Any) -> None:
                         "the checkpoint is PATH.checkpoint")
     parser.add_argument("--restart", action="store_true", help="ignore a checkpoint and start from the beginning")
     parser.add_argument("--workers", type=int, metavar="N",
-                        help="processes decoding and writing (default: the CPU count, up to 4, for a file "
+                        help="processes decoding and writing (default: half the CPUs, up to 4, for a file "
                         "with --direct; otherwise 1)")
     parser.add_argument("--batch-size", type=int, default=5000, metavar="N",
                         help="lines or records per chunk (default 5000)")

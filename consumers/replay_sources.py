@@ -27,10 +27,10 @@ import gzip
 import io
 import itertools
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import IO, Any, Final
+from typing import Any, Final
 
 import orjson
 from aiokafka import AIOKafkaConsumer
@@ -86,14 +86,8 @@ class Chunk:
     """Lines or records in the chunk (what ``--rate`` paces)."""
 
 
-@dataclass(slots=True)
-class Message:
-    """One record to decode, plus what a rejects line says about where it was."""
-
-    key: bytes | None
-    value: bytes
-    source: Source
-    dead_letter: dict[str, str] | None = None
+Message = tuple[bytes | None, bytes, Source, dict[str, str] | None]
+"""One record to decode: key, value, where it is, and the dead-letter headers (if any)."""
 
 
 # --- parsing payloads (pure) ----------------------------------------------------
@@ -104,14 +98,14 @@ def messages(payload: Lines | Records, rejections: list[Rejection]) -> Iterator[
     cells than the header names) are appended to ``rejections`` instead."""
     if isinstance(payload, Records):
         for key, value, source, dead_letter in payload.items:
-            yield Message(key, value or b"", source, dead_letter)
+            yield key, value or b"", source, dead_letter
     elif payload.fmt == CSV:
         yield from _csv_messages(payload, rejections)
     else:
         line_no = payload.first_line
         for line in payload.data.split(b"\n"):
             if line.strip():
-                yield Message(None, line, Source(payload.name, 0, line_no))
+                yield None, line, Source(payload.name, 0, line_no), None
             line_no += 1
 
 
@@ -133,7 +127,7 @@ def _csv_messages(payload: Lines, rejections: list[Rejection]) -> Iterator[Messa
                 source, None, raw,
             ))
             continue
-        yield Message(None, orjson.dumps(csv_row_to_reading(columns, row)), source)
+        yield None, orjson.dumps(csv_row_to_reading(columns, row)), source, None
 
 
 def _csv_line(row: list[str]) -> bytes:
@@ -218,7 +212,7 @@ class FileSource:
     def describe(self) -> str:
         return f"{self.path} ({self.fmt}{', gzip' if self.gzip else ''})"
 
-    async def chunks(self, resume: dict[str, Any] | None) -> AsyncIterator[Chunk]:
+    async def chunks(self, resume: dict[str, Any] | None) -> AsyncGenerator[Chunk, None]:
         """Chunks of about ``chunk_lines`` lines from ``resume`` (or the start) to the end."""
         for chunk in self._read(resume):
             yield chunk
@@ -226,7 +220,7 @@ class FileSource:
 
     def _read(self, resume: dict[str, Any] | None) -> Iterator[Chunk]:
         with open(self.path, "rb") as raw:
-            stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if self.gzip else raw
+            stream: io.BufferedIOBase = gzip.GzipFile(fileobj=raw, mode="rb") if self.gzip else raw
             line, offset = 0, 0
             columns: tuple[str, ...] = ()
             try:
@@ -265,7 +259,7 @@ class FileSource:
                 if stream is not raw:
                     stream.close()
 
-    def _skip(self, raw: IO[bytes], stream: IO[bytes], at: int, offset: int) -> None:
+    def _skip(self, raw: io.BufferedReader, stream: io.BufferedIOBase, at: int, offset: int) -> None:
         """Move ``stream`` from byte ``at`` to byte ``offset`` of the (uncompressed) file."""
         if stream is raw:
             raw.seek(offset)
@@ -373,7 +367,7 @@ class KafkaSource:
             parts.append("reasons " + ",".join(s.reasons))
         return ", ".join(parts)
 
-    async def chunks(self, resume: dict[str, Any] | None) -> AsyncIterator[Chunk]:
+    async def chunks(self, resume: dict[str, Any] | None) -> AsyncGenerator[Chunk, None]:
         """Chunks of at most ``chunk_records`` records until every partition reached its stop."""
         spec = self.spec
         consumer = AIOKafkaConsumer(

@@ -1,0 +1,331 @@
+"""Benchmark: ``fleet replay --direct`` of a file against a bare asyncpg binary COPY.
+
+Usage (from the repository root, with the local stack running)::
+
+    python -m bench.replay_bench [--readings 1000000] [--workers N] [--format ndjson|csv] [--gzip]
+
+In a database of its own (created on FLEET_DATABASE_URL's server, migrated, dropped at
+the end) it
+
+1. generates a file of N readings of 1,000 registered vehicles (every field set, times
+   within the last days so they are stored raw, sorted by time like an export);
+2. measures the ceiling: the same rows, already decoded in memory as tuples, written
+   with ``copy_records_to_table`` into ``vehicle_telemetry`` in batches of
+   ``--batch-size``, one transaction per batch; only the COPY and commit are timed;
+3. empties the table and runs ``fleet replay FILE --direct`` in a subprocess, timing
+   the whole command (start-up, reading, decoding, storing, the rollup refresh) and
+   sampling the resident memory of its process tree;
+4. prints the ratio ``replay rows/s / COPY rows/s`` (end to end, and for the load phase
+   without start-up and rollup refresh), peak memory, and memory at 25/50/75/100 % of
+   the run (flat memory: these stay level whatever N is).
+
+``--json`` prints the results as one JSON object as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import gzip
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+
+from consumers.sink import COLUMNS, init_connection
+from ingest.logs import configure_logging
+from ingest.reading import ewkb_point
+from ingest.settings import Settings
+from schema.migrate import apply_migrations
+
+_NAMESPACE = uuid.UUID("0b7f3e38-52c4-4a8e-9c55-3c1d0f6a9e21")
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def vehicle_ids(count: int) -> list[uuid.UUID]:
+    return [uuid.uuid5(_NAMESPACE, f"bench-{i}") for i in range(count)]
+
+
+def readings(n: int, vehicles: list[uuid.UUID], end: datetime) -> Iterator[dict[str, Any]]:
+    """``n`` readings, every 10 s per vehicle, sorted by time, ending at ``end``."""
+    per_vehicle = math.ceil(n / len(vehicles))
+    start = end - timedelta(seconds=10 * per_vehicle)
+    produced = 0
+    for step in range(per_vehicle):
+        moment = start + timedelta(seconds=10 * step)
+        iso = moment.isoformat()
+        for index, vid in enumerate(vehicles):
+            if produced == n:
+                return
+            produced += 1
+            phase = (step + index) % 360
+            yield {
+                "vehicle_id": str(vid), "time": iso,
+                "lat": 48.0 + (index % 50) * 0.1 + step * 1e-4, "lon": 9.0 + (index // 50) * 0.1 + step * 1e-4,
+                "speed": float(phase % 120), "fuel_level": 100.0 - (step % 900) / 10.0,
+                "heading": float(phase), "odometer_km": 10000.0 + step * 0.25,
+                "engine_status": {"rpm": 800 + phase * 5, "coolant_temp_c": 88.5, "ignition": True},
+            }
+
+
+def write_file(path: str, n: int, vehicles: list[uuid.UUID], end: datetime, fmt: str, compress: bool) -> None:
+    raw: Any = gzip.open(path, "wb", compresslevel=1) if compress else open(path, "wb")
+    with raw:
+        if fmt == "ndjson":
+            buffer: list[bytes] = []
+            for reading in readings(n, vehicles, end):
+                buffer.append(orjson.dumps(reading))
+                if len(buffer) == 10000:
+                    raw.write(b"\n".join(buffer) + b"\n")
+                    buffer.clear()
+            if buffer:
+                raw.write(b"\n".join(buffer) + b"\n")
+            return
+        text = open_text(raw)
+        columns = ["vehicle_id", "time", "lat", "lon", "speed", "fuel_level", "heading", "odometer_km", "engine_status"]
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(columns)
+        for reading in readings(n, vehicles, end):
+            row = [reading[c] for c in columns[:-1]]
+            writer.writerow([*row, orjson.dumps(reading["engine_status"]).decode()])
+        text.flush()
+        text.detach()
+
+
+def open_text(raw: IO[bytes]) -> Any:
+    import io
+
+    return io.TextIOWrapper(raw, encoding="utf-8", newline="")  # type: ignore[arg-type]
+
+
+def row_of(reading: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        datetime.fromisoformat(reading["time"]), uuid.UUID(reading["vehicle_id"]),
+        ewkb_point(reading["lon"], reading["lat"]), reading["speed"], reading["fuel_level"],
+        reading["heading"], reading["odometer_km"], reading["engine_status"],
+    )
+
+
+async def bare_copy(url: str, n: int, vehicles: list[uuid.UUID], end: datetime, batch_size: int) -> float:
+    """Seconds spent in COPY + commit for the rows, built (untimed) batch by batch."""
+    conn = await asyncpg.connect(url)
+    try:
+        await init_connection(conn)
+        spent = 0.0
+        batch: list[tuple[Any, ...]] = []
+
+        async def flush() -> float:
+            started = time.perf_counter()
+            async with conn.transaction():
+                await conn.copy_records_to_table("vehicle_telemetry", records=batch, columns=COLUMNS)
+            return time.perf_counter() - started
+
+        for reading in readings(n, vehicles, end):
+            batch.append(row_of(reading))
+            if len(batch) == batch_size:
+                spent += await flush()
+                batch = []
+        if batch:
+            spent += await flush()
+        return spent
+    finally:
+        await conn.close()
+
+
+class TreeMemory:
+    """Samples the resident memory (sum over a process and its children) every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while not self._stop.is_set():
+            total = sum(_rss(p) for p in _tree(self.pid))
+            if total:
+                self.samples.append((time.monotonic() - started, total))
+            self._stop.wait(0.05)
+
+    def at(self, fraction: float) -> int:
+        if not self.samples:
+            return 0
+        end = self.samples[-1][0]
+        return max((rss for t, rss in self.samples if t <= end * fraction), default=self.samples[0][1])
+
+
+def _tree(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    out.extend(_tree(int(child)))
+    except OSError:
+        pass
+    return out
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def run_replay(url: str, path: str, workers: int | None, batch_size: int, rejects: str) -> dict[str, Any]:
+    env = {**os.environ, "FLEET_DATABASE_URL": url, "FLEET_METRICS_PORT": "0", "FLEET_LOG_LEVEL": "warning"}
+    command = [sys.executable, "-m", "ingest.cli", "replay", path, "--direct", "--json",
+               "--rejects", rejects, "--batch-size", str(batch_size)]
+    if workers is not None:
+        command += ["--workers", str(workers)]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    memory = TreeMemory(process.pid)
+    memory.start()
+    out, err = process.communicate()
+    wall = time.perf_counter() - started
+    memory.stop()
+    if process.returncode != 0:
+        raise SystemExit(f"replay_bench: fleet replay exited {process.returncode}: {err.decode()[-2000:]}")
+    summary = json.loads(out)
+    return {
+        "wall_s": wall, "summary": summary,
+        "peak_tree_rss": max((rss for _, rss in memory.samples), default=0),
+        "rss_at": {f"{int(f * 100)}%": memory.at(f) for f in (0.25, 0.5, 0.75, 1.0)},
+        "peak_process_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+    }
+
+
+async def prepare(admin_url: str, name: str, url: str, vehicles: list[uuid.UUID]) -> None:
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    await apply_migrations(url)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.executemany(
+            "INSERT INTO vehicles (id, vin, license_plate, make, model, year, type, status)"
+            " VALUES ($1, $2, $3, 'Bench', 'B1', 2024, 'truck', 'active')",
+            [(vid, vid.hex[:17].upper(), "B-" + vid.hex[:8].upper()) for vid in vehicles],
+        )
+    finally:
+        await conn.close()
+
+
+async def reset(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("TRUNCATE vehicle_telemetry, telemetry_dirty_hours, vehicle_telemetry_hourly,"
+                           " vehicle_telemetry_daily")
+        await conn.execute("VACUUM ANALYZE vehicle_telemetry")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
+async def drop(admin_url: str, name: str) -> None:
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def _mb(value: int) -> str:
+    return f"{value / 1e6:,.0f} MB"
+
+
+async def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.replay_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--readings", type=int, default=1_000_000, help="readings in the file (default 1,000,000)")
+    parser.add_argument("--vehicles", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=None, help="fleet replay --workers (default: its own)")
+    parser.add_argument("--batch-size", type=int, default=5000, help="rows per COPY and per replay chunk")
+    parser.add_argument("--format", choices=("ndjson", "csv"), default="ndjson")
+    parser.add_argument("--gzip", action="store_true", help="compress the file")
+    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    args = parser.parse_args(argv)
+    configure_logging("console", "warning")
+    settings = Settings()
+    name = f"fleet_bench_replay_{uuid.uuid4().hex[:8]}"
+    admin_url = _with_database(settings.database_url, "postgres")
+    url = _with_database(settings.database_url, name)
+    vehicles = vehicle_ids(args.vehicles)
+    end = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(hours=1)
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="fleet-replay-bench-") as tmp:
+        path = os.path.join(tmp, f"readings.{args.format}" + (".gz" if args.gzip else ""))
+        started = time.perf_counter()
+        write_file(path, args.readings, vehicles, end, args.format, args.gzip)
+        print(f"generated {args.readings:,} readings ({os.path.getsize(path) / 1e6:,.0f} MB {args.format}"
+              f"{' gzip' if args.gzip else ''}) in {time.perf_counter() - started:.1f} s", flush=True)
+        await prepare(admin_url, name, url, vehicles)
+        try:
+            await reset(url)
+            copy_s = await bare_copy(url, args.readings, vehicles, end, args.batch_size)
+            copy_rate = args.readings / copy_s
+            print(f"bare COPY:     {copy_rate:>10,.0f} rows/s ({copy_s:.2f} s)", flush=True)
+            await reset(url)
+            result = run_replay(url, path, args.workers, args.batch_size, os.path.join(tmp, "rejects.ndjson"))
+            summary = result["summary"]
+            if summary["stored"] != args.readings:
+                raise SystemExit(f"replay_bench: the replay stored {summary['stored']:,} of {args.readings:,}")
+            wall_rate = args.readings / result["wall_s"]
+            load_rate = args.readings / summary["seconds"]
+        finally:
+            await drop(admin_url, name)
+    cpus = os.cpu_count()
+    print(f"fleet replay:  {wall_rate:>10,.0f} rows/s end to end ({result['wall_s']:.2f} s: start-up, load, "
+          f"rollup refresh); {load_rate:,.0f} rows/s load phase ({summary['seconds']:.2f} s)")
+    print(f"ratio:         {wall_rate / copy_rate:.2f} end to end, {load_rate / copy_rate:.2f} load phase "
+          f"(target 0.8)")
+    print(f"memory:        peak {_mb(result['peak_tree_rss'])} for the replay's process tree, "
+          f"largest process {_mb(result['peak_process_rss'])}; tree at "
+          + ", ".join(f"{k} {_mb(v)}" for k, v in result["rss_at"].items()) + " of the run")
+    print(f"conditions:    {cpus} CPUs, load average before {load[0]:.2f}, workers "
+          f"{args.workers if args.workers is not None else 'default'}, batch {args.batch_size:,}, "
+          f"{args.vehicles:,} vehicles, {args.format}{' gzip' if args.gzip else ''}")
+    if args.json:
+        print(json.dumps({
+            "readings": args.readings, "copy_rows_per_s": copy_rate, "replay_rows_per_s": wall_rate,
+            "replay_load_rows_per_s": load_rate, "ratio": wall_rate / copy_rate,
+            "ratio_load": load_rate / copy_rate, "peak_tree_rss_bytes": result["peak_tree_rss"],
+            "peak_process_rss_bytes": result["peak_process_rss"], "rss_at": result["rss_at"],
+            "cpus": cpus, "loadavg": load[0], "workers": args.workers, "batch_size": args.batch_size,
+            "format": args.format, "gzip": args.gzip,
+        }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,159 @@
+"""The replay's file reading and command line, without any service: chunks, positions,
+CSV conversion, rejects lines, checkpoints and usage errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import orjson
+import pytest
+
+from consumers.replay import Checkpoint, reject_line
+from consumers.replay_sources import CSV, NDJSON, Chunk, FileSource, Lines, csv_row_to_reading, messages
+from ingest.cli import main
+from ingest.errors import UsageError
+from ingest.reading import INVALID_READING, Rejection, Source
+
+
+async def read_all(source: FileSource, resume: dict | None = None) -> list[Chunk]:
+    return [chunk async for chunk in source.chunks(resume)]
+
+
+def lines_of(chunks: list[Chunk]) -> list[tuple[int, bytes]]:
+    out = []
+    for chunk in chunks:
+        assert isinstance(chunk.payload, Lines)
+        out += [(source.offset, value) for _, value, source, _ in messages(chunk.payload, [])]
+    return out
+
+
+@pytest.mark.parametrize("compress", [False, True])
+async def test_a_file_is_read_in_chunks_and_resumes_after_the_last_one(tmp_path: Path, compress: bool) -> None:
+    body = b"".join(b'{"n": %d}\n' % i if i % 4 else b"\n" for i in range(1, 24))
+    path = tmp_path / ("in.ndjson.gz" if compress else "in.ndjson")
+    path.write_bytes(gzip.compress(body) if compress else body)
+    source = FileSource(str(path), None, chunk_lines=5)
+    assert (source.fmt, source.gzip) == (NDJSON, compress)
+
+    chunks = await read_all(source)
+    assert [c.count for c in chunks] == [5, 5, 5, 5, 3]
+    expected = [(i, b'{"n": %d}' % i) for i in range(1, 24) if i % 4]  # blank lines skipped, numbers kept
+    assert lines_of(chunks) == expected
+    assert chunks[-1].position["line"] == 23 and chunks[-1].position["offset"] == len(body)
+    assert sum(c.units for c in chunks) == source.total
+
+    resumed = await read_all(source, chunks[1].position)
+    assert lines_of(resumed) == [(n, v) for n, v in expected if n > 10]
+
+
+async def test_csv_cells_become_reading_fields_with_physical_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text(
+        "time,vehicle_id,lat,lon,speed,engine_status,note\n"
+        '2026-11-01T10:00:00Z,v1,52.5,13.4,50,"{""rpm"": 900,\n ""ignition"": true}",x\n'
+        "1793527200000,v2,52.5,13.4,,,\n"
+        "2026-11-01T10:00:00Z,v3,north,13.4,1,{oops,\n"
+        "2026-11-01T10:00:00Z,v4,52.5,13.4,1,,x,too,many\n"
+    )
+    source = FileSource(str(path), None, chunk_lines=2)
+    chunks = await read_all(source)
+    rejections: list[Rejection] = []
+    got = [(src.offset, orjson.loads(value)) for c in chunks for _, value, src, _ in messages(c.payload, rejections)]
+    assert got == [
+        (2, {"time": "2026-11-01T10:00:00Z", "vehicle_id": "v1", "lat": 52.5, "lon": 13.4, "speed": 50.0,
+             "engine_status": {"rpm": 900, "ignition": True}, "note": "x"}),
+        (4, {"time": 1793527200000, "vehicle_id": "v2", "lat": 52.5, "lon": 13.4}),
+        (5, {"time": "2026-11-01T10:00:00Z", "vehicle_id": "v3", "lat": "north", "lon": 13.4, "speed": 1.0,
+             "engine_status": "{oops"}),
+    ]
+    assert [(r.source.offset, r.reason) for r in rejections] == [(6, INVALID_READING)]
+    assert "9 cells" in rejections[0].detail
+
+
+def test_csv_row_conversion_leaves_what_does_not_convert_to_the_decoder() -> None:
+    columns = ("vehicle_id", "time", "lat", "lon", "heading")
+    row = csv_row_to_reading(columns, ["v", "-5", "1e1", "nan", "east"])
+    assert math.isnan(row.pop("lon"))  # a number; the decoder rejects it as not finite
+    assert row == {"vehicle_id": "v", "time": -5, "lat": 10.0, "heading": "east"}
+    assert csv_row_to_reading(columns, ["", "", "", "", ""]) == {}
+
+
+async def test_a_csv_header_without_the_required_columns_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text("vehicle_id,time,latitude,lon\n")
+    with pytest.raises(UsageError, match="lacks column.*lat"):
+        await read_all(FileSource(str(path), None, 10))
+
+
+def test_a_file_name_without_a_known_extension_needs_format(tmp_path: Path) -> None:
+    path = tmp_path / "export.txt"
+    path.write_text("")
+    with pytest.raises(UsageError, match="--format"):
+        FileSource(str(path), None, 10)
+    assert FileSource(str(path), CSV, 10).fmt == CSV
+
+
+def test_a_rejects_line_says_where_why_and_what() -> None:
+    rejection = Rejection(INVALID_READING, "field 'lat' is 95, must be between -90 and 90",
+                          Source("in.ndjson", 0, 12, 3), None, b'{"lat": 95}')
+    assert orjson.loads(reject_line(rejection, None, from_file=True)) == {
+        "line": 12, "index": 3, "reason": "invalid_reading",
+        "detail": "field 'lat' is 95, must be between -90 and 90", "value": '{"lat": 95}',
+    }
+    kafka = orjson.loads(reject_line(rejection, {"reason": "unknown_vehicle"}, from_file=False))
+    assert (kafka["topic"], kafka["partition"], kafka["offset"], kafka["dead_letter"]) == (
+        "in.ndjson", 0, 12, {"reason": "unknown_vehicle"})
+
+
+def test_a_checkpoint_of_another_replay_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.checkpoint")
+    Checkpoint(path, {"source": "a"}).save({"position": {"line": 3}})
+    assert Checkpoint(path, {"source": "a"}).load()["position"] == {"line": 3}  # type: ignore[index]
+    with pytest.raises(UsageError, match="--restart"):
+        Checkpoint(path, {"source": "b"}).load()
+    Checkpoint(path, {"source": "a"}).remove()
+    assert Checkpoint(path, {"source": "a"}).load() is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["replay", "--direct"], "exactly one source"),
+        (["replay", "x.ndjson", "--topic", "t", "--direct"], "exactly one source"),
+        (["replay", "x.ndjson", "--direct", "--partition", "1"], "--partition"),
+        (["replay", "--topic", "t", "--direct", "--reason", "unknown_vehicle"], "--reason only"),
+        (["replay", "--dead-letters", "--direct", "--reason", "bogus"], "not one of"),
+        (["replay", "--topic", "t", "--direct", "--since", "2026-01-01T00:00:00"], "no UTC offset"),
+        (["replay", "--topic", "t", "--direct", "--from-offset", "5", "--to-offset", "5"], "greater"),
+        (["replay", "--topic", "t", "--via-kafka", "--workers", "2"], "one process"),
+        (["replay", "--topic", "t", "--direct", "--rate", "0"], "--rate"),
+        (["replay", "does-not-exist.ndjson", "--direct"], "no such file"),
+    ],
+)
+def test_bad_usage_exits_2_with_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fleet replay: ") and message in err
+
+
+def test_a_missing_mode_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["replay", "x.ndjson"])
+    assert exited.value.code == 2
+    assert "--direct" in capsys.readouterr().err
+
+
+def test_summary_json_is_stable(tmp_path: Path) -> None:
+    from collections import Counter
+
+    from consumers.replay import Counts, Summary
+
+    summary = Summary("complete", "x", "direct", False, Counts(3, 1, 1, 0, 0, Counter(invalid_reading=1)),
+                      1.0, "r.ndjson", None, None)
+    data = json.loads(json.dumps(summary.to_json()))
+    assert (data["read"], data["stored"], data["rejected"], data["rejected_total"]) == (
+        3, 1, {"invalid_reading": 1}, 1)
+    assert "invalid_reading 1" in summary.text() and "r.ndjson" in summary.text()
