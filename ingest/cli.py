@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "schema.migrate",
     "schema.maintain",
     "consumers.worker",
+    "consumers.geofence_cli",
     "consumers.replay",
     "ingest.simulate",
     "ingest.demo",
