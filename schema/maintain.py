@@ -15,9 +15,10 @@ A pass (schema/README.md, "Lifecycle: partitions, rollups, retention"), in this 
 
 Passes from several hosts serialise on a session advisory lock, and every step is safe
 on its own as well. Each statement that takes a lock ingestion also needs (creating or
-detaching a partition, claiming dirty hours) waits at most
-``maintain_lock_timeout_seconds`` and is retried; a step that still cannot get its lock
-is reported as deferred and left to the next pass.
+detaching a partition, claiming dirty hours) first retries with 20 ms lock waits for a
+couple of seconds, then waits at most ``maintain_lock_timeout_seconds`` a few times
+(:func:`schema.rollups.in_lock_timeout`); a step that still cannot get its lock is
+reported as deferred and left to the next pass.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from consumers.retry import is_transient
 from ingest.errors import FleetError, ServiceUnavailable, UsageError
 from schema.rollups import (
     DAY,
+    LOCK_PATIENCE_SECONDS,
     RollupReport,
     in_lock_timeout,
     lock_day,
@@ -87,7 +89,9 @@ class LifecyclePolicy:
     partitions_ahead_days: int = 7
     audit_partitions_ahead_months: int = 2
     stats_refresh_hour: int = 3
-    lock_timeout_seconds: float = 1.0
+    lock_timeout_seconds: float = 0.5
+    lock_patience_seconds: float = LOCK_PATIENCE_SECONDS
+    """How long lock-taking steps first retry with 20 ms waits (see :func:`in_lock_timeout`)."""
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "LifecyclePolicy":
@@ -384,7 +388,9 @@ class _Pass:
         self.schema = "public"
 
     async def locked(self, step: str, work: Callable[[asyncpg.Connection], Any]) -> tuple[bool, Any]:
-        done, result = await in_lock_timeout(self.conn, work, timeout=self.policy.lock_timeout_seconds)
+        done, result = await in_lock_timeout(
+            self.conn, work, timeout=self.policy.lock_timeout_seconds, patience=self.policy.lock_patience_seconds
+        )
         if not done:
             self.report.deferred.append(step)
             log.warning("lock busy, step deferred to the next pass", step=step,
@@ -486,7 +492,9 @@ class _Pass:
             pending, lag = await rollup_backlog(self.conn)
             self.report.rollups = RollupReport(pending_hours=pending, lag_seconds=lag)
             return
-        self.report.rollups = await refresh_dirty_rollups(self.conn, lock_timeout=self.policy.lock_timeout_seconds)
+        self.report.rollups = await refresh_dirty_rollups(
+            self.conn, lock_timeout=self.policy.lock_timeout_seconds, lock_patience=self.policy.lock_patience_seconds
+        )
         if self.report.rollups.claim_deferred:
             self.report.deferred.append("claiming dirty hours")
 

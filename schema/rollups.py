@@ -27,6 +27,7 @@ How the rollups stay equal to the raw rows they cover (schema/README.md, "Lifecy
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -47,8 +48,10 @@ EPOCH_DAY = date(1970, 1, 1)
 # First key of the per-day advisory lock held by every writer of one day's rollups
 # ("flrd" in ASCII); the second key is the day's number since 1970-01-01.
 DAY_LOCK_KEY = 0x666C7264
-DEFAULT_LOCK_TIMEOUT_SECONDS = 1.0
+DEFAULT_LOCK_TIMEOUT_SECONDS = 0.5
 LOCK_ATTEMPTS = 3
+LOCK_PATIENCE_SECONDS = 2.0
+QUICK_LOCK_WAIT_SECONDS = 0.02
 
 HOURLY = "vehicle_telemetry_hourly"
 DAILY = "vehicle_telemetry_daily"
@@ -335,23 +338,39 @@ async def in_lock_timeout(
     *,
     timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
     attempts: int = LOCK_ATTEMPTS,
+    patience: float = LOCK_PATIENCE_SECONDS,
 ) -> tuple[bool, T | None]:
-    """Runs ``work(conn)`` in a transaction whose lock waits last at most ``timeout``.
+    """Runs ``work(conn)`` in a transaction whose lock waits are kept short; retries.
 
-    A lock that cannot be had in time rolls the transaction back and is retried after a
-    short pause, ``attempts`` times in all; returns ``(False, None)`` when every attempt
-    timed out, else ``(True, result)``. Used for every statement whose lock also holds
-    up ingestion (creating, detaching partitions, claiming dirty hours): waiting in
-    the lock queue blocks the writers queued behind, so the wait must stay short.
+    For every statement whose lock also holds up ingestion (creating and detaching
+    partitions, claiming dirty hours): while it waits in the lock queue, the writers
+    queued behind it wait too. So it first tries for up to ``patience`` seconds with
+    lock waits of 20 ms (a long query holding the table then holds up no writer), then
+    ``attempts`` times with waits of ``timeout``, pausing between tries. A try whose
+    lock wait runs out is rolled back. Returns ``(True, result)``, or ``(False, None)``
+    when every try ran out.
     """
-    for attempt in range(attempts):
+
+    async def attempt(wait: float) -> tuple[bool, T | None]:
         try:
             async with conn.transaction():
-                await conn.execute("SELECT set_config('lock_timeout', $1, true)", f"{int(timeout * 1000)}ms")
+                await conn.execute("SELECT set_config('lock_timeout', $1, true)", f"{max(1, int(wait * 1000))}ms")
                 return True, await work(conn)
         except asyncpg.exceptions.LockNotAvailableError:
-            if attempt + 1 < attempts:
-                await asyncio.sleep(0.1 * 2**attempt)
+            return False, None
+
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        done, result = await attempt(QUICK_LOCK_WAIT_SECONDS)
+        if done:
+            return done, result
+        await asyncio.sleep(0.05)
+    for n in range(attempts):
+        done, result = await attempt(timeout)
+        if done:
+            return done, result
+        if n + 1 < attempts:
+            await asyncio.sleep(0.1 * 2**n)
     return False, None
 
 
@@ -390,13 +409,16 @@ async def _fold_points(
 
 
 async def claim_dirty_hours(
-    conn: asyncpg.Connection, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS
+    conn: asyncpg.Connection,
+    *,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
+    lock_patience: float = LOCK_PATIENCE_SECONDS,
 ) -> bool:
     """Moves every mark of ``telemetry_dirty_hours`` into ``telemetry_rollup_queue``.
 
     Commits. Blocks new sink marks for as long as it waits for the sink transactions
-    that already marked (at most ``lock_timeout``, retried twice); returns False when
-    it could not get the lock, leaving the marks for the next call.
+    that already marked (see :func:`in_lock_timeout`); returns False when it could not
+    get the lock, leaving the marks for the next call.
     """
     _require_autocommit(conn)
 
@@ -404,7 +426,7 @@ async def claim_dirty_hours(
         await c.execute("LOCK TABLE telemetry_dirty_hours IN EXCLUSIVE MODE")
         await c.execute(_CLAIM)
 
-    done, _ = await in_lock_timeout(conn, claim, timeout=lock_timeout)
+    done, _ = await in_lock_timeout(conn, claim, timeout=lock_timeout, patience=lock_patience)
     return done
 
 
@@ -456,20 +478,23 @@ async def refresh_dirty_rollups(
     *,
     now: datetime | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
+    lock_patience: float = LOCK_PATIENCE_SECONDS,
 ) -> RollupReport:
     """Recomputes every hour listed in ``telemetry_dirty_hours``, and the days holding them.
 
     Hours are recomputed from their raw rows, days from their hours. Idempotent and safe
     to run concurrently with the sink, with itself and with ``fleet maintain``. Must be
-    called outside a transaction: it commits once to claim the marks (waiting at most
-    ``lock_timeout`` for the lock, which briefly holds up sink commits) and once per
-    UTC day recomputed, so a failure leaves the remaining days queued for the next call.
+    called outside a transaction: it commits once to claim the marks (a lock that
+    briefly holds up sink commits; ``lock_timeout`` and ``lock_patience`` as in
+    :func:`in_lock_timeout`) and once per UTC day recomputed, so a failure leaves the remaining days queued for the next call.
     ``now`` (default: the database's clock) only serves the reported lag. Raises
     asyncpg errors (connection lost, ...) to the caller.
     """
     _require_autocommit(conn)
     report = RollupReport()
-    report.claim_deferred = not await claim_dirty_hours(conn, lock_timeout=lock_timeout)
+    report.claim_deferred = not await claim_dirty_hours(
+        conn, lock_timeout=lock_timeout, lock_patience=lock_patience
+    )
     for row in await conn.fetch(_QUEUED_DAYS):
         done = await refresh_queued_day(conn, row["day"])
         report.hours += done.hours

@@ -33,7 +33,7 @@ from schema.rollups import fold_into_rollups, refresh_dirty_rollups
 
 pytestmark = pytest.mark.integration
 
-POLICY = LifecyclePolicy(lock_timeout_seconds=0.3)
+POLICY = LifecyclePolicy(lock_timeout_seconds=0.3, lock_patience_seconds=0.2)
 FIELDS = ("samples", "avg_speed", "min_speed", "max_speed", "avg_fuel", "first_fuel", "last_fuel",
           "distance_km", "first_location", "first_time", "last_location", "last_time")
 
@@ -353,7 +353,7 @@ async def test_a_mark_that_arrives_while_hours_are_claimed_is_not_lost(
         sink_tx = other.transaction()
         await sink_tx.start()
         await insert_raw(other, [reading(vehicle, hour + timedelta(minutes=2), 13.5, 52.5, 90.0)])  # mark exists
-        refreshing = asyncio.create_task(refresh_dirty_rollups(conn, lock_timeout=5.0))
+        refreshing = asyncio.create_task(refresh_dirty_rollups(conn, lock_timeout=5.0, lock_patience=0.0))
         await asyncio.sleep(0.3)  # the claim waits for the in-flight sink transaction
         assert not refreshing.done()
         await sink_tx.commit()
