@@ -148,6 +148,11 @@ class Database:
         self._turn += 1
         return urls[start:] + urls[:start]
 
+    def replicas_down(self, now: float | None = None) -> list[str]:
+        """The replicas being skipped right now (they failed to answer recently)."""
+        now = time.monotonic() if now is None else now
+        return [u for u in self.replica_urls if self._down_until.get(u, 0.0) > now]
+
     def mark_down(self, url: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self._down_until[url] = now + self._retry
