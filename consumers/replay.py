@@ -664,8 +664,8 @@ class Summary:
                 f"  folded      {c.folded:>12,}  older than the raw retention, {would}handed to the rollups",
             ]
             if self.rollups is not None:
-                lines.append(f"  rollups: {self.rollups.get('hours', 0):,} hours and {self.rollups.get('days', 0):,}"
-                             " days recomputed" + ("; some hours left for fleet maintain (lock busy)"
+                lines.append(f"  rollups: {self.rollups.get('hours', 0):,} hour(s) and {self.rollups.get('days', 0):,}"
+                             " day(s) recomputed" + ("; some hours left for fleet maintain (lock busy)"
                                                    if self.rollups.get("claim_deferred") else ""))
         else:
             lines.append(f"  published   {c.published:>12,}  {would}sent to the telemetry topic")
@@ -688,16 +688,15 @@ class Replay:
 
     Blocks on the source, PostgreSQL and Kafka; raises :class:`UsageError` for a bad
     source or checkpoint, :class:`ServiceUnavailable` when a service does not answer.
-    Setting ``stop`` ends the run at the next chunk boundary with a checkpoint saved;
-    ``force`` abandons the chunks in flight.
+    Setting ``stop`` ends the run after the chunks in flight, with a checkpoint saved.
+    Cancelling it abandons the chunks in flight (the checkpoint stays before them).
     """
 
     def __init__(self, options: ReplayOptions, settings: Settings, *, stop: asyncio.Event | None = None,
-                 force: asyncio.Event | None = None, progress_stream: IO[str] | None = None) -> None:
+                 progress_stream: IO[str] | None = None) -> None:
         self.options = options
         self.settings = settings
         self.stop = stop or asyncio.Event()
-        self.force = force or asyncio.Event()
         self._progress_stream = progress_stream if progress_stream is not None else sys.stderr
         o = options
         if o.kafka is not None:
@@ -795,11 +794,11 @@ class Replay:
                         break
                     window.append((chunk, executor.submit(chunk.payload)))
                     while window and (window[0][1].done() or len(window) >= in_flight):
-                        await self._await_or_force(apply(*window.popleft()))
+                        await apply(*window.popleft())
                 else:
                     completed = True
             while window:
-                await self._await_or_force(apply(*window.popleft()))
+                await apply(*window.popleft())
         except BaseException:
             await executor.close(force=True)
             if state or units:
@@ -837,19 +836,6 @@ class Replay:
         with contextlib.suppress(FileNotFoundError):
             if os.path.getsize(path) == 0:
                 os.remove(path)
-
-    async def _await_or_force(self, work: Awaitable[None]) -> None:
-        """Awaits ``work`` unless ``force`` is set first (then raises CancelledError)."""
-        task = asyncio.ensure_future(work)
-        forced = asyncio.ensure_future(self.force.wait())
-        try:
-            await asyncio.wait({task, forced}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            forced.cancel()
-        if not task.done():
-            task.cancel()
-            raise asyncio.CancelledError("stopped at once")
-        task.result()
 
     def _open_rejects(self, size: int) -> IO[bytes]:
         directory = os.path.dirname(os.path.abspath(self.rejects_path))
@@ -942,13 +928,17 @@ def options_from_args(args: argparse.Namespace, settings: Settings) -> ReplayOpt
 async def main(args: argparse.Namespace, settings: Settings) -> int:
     """The command: 0 all stored (or duplicates), 1 something rejected or failed, 130 interrupted."""
     options = options_from_args(args, settings)
-    stop, force = asyncio.Event(), asyncio.Event()
-    replay = Replay(options, settings, stop=stop, force=force)
+    stop = asyncio.Event()
+    replay = Replay(options, settings, stop=stop)
     loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(replay.run())
+    forced = False
 
     def on_signal() -> None:
+        nonlocal forced
         if stop.is_set():
-            force.set()
+            forced = True
+            task.cancel()
             return
         stop.set()
         sys.stderr.write("\nfleet replay: stopping after the chunks in flight (Ctrl-C again to stop at once)\n")
@@ -960,9 +950,9 @@ async def main(args: argparse.Namespace, settings: Settings) -> int:
             installed.append(sig)
     try:
         try:
-            summary = await replay.run()
+            summary = await task
         except asyncio.CancelledError:
-            if not force.is_set():
+            if not forced:
                 raise
             sys.stderr.write(f"fleet replay: stopped at once; run the same command to resume "
                              f"(checkpoint {replay.checkpoint.path})\n")
