@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra setting for the pipeline's workers, e.g. FLEET_BATCH_MAX_AGE_MS=200 (repeatable)")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="sample the pipeline's empty-table run with py-spy into FILE (.svg flame graph, "
-                        ".json speedscope, else collapsed stacks); costs the run some CPU")
+                        ".json speedscope, else collapsed stacks), and its latency phase into FILE-latency;"
+                        " costs the runs some CPU")
     p.add_argument("--json-out", default="bench-results.json", help="JSON report path (default bench-results.json)")
     p.add_argument("--keep", action="store_true", help="keep the databases and topics for inspection")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

@@ -368,9 +368,14 @@ class Bench:
             tasks.append(asyncio.create_task(produce()))
 
         self.say(f"latency: offering {rate:,.0f} readings/s for {o.latency_seconds:.0f} s")
+        profile = None
+        if o.profile:
+            stem, dot, suffix = o.profile.rpartition(".")
+            profile = f"{stem}-latency.{suffix}" if dot else f"{o.profile}-latency"
         run = await run_contestant(
             self.pipeline_command(), self.pipeline_env(url, topic, group, port), kafka=target,
             ready_marker=READY_LOG, metrics_ports=ports, timeout=o.latency_seconds + self.timeout, on_ready=on_ready,
+            profile_out=profile,
         )
         for task in tasks:
             await task
@@ -397,6 +402,7 @@ class Bench:
             mean_s=h.total / h.count if h.count else None,
             buckets_s=[le for le, _ in h.buckets if le != float("inf")],
             cpu_s=round(run.cpu_s, 3), peak_rss_mb=round(run.peak_rss_mb, 1),
+            internals=report.pipeline_internals(run.metrics_text),
         )
         return out
 
