@@ -273,6 +273,8 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=5000, help="rows per COPY and per replay chunk")
     parser.add_argument("--format", choices=("ndjson", "csv"), default="ndjson")
     parser.add_argument("--gzip", action="store_true", help="compress the file")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate COPY and replay this many times and keep the best of each (default 1)")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = parser.parse_args(argv)
     configure_logging("console", "warning")
@@ -290,21 +292,31 @@ async def main(argv: list[str] | None = None) -> int:
         print(f"generated {args.readings:,} readings ({os.path.getsize(path) / 1e6:,.0f} MB {args.format}"
               f"{' gzip' if args.gzip else ''}) in {time.perf_counter() - started:.1f} s", flush=True)
         await prepare(admin_url, name, url, vehicles)
+        copy_s = math.inf
+        result: dict[str, Any] = {}
         try:
-            await reset(url)
-            copy_s = await bare_copy(url, args.readings, vehicles, end, args.batch_size)
-            copy_rate = args.readings / copy_s
-            print(f"bare COPY:     {copy_rate:>10,.0f} rows/s ({copy_s:.2f} s)", flush=True)
-            await reset(url)
-            result = run_replay(url, path, args.workers, args.batch_size, os.path.join(tmp, "rejects.ndjson"))
-            summary = result["summary"]
-            if summary["stored"] != args.readings:
-                raise SystemExit(f"replay_bench: the replay stored {summary['stored']:,} of {args.readings:,}")
-            wall_rate = args.readings / result["wall_s"]
-            load_rate = args.readings / summary["seconds"]
+            for round_ in range(1, args.rounds + 1):
+                await reset(url)
+                seconds = await bare_copy(url, args.readings, vehicles, end, args.batch_size)
+                copy_s = min(copy_s, seconds)
+                print(f"round {round_}: bare COPY {args.readings / seconds:,.0f} rows/s ({seconds:.2f} s)", flush=True)
+                await reset(url)
+                this = run_replay(url, path, args.workers, args.batch_size, os.path.join(tmp, "rejects.ndjson"))
+                if this["summary"]["stored"] != args.readings:
+                    raise SystemExit(f"replay_bench: the replay stored {this['summary']['stored']:,}"
+                                     f" of {args.readings:,}")
+                print(f"round {round_}: fleet replay {args.readings / this['wall_s']:,.0f} rows/s end to end"
+                      f" ({this['wall_s']:.2f} s)", flush=True)
+                if not result or this["wall_s"] < result["wall_s"]:
+                    result = this
         finally:
             await drop(admin_url, name)
+    summary = result["summary"]
+    copy_rate = args.readings / copy_s
+    wall_rate = args.readings / result["wall_s"]
+    load_rate = args.readings / summary["seconds"]
     cpus = os.cpu_count()
+    print(f"bare COPY:     {copy_rate:>10,.0f} rows/s ({copy_s:.2f} s)")
     print(f"fleet replay:  {wall_rate:>10,.0f} rows/s end to end ({result['wall_s']:.2f} s: start-up, load, "
           f"rollup refresh); {load_rate:,.0f} rows/s load phase ({summary['seconds']:.2f} s)")
     print(f"ratio:         {wall_rate / copy_rate:.2f} end to end, {load_rate / copy_rate:.2f} load phase "
@@ -314,7 +326,10 @@ async def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {_mb(v)}" for k, v in result["rss_at"].items()) + " of the run")
     print(f"conditions:    {cpus} CPUs, load average before {load[0]:.2f}, workers "
           f"{args.workers if args.workers is not None else 'default'}, batch {args.batch_size:,}, "
-          f"{args.vehicles:,} vehicles, {args.format}{' gzip' if args.gzip else ''}")
+          f"{args.vehicles:,} vehicles, {args.format}{' gzip' if args.gzip else ''}, best of {args.rounds}")
+    rollups = summary.get("rollups") or {}
+    print(f"rollup refresh inside the replay: {rollups.get('seconds', 0):.2f} s "
+          f"({rollups.get('hours', 0)} hours, {rollups.get('days', 0)} days)")
     if args.json:
         print(json.dumps({
             "readings": args.readings, "copy_rows_per_s": copy_rate, "replay_rows_per_s": wall_rate,
@@ -322,7 +337,8 @@ async def main(argv: list[str] | None = None) -> int:
             "ratio_load": load_rate / copy_rate, "peak_tree_rss_bytes": result["peak_tree_rss"],
             "peak_process_rss_bytes": result["peak_process_rss"], "rss_at": result["rss_at"],
             "cpus": cpus, "loadavg": load[0], "workers": args.workers, "batch_size": args.batch_size,
-            "format": args.format, "gzip": args.gzip,
+            "format": args.format, "gzip": args.gzip, "rounds": args.rounds,
+            "rollup_refresh_s": rollups.get("seconds"),
         }))
     return 0
 

@@ -378,23 +378,38 @@ def _worker_main(settings: Settings, plan: Plan, inbox: Any, outbox: Any) -> Non
 
 
 async def _worker_loop(settings: Settings, plan: Plan, inbox: Any, outbox: Any) -> None:
+    """Two chunks at a time: one is decoded while the other one's COPY is in flight."""
     processor = ChunkProcessor(settings, plan)
     try:
         await processor.start()
     except Exception as exc:
         outbox.put((-1, _Failed(type(exc).__name__, str(exc), isinstance(exc, ServiceUnavailable))))
         return
+    loop = asyncio.get_running_loop()
+    slots = asyncio.Semaphore(2)
+    tasks: set[asyncio.Task[None]] = set()
+    failed = False
+
+    async def one(seq: int, payload: Lines | Records) -> None:
+        nonlocal failed
+        try:
+            outbox.put((seq, await processor.process(payload)))
+        except Exception as exc:
+            failed = True
+            outbox.put((seq, _Failed(type(exc).__name__, str(exc)[:500], False)))
+        finally:
+            slots.release()
+
     try:
-        while True:
-            job = inbox.get()
+        while not failed:
+            await slots.acquire()
+            job = await loop.run_in_executor(None, inbox.get)
             if job is None:
-                return
-            seq, payload = job
-            try:
-                outbox.put((seq, await processor.process(payload)))
-            except Exception as exc:
-                outbox.put((seq, _Failed(type(exc).__name__, str(exc)[:500], False)))
-                return
+                break
+            task = asyncio.create_task(one(*job))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         await processor.close()
 
@@ -736,6 +751,9 @@ class Replay:
     async def run(self) -> Summary:
         o = self.options
         started = time.monotonic()
+        if o.dry_run and os.path.exists(self.checkpoint.path):
+            raise UsageError(f"{self.rejects_path} belongs to an interrupted replay (checkpoint "
+                             f"{self.checkpoint.path}); give the dry run another --rejects")
         state = None if (o.dry_run or o.restart) else self.checkpoint.load()
         if o.restart and not o.dry_run:
             self.checkpoint.remove()
@@ -751,7 +769,7 @@ class Replay:
         workers = self._workers()
         executor: Executor = (ProcessExecutor(self.settings, plan, workers) if workers > 1
                               else LocalExecutor(ChunkProcessor(self.settings, plan)))
-        in_flight = 2 * workers if workers > 1 else (1 if o.mode == VIA_KAFKA else 2)
+        in_flight = 3 * workers if workers > 1 else (1 if o.mode == VIA_KAFKA else 2)
         progress = Progress(self._progress_stream, tty=self._progress_stream.isatty(),
                             total=lambda: self.source.total, done=units, read=counts.read)
         pacer = Pacer(o.rate)
