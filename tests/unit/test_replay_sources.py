@@ -157,3 +157,18 @@ def test_summary_json_is_stable(tmp_path: Path) -> None:
     assert (data["read"], data["stored"], data["rejected"], data["rejected_total"]) == (
         3, 1, {"invalid_reading": 1}, 1)
     assert "invalid_reading 1" in summary.text() and "r.ndjson" in summary.text()
+
+
+async def test_a_dry_run_never_overwrites_the_rejects_of_an_interrupted_replay(tmp_path: Path) -> None:
+    from consumers.replay import DIRECT, Replay, ReplayOptions
+    from ingest.settings import Settings
+
+    path = tmp_path / "in.ndjson"
+    path.write_text("{}\n")
+    rejects = tmp_path / "rejects.ndjson"
+    rejects.write_text('{"line": 1}\n')
+    Path(str(rejects) + ".checkpoint").write_text("{}")
+    options = ReplayOptions(mode=DIRECT, file=str(path), dry_run=True, rejects=str(rejects), workers=1)
+    with pytest.raises(UsageError, match="interrupted replay"):
+        await Replay(options, Settings(_env_file=None)).run()
+    assert rejects.read_text() == '{"line": 1}\n'
