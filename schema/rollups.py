@@ -199,6 +199,21 @@ SELECT vehicle_id, $1::timestamptz,
  GROUP BY vehicle_id""",
 )
 
+# Rollup rows of vehicles that have no reading left in the bucket (raw rows deleted by
+# hand): without this, a recompute would keep them.
+VANISHED_FROM_HOUR = """
+DELETE FROM vehicle_telemetry_hourly AS h
+ WHERE h.bucket = $1::timestamptz
+   AND NOT EXISTS (SELECT 1 FROM vehicle_telemetry AS r WHERE r.vehicle_id = h.vehicle_id
+                      AND r.time >= $1::timestamptz AND r.time < $1::timestamptz + interval '1 hour')
+"""
+VANISHED_FROM_DAY = """
+DELETE FROM vehicle_telemetry_daily AS d
+ WHERE d.bucket = $1::timestamptz
+   AND NOT EXISTS (SELECT 1 FROM vehicle_telemetry_hourly AS h WHERE h.vehicle_id = d.vehicle_id
+                      AND h.bucket >= $1::timestamptz AND h.bucket < $1::timestamptz + interval '24 hours')
+"""
+
 _POINTS = (
     "(SELECT v AS vehicle_id, t AS time, s AS speed, f AS fuel_level,"
     " ST_SetSRID(ST_MakePoint(x, y), 4326) AS location"
@@ -447,6 +462,7 @@ async def refresh_queued_day(conn: asyncpg.Connection, day: datetime) -> RollupR
         strays: list[_Point] = []
         for hour in hours:
             if horizons.raw_kept(hour):
+                await conn.execute(VANISHED_FROM_HOUR, hour)
                 await conn.execute(HOUR_FROM_RAW, hour)
                 report.hours += 1
             else:
@@ -458,6 +474,7 @@ async def refresh_queued_day(conn: asyncpg.Connection, day: datetime) -> RollupR
                 report.late_hours += 1
         report.folded_readings = await _fold_points(conn, strays, horizons, day)
         if horizons.hourly_kept(day):
+            await conn.execute(VANISHED_FROM_DAY, day)
             await conn.execute(DAY_FROM_HOURS, day)
             report.days += 1
     return report
