@@ -58,6 +58,7 @@ class KafkaTarget:
 class ProcessRun:
     exit_code: int | None
     timed_out: bool
+    failure: str | None
     spawned: float
     ready: float | None
     done: float | None
@@ -231,13 +232,15 @@ async def run_contestant(
     on_ready: Any = None,
     after_done: Any = None,
     profile_out: str | None = None,
+    ready_timeout: float = 120.0,
 ) -> ProcessRun:
     """Run ``cmd`` to its exit and measure it (see the module docstring).
 
     ``on_ready`` (async, optional) is awaited once the process is ready (the latency
     phase starts its producer there); ``after_done`` (async, optional) once it is done.
-    After ``timeout`` seconds the process's session is terminated (then killed) and the
-    run is marked ``timed_out``. With ``profile_out``, ``py-spy`` samples the process and
+    After ``timeout`` seconds (or ``ready_timeout`` without becoming ready: a broker it
+    cannot talk to) the process's session is terminated (then killed), the run is
+    marked ``timed_out`` and ``failure`` says why. With ``profile_out``, ``py-spy`` samples the process and
     its children into that file (it runs beside them, so it takes CPU from the run). Raises nothing for a failing process: the exit code
     and the stderr tail say what happened.
     """
@@ -255,9 +258,10 @@ async def run_contestant(
     lines = _Lines(proc, loop)
     stop_sampling = asyncio.Event()
     sampler = asyncio.ensure_future(backend_cpu.run(stop_sampling)) if backend_cpu else None
-    run = ProcessRun(exit_code=None, timed_out=False, spawned=spawned, ready=None, done=None,
+    run = ProcessRun(exit_code=None, timed_out=False, failure=None, spawned=spawned, ready=None, done=None,
                      cpu_total_s=0.0, cpu_at_ready_s=0.0, peak_rss_mb=0.0, db_cpu_s=None)
     deadline = time.monotonic() + timeout
+    ready_deadline = time.monotonic() + ready_timeout
     watcher: AIOKafkaConsumer | None = None
     if kafka is not None:
         watcher = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=kafka.group,
@@ -268,6 +272,9 @@ async def run_contestant(
     try:
         next_poll = 0.0
         while not exited.done() and time.monotonic() < deadline:
+            if run.ready is None and time.monotonic() > ready_deadline:
+                run.failure = f"not ready (no partitions assigned, no data loaded) within {ready_timeout:.0f} s"
+                break
             try:
                 at, stream, line = await asyncio.wait_for(lines.queue.get(), 0.05)
             except asyncio.TimeoutError:
@@ -305,6 +312,7 @@ async def run_contestant(
                     after_done = None
         if not exited.done():
             run.timed_out = True
+            run.failure = run.failure or f"did not finish within {timeout:.0f} s"
             for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
                 try:
                     os.killpg(proc.pid, sig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import os
 import platform
 import random
@@ -29,10 +30,13 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
 
 from bench import dataset, report
 from bench.measure import BackendCpu, KafkaTarget, ProcessRun, run_contestant, scrape, wait_for_metrics
 from consumers.status import status_key
+from ingest.errors import ServiceUnavailable
 from ingest.producer import TelemetryProducer
 from ingest.settings import Settings
 from ingest.simulate import make_fleet
@@ -150,6 +154,44 @@ class Bench:
 
     # --- resources ----------------------------------------------------------
 
+    async def preflight(self) -> str:
+        """Checks PostgreSQL, Redis and the broker answer; returns PostgreSQL's version.
+
+        Raises :class:`ServiceUnavailable` naming the one that does not.
+        """
+        s = self.s
+        hint = "start the local stack (fleet services up) or set"
+        try:
+            conn = await asyncpg.connect(self.admin_url, timeout=10)
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+            raise ServiceUnavailable(f"PostgreSQL at {s.database_url_masked} is not answering"
+                                     f" ({type(exc).__name__}); {hint} FLEET_DATABASE_URL") from None
+        try:
+            version = "PostgreSQL " + str(await conn.fetchval("SHOW server_version")).split()[0]
+        finally:
+            await conn.close()
+        client = aioredis.Redis.from_url(s.redis_url, socket_connect_timeout=5)
+        try:
+            await client.ping()
+        except (OSError, RedisError) as exc:
+            raise ServiceUnavailable(f"Redis at {s.redis_url_masked} is not answering"
+                                     f" ({type(exc).__name__}); {hint} FLEET_REDIS_URL") from None
+        finally:
+            await client.aclose()
+        admin = AIOKafkaAdminClient(**s.kafka_client_options())  # type: ignore[arg-type]
+        quiet = logging.getLogger("aiokafka")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # the one line below says it better
+        try:
+            await admin.start()
+        except KafkaError as exc:
+            raise ServiceUnavailable(f"the Kafka broker at {s.kafka_bootstrap} is not answering"
+                                     f" ({type(exc).__name__}); {hint} FLEET_KAFKA_BOOTSTRAP") from None
+        finally:
+            quiet.setLevel(level)
+            await admin.close()
+        return version
+
     async def fresh_database(self, label: str, *, geofences: bool = False) -> str:
         """A new database named for this run, migrated, with the fleet registered."""
         name = f"fleet_bench_{self.tag}_{label}"
@@ -256,9 +298,7 @@ class Bench:
             backend_cpu=BackendCpu(self.admin_url, database), timeout=self.timeout, profile_out=profile, **hooks,
         )
         rows = await self.count_rows(url)
-        failure = None
-        if run.timed_out:
-            failure = f"did not finish within {self.timeout:.0f} s"
+        failure = run.failure
         if run.exit_code not in (0, None) or run.timed_out:
             tail = " | ".join(line[:300] for line in run.stderr_tail[-5:])
             failure = (failure or f"exited with status {run.exit_code}") + (f"; stderr: {tail}" if tail else "")
@@ -410,11 +450,7 @@ class Bench:
 
     async def run(self) -> dict[str, Any]:
         o = self.o
-        conn = await asyncpg.connect(self.admin_url)
-        try:
-            pg_version = "PostgreSQL " + str(await conn.fetchval("SHOW server_version")).split()[0]
-        finally:
-            await conn.close()
+        pg_version = await self.preflight()
         result: dict[str, Any] = {
             "benchmark": "fleet telemetry ingestion",
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
