@@ -832,6 +832,7 @@ class Replay:
         rollups = None
         if completed:
             if o.mode == DIRECT and not o.dry_run:
+                save(force=True)  # if the refresh fails, running the command again only refreshes
                 rollups = await self._refresh_rollups()
             self.checkpoint.remove()
             rejects.close()
