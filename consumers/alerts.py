@@ -73,10 +73,13 @@ ALERT_TYPES = tuple(SEVERITY)
 
 # A move shorter than this is never a GPS jump, whatever the time between the readings.
 JUMP_MIN_DISTANCE_M = 250.0
+_JUMP_MIN_DEGREES = JUMP_MIN_DISTANCE_M / 111_320 / 1.5
 # Speed unknown and moved less than this since the previous reading: stationary.
 STATIONARY_DISTANCE_M = 30.0
 # How far back readings stored but never evaluated are picked up (see RuleEngine).
 CATCH_UP = timedelta(hours=1)
+# States without transitions or alerts are written at most this often (write-behind).
+STATE_FLUSH_SECONDS = 5.0
 # Offline alerts raised by another host's clock: look a little wider when resolving.
 CLOCK_SKEW = timedelta(seconds=60)
 
@@ -148,7 +151,11 @@ class VehicleState:
     fences: dict[int, FenceState] = field(default_factory=dict)
 
     def copy(self) -> "VehicleState":
-        return replace(self, open=set(self.open), fences={k: replace(v) for k, v in self.fences.items()})
+        return VehicleState(
+            self.last_time, self.position, self.odometer_km, self.speeding_since, self.speeding_max,
+            self.rest_fuel, self.rest_time, self.last_fuel, self.dtc, self.suspect, set(self.open),
+            {k: v.copy() for k, v in self.fences.items()} if self.fences else {},
+        )
 
     def memory(self) -> dict[str, Any]:
         """The ``memory`` column: everything but the columns of their own."""
@@ -191,8 +198,8 @@ class Evaluation:
 
     states: dict[UUID, VehicleState] = field(default_factory=dict)
     """New states of the vehicles that had readings to evaluate."""
-    expected: dict[UUID, datetime | None] = field(default_factory=dict)
-    """The ``last_time`` each of those states had before (None: no row yet)."""
+    urgent: set[UUID] = field(default_factory=set)
+    """Vehicles with transitions or alert actions: their state is written with them."""
     fences_changed: set[UUID] = field(default_factory=set)
     transitions: list[Transition] = field(default_factory=list)
     actions: list[AlertAction] = field(default_factory=list)
@@ -230,15 +237,18 @@ def evaluate(
         if not todo:
             continue
         vs = before.copy()
+        events = len(out.actions) + len(out.transitions)
         for r in todo:
             _step(vid, vs, r, index, th, out)
         out.states[vid] = vs
-        out.expected[vid] = before.last_time
+        if len(out.actions) + len(out.transitions) != events:
+            out.urgent.add(vid)
         if vs.fences != before.fences:
             out.fences_changed.add(vid)
         if (th.offline_seconds and last is not None and last < fresh_after + CLOCK_SKEW
                 and todo[-1].time >= fresh_after):
             out.back_online.append(vid)
+            out.urgent.add(vid)
     return out
 
 
@@ -302,6 +312,8 @@ def _step(vid: UUID, vs: VehicleState, r: Reading, index: GeofenceIndex, th: Thr
 
 
 def _plausible(t0: datetime, lat0: float, lon0: float, r: Reading, th: Thresholds) -> bool:
+    if abs(r.lat - lat0) + abs(r.lon - lon0) <= _JUMP_MIN_DEGREES:
+        return True  # closer than JUMP_MIN_DISTANCE_M whatever the latitude
     distance = sphere_distance_m(lon0, lat0, r.lon, r.lat)
     if distance <= JUMP_MIN_DISTANCE_M:
         return True
@@ -425,7 +437,7 @@ def _engine(
             actions.append(AlertAction("resolve", OVERHEATING, vid, t, {"coolant_temp_c_after": coolant}))
 
     codes = engine.get("dtc")
-    if not isinstance(codes, list):
+    if not isinstance(codes, list) or (vs.dtc is not None and tuple(codes) == vs.dtc):
         return
     current = tuple(sorted({str(c) for c in codes}))
     known = set(vs.dtc or ())
@@ -679,6 +691,12 @@ class RuleEngine:
         self.index = GeofenceIndex(())
         self._index_version: tuple[int, datetime | None] | None = None
         self._states: dict[UUID, VehicleState] = {}
+        """Every vehicle this worker evaluated, as it stands after its last batch."""
+        self._persisted: dict[UUID, datetime | None] = {}
+        """``vehicle_rule_state.last_time`` as this worker last read or wrote it (None: no row)."""
+        self._dirty: set[UUID] = set()
+        self._fences_dirty: set[UUID] = set()
+        self._flushed = monotonic_clock.monotonic()
         self._timer: asyncio.Task[None] | None = None
         for kind in ALERT_TYPES:
             for action in ("raised", "resolved"):
@@ -690,6 +708,13 @@ class RuleEngine:
         self._timer = asyncio.create_task(self._run_timers(), name="fleet-rule-timers")
 
     async def stop(self) -> None:
+        """Stops the timers and writes the states not written yet (best effort)."""
+        try:
+            await self.flush()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("rule states not flushed at stop; the next owner catches up", error=type(exc).__name__)
         if self._timer is not None:
             self._timer.cancel()
             try:
@@ -723,7 +748,12 @@ class RuleEngine:
     # --- the hook -----------------------------------------------------------------
 
     async def after_write(self, readings: list[Reading]) -> None:
-        """Evaluates one batch of stored readings and commits what it changed."""
+        """Evaluates one batch of stored readings and commits what it changed.
+
+        Transitions and alerts are committed with the states of their vehicles; the other
+        states are written every :data:`STATE_FLUSH_SECONDS` (a worker that dies before
+        catches up from ``vehicle_telemetry``, see :meth:`_load`).
+        """
         if self._timer is not None and self._timer.done():
             self._timer.result()  # a bug in the timers: raise it in the worker
         if not readings:
@@ -733,18 +763,26 @@ class RuleEngine:
         for attempt in range(10):
             missing = [vid for vid in vehicles if vid not in self._states]
             extra = await self._load(missing, readings) if missing else []
-            states = {vid: self._states[vid] for vid in vehicles}
-            result = evaluate(states, extra + readings if extra else readings, self.index, self._th,
-                              datetime.now(timezone.utc))
+            cached = self._states
+            result = evaluate({vid: cached[vid] for vid in vehicles}, extra + readings if extra else readings,
+                              self.index, self._th, datetime.now(timezone.utc))
+            flush = monotonic_clock.monotonic() - self._flushed >= STATE_FLUSH_SECONDS
+            write = (self._dirty | set(result.states)) if flush else result.urgent
             try:
-                await self._write(result)
+                await self._write({vid: result.states.get(vid) or cached[vid] for vid in write},
+                                  result.fences_changed | self._fences_dirty, result)
             except _Conflict as conflict:
                 log.info("vehicle states changed by another worker, evaluating again",
                          vehicles=len(conflict.vehicles), attempt=attempt)
                 for vid in conflict.vehicles:
-                    self._states.pop(vid, None)
+                    self._forget(vid)
                 continue
-            self._states.update(result.states)
+            cached.update(result.states)
+            self._dirty.update(result.states)
+            self._fences_dirty.update(result.fences_changed)
+            self._written(write)
+            if flush:
+                self._flushed = monotonic_clock.monotonic()
             break
         else:
             raise RuntimeError("vehicle rule states kept changing under this worker")
@@ -753,6 +791,34 @@ class RuleEngine:
         m.rule_duration.observe(monotonic_clock.perf_counter() - started)
         if result.transitions:
             await self._update_members(result)
+
+    async def flush(self) -> None:
+        """Writes every state not written yet; a state another worker changed is dropped."""
+        for _ in range(10):
+            write = set(self._dirty)
+            if not write:
+                return
+            try:
+                await self._write({vid: self._states[vid] for vid in write}, self._fences_dirty, None)
+            except _Conflict as conflict:
+                for vid in conflict.vehicles:
+                    self._forget(vid)
+                continue
+            self._written(write)
+            self._flushed = monotonic_clock.monotonic()
+            return
+
+    def _written(self, vehicles: set[UUID]) -> None:
+        for vid in vehicles:
+            self._persisted[vid] = self._states[vid].last_time
+        self._dirty -= vehicles
+        self._fences_dirty -= vehicles
+
+    def _forget(self, vid: UUID) -> None:
+        self._states.pop(vid, None)
+        self._persisted.pop(vid, None)
+        self._dirty.discard(vid)
+        self._fences_dirty.discard(vid)
 
     async def _load(self, vehicles: list[UUID], readings: list[Reading]) -> list[Reading]:
         """Reads the states of ``vehicles`` into the cache; returns the readings to catch up on."""
@@ -766,9 +832,11 @@ class RuleEngine:
                     f["speeding_since"], f["speeding_max"], f["speeding_open"])
             for vid in vehicles:
                 self._states[vid] = VehicleState()
+                self._persisted[vid] = None
             for row in rows:
                 vid = row["vehicle_id"]
                 self._states[vid] = VehicleState.from_row(row, fences.get(vid, {}), self.index)
+                self._persisted[vid] = row["last_time"]
             first: dict[UUID, datetime] = {}
             for r in readings:
                 if r.vehicle_id not in first or r.time < first[r.vehicle_id]:
@@ -787,48 +855,56 @@ class RuleEngine:
         return [Reading(r["vehicle_id"], r["time"], r["lat"], r["lon"], r["speed"], r["fuel_level"], r["heading"],
                         r["odometer_km"], r["engine_status"], source, None, b"") for r in caught]
 
-    async def _write(self, result: Evaluation) -> None:
-        if not result.states:
+    async def _write(
+        self, states: dict[UUID, VehicleState], fence_dirty: set[UUID], result: Evaluation | None
+    ) -> None:
+        """One transaction: ``states`` (checked against the persisted version, else
+        :class:`_Conflict`), their geofence rows where changed, and the batch's
+        transitions and alerts."""
+        if not states and result is None:
             return
         m = self._metrics
-        new = [vid for vid, before in result.expected.items() if before is None]
-        old = [vid for vid, before in result.expected.items() if before is not None]
+        new = [vid for vid in states if self._persisted.get(vid) is None]
+        old = [vid for vid in states if self._persisted.get(vid) is not None]
         counts: list[tuple[str, str]] = []
         transitions_written: list[str] = []
         async with self._pool.acquire() as conn, conn.transaction():
             written: set[UUID] = set()
             if old:
-                states = [result.states[v] for v in old]
+                rows_old = [states[v] for v in old]
                 rows = await conn.fetch(
-                    _UPDATE_STATES, old, [result.expected[v] for v in old], [s.last_time for s in states],
-                    *_position_columns(states), [s.memory() for s in states],
+                    _UPDATE_STATES, old, [self._persisted[v] for v in old], [s.last_time for s in rows_old],
+                    *_position_columns(rows_old), [s.memory() for s in rows_old],
                 )
                 written.update(r["vehicle_id"] for r in rows)
             if new:
-                states = [result.states[v] for v in new]
+                rows_new = [states[v] for v in new]
                 rows = await conn.fetch(
-                    _INSERT_STATES, new, [s.last_time for s in states], *_position_columns(states),
-                    [s.memory() for s in states],
+                    _INSERT_STATES, new, [s.last_time for s in rows_new], *_position_columns(rows_new),
+                    [s.memory() for s in rows_new],
                 )
                 written.update(r["vehicle_id"] for r in rows)
-            conflicts = set(result.states) - written
+            conflicts = set(states) - written
             if conflicts:
                 raise _Conflict(conflicts)
 
-            if result.fences_changed:
-                changed = list(result.fences_changed)
+            changed = [vid for vid in states if vid in fence_dirty]
+            if changed:
                 await conn.execute(_DELETE_FENCE_STATES, changed)
                 cols: list[list[Any]] = [[] for _ in range(10)]
                 for vid in changed:
-                    for fid, f in result.states[vid].fences.items():
+                    vs = states[vid]
+                    for fid, f in vs.fences.items():
                         if f.is_default():
                             continue
-                        for col, value in zip(cols, (vid, fid, f.inside, f.since or result.states[vid].last_time,
+                        for col, value in zip(cols, (vid, fid, f.inside, f.since or vs.last_time,
                                                      f.pending_since, f.pending_lat, f.pending_lon,
                                                      f.speeding_since, f.speeding_max, f.speeding_open)):
                             col.append(value)
                 if cols[0]:
                     await conn.execute(_INSERT_FENCE_STATES, *cols)
+            if result is None:
+                return
 
             if result.transitions:
                 ts = result.transitions

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from fractions import Fraction
@@ -40,6 +40,8 @@ _ORIENT_ERR = (3.0 + 16.0 * 2.0**-53) * 2.0**-53
 _MAX_CELLS_PER_FENCE = 256
 # Two readings closer than this are never tested for a crossing: GPS jitter, not travel.
 CROSSING_MIN_SEGMENT_M = 50.0
+
+_NOWHERE: frozenset[int] = frozenset()
 
 Ring = tuple[tuple[float, ...], tuple[float, ...]]
 """A closed ring as (longitudes, latitudes), first point repeated last."""
@@ -411,23 +413,35 @@ class GeofenceIndex:
         """Fences that cover the point."""
         return [f for f in self.near(lon, lat) if f.covers(lon, lat)]
 
-    def near_segment(self, lon1: float, lat1: float, lon2: float, lat2: float) -> set[Geofence]:
+    def near_segment(self, lon1: float, lat1: float, lon2: float, lat2: float) -> Collection[Geofence]:
         """Fences whose bounding box may meet the segment's bounding box."""
         cell = self.cell
-        x0, x1 = sorted((int(lon1 // cell), int(lon2 // cell)))
-        y0, y1 = sorted((int(lat1 // cell), int(lat2 // cell)))
-        found: set[Geofence] = set()
+        x0, x1 = int(lon1 // cell), int(lon2 // cell)
+        y0, y1 = int(lat1 // cell), int(lat2 // cell)
+        if x0 > x1:
+            x0, x1 = x1, x0
+        if y0 > y1:
+            y0, y1 = y1, y0
+        if x0 == x1 and y0 == y1 and not self.large:
+            return self._cells.get((x0 << 20) + y0, ())
         if (x1 - x0 + 1) * (y1 - y0 + 1) > 4 * _MAX_CELLS_PER_FENCE:
             bx0, bx1 = sorted((lon1, lon2))
             by0, by1 = sorted((lat1, lat2))
-            return {f for f in self.fences.values()
-                    if f.bbox[0] <= bx1 and f.bbox[2] >= bx0 and f.bbox[1] <= by1 and f.bbox[3] >= by0}
+            return [f for f in self.fences.values()
+                    if f.bbox[0] <= bx1 and f.bbox[2] >= bx0 and f.bbox[1] <= by1 and f.bbox[3] >= by0]
         get = self._cells.get
+        found: set[Geofence] | None = None
         for ix in range(x0, x1 + 1):
             for iy in range(y0, y1 + 1):
-                found.update(get((ix << 20) + iy, ()))
-        found.update(self.large)
-        return found
+                hit = get((ix << 20) + iy)
+                if hit:
+                    if found is None:
+                        found = set(hit)
+                    else:
+                        found.update(hit)
+        if self.large:
+            found = (found or set()) | set(self.large)
+        return found or ()
 
 
 # --- one vehicle's side of each fence --------------------------------------------------
@@ -445,6 +459,10 @@ class FenceState:
     speeding_since: datetime | None = None
     speeding_max: float | None = None
     speeding_open: bool = False
+
+    def copy(self) -> "FenceState":
+        return FenceState(self.inside, self.since, self.pending_since, self.pending_lat, self.pending_lon,
+                          self.speeding_since, self.speeding_max, self.speeding_open)
 
     def is_default(self) -> bool:
         return (not self.inside and self.pending_since is None and self.speeding_since is None
@@ -495,23 +513,22 @@ def advance(
     """
     transitions: list[Transition] = []
     near = index.near(lon, lat)
-    inside_now = frozenset(f.id for f in near if f.covers(lon, lat))
+    inside_now = frozenset([f.id for f in near if f.covers(lon, lat)]) if near else _NOWHERE
     here = Position(time, lat, lon, inside_now)
-    for fid in list(fences):
-        if fid not in index.fences:
+    if fences or inside_now:
+        for fid in [fid for fid in fences if fid not in index.fences]:
             del fences[fid]  # the fence was removed or deactivated
-    ids = set(fences) | inside_now
-    for fid in ids:
-        fence = index.fences[fid]
-        state = fences.get(fid)
-        if state is None:
-            state = fences[fid] = FenceState()
-        now_inside = fid in inside_now
-        if now_inside == state.inside:
-            state.pending_since = state.pending_lat = state.pending_lon = None
-        else:
+        for fid in set(fences) | inside_now:
+            state = fences.get(fid)
+            if state is None:
+                state = fences[fid] = FenceState()
+            now_inside = fid in inside_now
+            if now_inside == state.inside:
+                state.pending_since = state.pending_lat = state.pending_lon = None
+                continue
             if state.pending_since is None:
                 state.pending_since, state.pending_lat, state.pending_lon = time, lat, lon
+            fence = index.fences[fid]
             dwell = fence.dwell_seconds if fence.dwell_seconds is not None else default_dwell
             if (time - state.pending_since).total_seconds() >= dwell:
                 state.inside = now_inside
@@ -521,7 +538,9 @@ def advance(
                                               state.pending_since, state.pending_lat, state.pending_lon))
                 state.pending_since = state.pending_lat = state.pending_lon = None
     if previous is not None and index.fences:
-        transitions.extend(_crossings(vehicle_id, fences, index, previous, here))
+        crossings = _crossings(vehicle_id, fences, index, previous, here)
+        if crossings:
+            transitions.extend(crossings)
     return here, transitions
 
 
@@ -529,13 +548,14 @@ def _crossings(
     vehicle_id: Any, fences: dict[int, FenceState], index: GeofenceIndex, previous: Position, here: Position
 ) -> list[Transition]:
     lon1, lat1, lon2, lat2 = previous.lon, previous.lat, here.lon, here.lat
-    if abs(lon2 - lon1) + abs(lat2 - lat1) < CROSSING_MIN_SEGMENT_M / _M_PER_DEGREE / 2:
-        return []  # cheap reject: too short under any latitude scaling
-    if sphere_distance_m(lon1, lat1, lon2, lat2) < CROSSING_MIN_SEGMENT_M:
+    if abs(lon2 - lon1) + abs(lat2 - lat1) < CROSSING_MIN_SEGMENT_M / _M_PER_DEGREE:
+        return []  # cheap reject: too short whatever the latitude
+    candidates = index.near_segment(lon1, lat1, lon2, lat2)
+    if not candidates or sphere_distance_m(lon1, lat1, lon2, lat2) < CROSSING_MIN_SEGMENT_M:
         return []
     out: list[Transition] = []
     seconds = (here.time - previous.time).total_seconds()
-    for fence in index.near_segment(lon1, lat1, lon2, lat2):
+    for fence in candidates:
         fid = fence.id
         if fid in previous.inside or fid in here.inside:
             continue
