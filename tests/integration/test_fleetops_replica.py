@@ -43,6 +43,7 @@ pytestmark = pytest.mark.integration
 
 HBA_MARK = "# fleet tests (tests/integration/test_fleetops_replica.py): streaming replica on loopback"
 HBA_LINE = "host    replication     all             127.0.0.1/32            trust"
+SLOT_PREFIX = "fleet_test_replica_"
 # Hot standby refuses to start unless these are at least the primary's values.
 MIRRORED = ("max_connections", "max_worker_processes", "max_wal_senders", "max_prepared_transactions",
             "max_locks_per_transaction")
@@ -76,8 +77,13 @@ class Replica:
     def stop(self) -> None:
         self._ctl("-m", "fast", "-w", "stop")
 
+    def log_tail(self, lines: int = 15) -> str:
+        log = self.data.parent / "replica.log"
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
 
-async def wait_until(predicate, what: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+
+async def wait_until(predicate, what: str, timeout: float = 60.0,  # type: ignore[no-untyped-def]
+                     replica: "Replica | None" = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -86,7 +92,8 @@ async def wait_until(predicate, what: str, timeout: float = 60.0) -> None:  # ty
         except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
             pass
         await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    detail = f"; replica log:\n{replica.log_tail()}" if replica is not None else ""
+    raise AssertionError(f"timed out waiting for {what}{detail}")
 
 
 def _run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -146,6 +153,11 @@ async def replica(database_url: str) -> AsyncIterator[Replica]:
                 pytest.skip(f"replication connections are still refused after adding '{HBA_LINE}' to {hba}")
             await asyncio.sleep(0.2)
 
+    # A physical slot keeps the primary's WAL until the replica has it: without one, a
+    # checkpoint between the backup and the replica's start can remove WAL it still needs.
+    # Slots of earlier runs that died before their teardown are dropped after an hour.
+    slot = f"{SLOT_PREFIX}{int(time.time())}_{uuid.uuid4().hex[:6]}"
+    await _drop_stale_slots(database_url)
     folder = Path(tempfile.mkdtemp(prefix="fleet-replica-"))
     if owner is not None:
         os.chown(folder, owner.pw_uid, owner.pw_gid)
@@ -157,7 +169,7 @@ async def replica(database_url: str) -> AsyncIterator[Replica]:
     try:
         backup = await asyncio.to_thread(_run, [
             *as_postgres, str(tools["pg_basebackup"]), "-h", "127.0.0.1", "-p", str(port), "-U", user,
-            "-D", str(data), "-R", "-X", "stream", "-c", "fast", "--no-sync"])
+            "-D", str(data), "-R", "-X", "stream", "-c", "fast", "--no-sync", "-C", "-S", slot])
         assert backup.returncode == 0, backup.stderr
         settings = [f"port = {replica_port}", "listen_addresses = '127.0.0.1'",
                     f"unix_socket_directories = '{folder}'", "hot_standby = on", "fsync = off",
@@ -179,12 +191,30 @@ async def replica(database_url: str) -> AsyncIterator[Replica]:
             finally:
                 await conn.close()
 
-        await wait_until(in_recovery, "the replica to accept connections in recovery")
+        await wait_until(in_recovery, "the replica to accept connections in recovery", replica=node)
         yield node
     finally:
         if started:
             await asyncio.to_thread(_run, [*pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], 120)
         shutil.rmtree(folder, ignore_errors=True)
+        admin = await asyncpg.connect(database_url)
+        try:
+            await admin.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                                " WHERE slot_name = $1 AND NOT active", slot)
+        finally:
+            await admin.close()
+
+
+async def _drop_stale_slots(database_url: str) -> None:
+    admin = await asyncpg.connect(database_url)
+    try:
+        for row in await admin.fetch("SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE $1"
+                                     " AND NOT active", SLOT_PREFIX + "%"):
+            created = row["slot_name"][len(SLOT_PREFIX):].split("_")[0]
+            if created.isdigit() and time.time() - int(created) > 3600:
+                await admin.execute("SELECT pg_drop_replication_slot($1)", row["slot_name"])
+    finally:
+        await admin.close()
 
 
 async def test_reads_go_to_the_replica_writes_to_the_primary_and_a_down_replica_is_skipped(
@@ -210,7 +240,7 @@ async def test_reads_go_to_the_replica_writes_to_the_primary_and_a_down_replica_
                 rows = await queries.available_vehicles(conn, *window, vehicle_type=vehicle_type)
             return [r["id"] for r in rows] == [vehicle["id"]]
 
-        await wait_until(replicated, "the new vehicle to reach the replica")
+        await wait_until(replicated, "the new vehicle to reach the replica", replica=replica)
         for _ in range(4):  # every read, whoever's turn it is, lands on the live replica
             async with db.read() as conn:
                 assert await conn.fetchval("SELECT pg_is_in_recovery()")
@@ -238,4 +268,5 @@ async def test_reads_go_to_the_replica_writes_to_the_primary_and_a_down_replica_
                 return bool(await conn.fetchval("SELECT pg_is_in_recovery()")) and await conn.fetchval(
                     "SELECT year FROM vehicles WHERE id = $1", uuid.UUID(vehicle["id"])) == 2021
 
-        await wait_until(caught_up, "reads to be served by the restarted replica with the primary's write")
+        await wait_until(caught_up, "reads to be served by the restarted replica with the primary's write",
+                         replica=replica)
