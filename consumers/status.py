@@ -15,26 +15,41 @@ from datetime import datetime, timezone
 from uuid import UUID
 
 import asyncpg
+import orjson
 import redis.asyncio as aioredis
 
 from ingest.reading import Reading, status_time
 
-# KEYS[1] status key; ARGV[1] event time (fixed-width RFC 3339, so text order is time
-# order); ARGV[2] TTL seconds; ARGV[3..] field/value pairs, an empty value deletes.
-_UPDATE_STATUS = """
-local current = redis.call('HGET', KEYS[1], 'time')
-if current and current >= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'time', ARGV[1])
-for i = 3, #ARGV, 2 do
-  if ARGV[i + 1] == '' then
-    redis.call('HDEL', KEYS[1], ARGV[i])
-  else
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+# One call updates a chunk of vehicles. KEYS: status keys; ARGV[1]: TTL seconds;
+# ARGV[i + 1]: a JSON array of the fields of FIELDS for KEYS[i], "" for a field to
+# remove. `time` is fixed-width RFC 3339, so text order is time order; a status only
+# moves forward, and only a newer reading renews its TTL.
+FIELDS = ("time", "lat", "lon", "speed", "fuel_level", "heading", "driver_id", "updated_at")
+_UPDATE_STATUSES = """
+local names = {'time', 'lat', 'lon', 'speed', 'fuel_level', 'heading', 'driver_id', 'updated_at'}
+local moved = 0
+for i, key in ipairs(KEYS) do
+  local v = cjson.decode(ARGV[i + 1])
+  local current = redis.call('HGET', key, 'time')
+  if (not current) or current < v[1] then
+    local set, del = {}, {}
+    for j = 1, #names do
+      if v[j] == '' then
+        del[#del + 1] = names[j]
+      else
+        set[#set + 1] = names[j]
+        set[#set + 1] = v[j]
+      end
+    end
+    redis.call('HSET', key, unpack(set))
+    if #del > 0 then redis.call('HDEL', key, unpack(del)) end
+    redis.call('EXPIRE', key, ARGV[1])
+    moved = moved + 1
   end
 end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
+return moved
 """
+_CHUNK = 500  # vehicles per script call: bounded script run time, few round trips
 
 _ACTIVE_DRIVERS = """
 SELECT DISTINCT ON (vehicle_id) vehicle_id, driver_id
@@ -63,13 +78,18 @@ def _text(value: float | None) -> str:
 
 
 class StatusWriter:
-    """Writes the newest status of each vehicle of a batch to Redis."""
+    """Writes the newest status of each vehicle of a batch to Redis.
+
+    Updates go in script calls of up to 500 vehicles, all sent in one round trip. A
+    script call touches several keys, which a standalone Redis (or Sentinel) allows; a
+    Redis Cluster would need the keys in one hash slot.
+    """
 
     def __init__(self, redis: aioredis.Redis, pool: asyncpg.Pool, ttl_seconds: int = 300) -> None:
         self._redis = redis
         self._pool = pool
         self._ttl = ttl_seconds
-        self._script = redis.register_script(_UPDATE_STATUS)
+        self._script = redis.register_script(_UPDATE_STATUSES)
 
     async def active_drivers(self, vehicle_ids: list[UUID]) -> dict[UUID, UUID]:
         async with self._pool.acquire() as conn:
@@ -85,20 +105,17 @@ class StatusWriter:
             return 0
         drivers = await self.active_drivers(list(newest))
         updated_at = status_time(datetime.now(timezone.utc))
+        keys: list[str] = []
+        values: list[bytes] = []
+        for vehicle_id, r in newest.items():
+            driver = drivers.get(vehicle_id)
+            keys.append(status_key(vehicle_id))
+            values.append(orjson.dumps([
+                status_time(r.time), repr(r.lat), repr(r.lon), _text(r.speed), _text(r.fuel_level),
+                _text(r.heading), "" if driver is None else str(driver), updated_at,
+            ]))
         async with self._redis.pipeline(transaction=False) as pipe:
-            for vehicle_id, r in newest.items():
-                driver = drivers.get(vehicle_id)
-                await self._script(
-                    keys=[status_key(vehicle_id)],
-                    args=[
-                        status_time(r.time), self._ttl,
-                        "lat", repr(r.lat), "lon", repr(r.lon),
-                        "speed", _text(r.speed), "fuel_level", _text(r.fuel_level),
-                        "heading", _text(r.heading),
-                        "driver_id", "" if driver is None else str(driver),
-                        "updated_at", updated_at,
-                    ],
-                    client=pipe,
-                )
+            for i in range(0, len(keys), _CHUNK):
+                await self._script(keys=keys[i:i + _CHUNK], args=[self._ttl, *values[i:i + _CHUNK]], client=pipe)
             results = await pipe.execute()
-        return sum(1 for result in results if result == 1)
+        return int(sum(results))
