@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaProducer
 
 from consumers.fleetops import assignments, customers, dashboard, drivers, jobs, maintenance, queries, vehicles
 from consumers.fleetops.db import Database
+from consumers.fleetops.errors import DoubleBooking
 from consumers.fleetops.validation import Point
 from ingest.settings import Settings
 from tests.integration.streams import publish, run_worker
@@ -118,7 +119,7 @@ async def test_availability_counts_overlaps_but_not_back_to_back_or_cancelled_bo
         try:
             await book(conn, vid, spare, *window)
             booked = True
-        except Exception:
+        except DoubleBooking:
             booked = False
         assert booked == (name in ("before", "after", "cancelled", "free")), name
 

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -221,8 +222,10 @@ async def test_reads_go_to_the_replica_writes_to_the_primary_and_a_down_replica_
     database_url: str, replica: Replica
 ) -> None:
     dead = with_port(database_url, free_port())  # nothing listens there
+    # As FLEET_DATABASE_REPLICA_URLS reads it: comma-separated text.
+    replica_urls: Any = f"{dead}, {replica.url}"
     settings = Settings(_env_file=None, database_url=database_url,  # type: ignore[call-arg]
-                        database_replica_urls=f"{dead}, {replica.url}", replica_retry_seconds=3600)
+                        database_replica_urls=replica_urls, replica_retry_seconds=3600)
     assert settings.database_replica_urls == (dead, replica.url)
     vehicle_type = f"rr-{uuid.uuid4().hex[:8]}"
     start = datetime(2096, 1, 1, tzinfo=timezone.utc)
