@@ -15,6 +15,7 @@ from datetime import date, datetime, timezone
 from typing import Any
 from uuid import UUID, uuid4
 
+import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
@@ -56,6 +57,26 @@ def _time(text: str) -> datetime:
     except InvalidInput:
         raise argparse.ArgumentTypeError(
             f"not an RFC 3339 time with offset (e.g. 2025-01-31T08:00:00Z) or 'now': {text!r}") from None
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -107,8 +128,13 @@ def _given(args: argparse.Namespace, mapping: Mapping[str, str]) -> dict[str, An
 
 def _handler(work: Work, columns: Sequence[str] = ()) -> Callable[[argparse.Namespace, Settings], Awaitable[int]]:
     async def run(args: argparse.Namespace, settings: Settings) -> int:
-        async with Database.from_settings(settings, max_size=2) as database:
-            result = await work(database, args)
+        try:
+            async with Database.from_settings(settings, max_size=2) as database:
+                result = await work(database, args)
+        except (asyncpg.exceptions.DataError, asyncpg.exceptions.IntegrityConstraintViolationError) as exc:
+            # SQLSTATE classes 22 and 23: input that broke a rule the writers do not check first.
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"refused by PostgreSQL: {message}") from None
         _print(result, args.json, columns)
         return 0
 
@@ -195,7 +221,7 @@ def _register_vehicles(sub: Any) -> None:
     p = _parser(group, "list", "live vehicles, newest first", listing, _VEHICLE_COLUMNS)
     p.add_argument("--status")
     p.add_argument("--type")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=_count, default=100)
 
     async def available(db: Database, a: argparse.Namespace) -> Any:
         async with db.read() as conn:
@@ -210,7 +236,7 @@ def _register_vehicles(sub: Any) -> None:
 def _period_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="start", type=_time, required=True, help="start (RFC 3339 or 'now')")
     parser.add_argument("--to", dest="end", type=_time, help="end, exclusive (default: open-ended)")
-    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--limit", type=_count, default=100)
 
 
 # --- drivers -----------------------------------------------------------------------------------
@@ -266,7 +292,7 @@ def _register_drivers(sub: Any) -> None:
 
     p = _parser(group, "list", "live drivers, newest first", listing, ("id", "name", "license_number", "status"))
     p.add_argument("--status")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=_count, default=100)
 
     async def available(db: Database, a: argparse.Namespace) -> Any:
         async with db.read() as conn:
@@ -289,8 +315,8 @@ def _register_drivers(sub: Any) -> None:
                 " vehicle's last position is within --radius-km of --at, nearest first.")
     p.add_argument("--at", required=True, help="pickup point as LAT,LON, e.g. 52.52,13.40")
     p.add_argument("--radius-km", type=float, default=50.0)
-    p.add_argument("--limit", type=int, default=5)
-    p.add_argument("--max-age", type=float, default=900.0, metavar="SECONDS",
+    p.add_argument("--limit", type=_count, default=5)
+    p.add_argument("--max-age", type=_seconds, default=900.0, metavar="SECONDS",
                    help="ignore positions older than this (default 900)")
 
 
@@ -344,7 +370,7 @@ def _register_customers(sub: Any) -> None:
             return await customers.list_customers(conn, limit=a.limit)
 
     p = _parser(group, "list", "live customers by name", listing, ("id", "name", "billing_address"))
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=_count, default=100)
 
 
 # --- assignments -------------------------------------------------------------------------------
@@ -400,7 +426,7 @@ def _register_assignments(sub: Any) -> None:
     p.add_argument("--vehicle", type=_uuid)
     p.add_argument("--driver", type=_uuid)
     p.add_argument("--status", choices=("ACTIVE", "COMPLETED", "CANCELLED"))
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=_count, default=100)
 
 
 # --- jobs ----------------------------------------------------------------------------------------
@@ -498,7 +524,7 @@ def _register_jobs(sub: Any) -> None:
     p = _parser(group, "list", "live jobs, newest first", listing, _JOB_COLUMNS)
     p.add_argument("--customer", type=_uuid)
     p.add_argument("--status")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=_count, default=100)
 
 
 # --- maintenance -------------------------------------------------------------------------------
@@ -557,7 +583,7 @@ def _register_maintenance(sub: Any) -> None:
     p = _parser(group, "due", "triggers due before --before (default: overdue today)", due,
                 ("vehicle_id", "license_plate", "schedule", "next_due_date", "next_due_km", "last_service_date"))
     p.add_argument("--before", type=lambda t: _arg(parse_date, t), help="YYYY-MM-DD")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=_count, default=100)
 
     async def history(db: Database, a: argparse.Namespace) -> Any:
         async with db.read() as conn:
@@ -566,7 +592,7 @@ def _register_maintenance(sub: Any) -> None:
 
     p = _parser(group, "history", "a vehicle's services and triggers", history)
     p.add_argument("vehicle_id", type=_uuid)
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=_count, default=100)
 
     async def profitability(db: Database, a: argparse.Namespace) -> Any:
         last = a.to or a.start
