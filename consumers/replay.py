@@ -736,8 +736,9 @@ class Replay:
         if o.workers is not None:
             return o.workers
         if o.mode == DIRECT and isinstance(self.source, FileSource):
-            # Half the cores: PostgreSQL needs the others to write what they decode.
-            return max(1, min(4, (os.cpu_count() or 1) // 2))
+            # Decoding costs more than PostgreSQL's share of a row, and workers wait on
+            # PostgreSQL part of the time: one per core beats leaving cores to it.
+            return max(1, min(4, os.cpu_count() or 1))
         return 1
 
     def _plan(self, now: datetime) -> Plan:
@@ -1034,7 +1035,7 @@ def register(sub: Any) -> None:
                         "the checkpoint is PATH.checkpoint")
     parser.add_argument("--restart", action="store_true", help="ignore a checkpoint and start from the beginning")
     parser.add_argument("--workers", type=int, metavar="N",
-                        help="processes decoding and writing (default: half the CPUs, up to 4, for a file "
+                        help="processes decoding and writing (default: the CPU count, up to 4, for a file "
                         "with --direct; otherwise 1)")
     parser.add_argument("--batch-size", type=int, default=5000, metavar="N",
                         help="lines or records per chunk (default 5000)")
