@@ -268,23 +268,32 @@ async def test_many_callers_missing_at_once_compute_the_dashboard_once(
 async def test_dashboard_is_served_from_the_cache_until_it_expires(
     conn: asyncpg.Connection, database: Database, redis_client: aioredis.Redis, cache_key: str
 ) -> None:
-    cache = dashboard.DashboardCache(redis_client, dashboard.database_compute(database), 1, key=cache_key)
-    first, cached = await cache.get()
+    compute = dashboard.database_compute(database)
+    # A hit: within the TTL the cached answer is served, even though the fleet has changed.
+    lasting = dashboard.DashboardCache(redis_client, compute, 600, key=cache_key + ":hit")
+    try:
+        first, cached = await lasting.get()
+        assert not cached
+        assert 590_000 < await redis_client.pttl(lasting.key) <= 600_000
+        async with database.read() as reader:
+            assert first["active_vehicles"] == await reader.fetchval(
+                "SELECT count(*) FROM vehicles WHERE deleted_at IS NULL AND status = 'active'")
+        await vehicle(conn, f"D{tag()}")  # the fleet grows; the cached answer does not see it
+        second, cached = await lasting.get()
+        assert cached and second == first and lasting.computations == 1
+    finally:
+        await redis_client.delete(lasting.key)
+
+    # Expiry: once Redis has dropped the key, the next caller computes afresh.
+    brief = dashboard.DashboardCache(redis_client, compute, 1, key=cache_key)
+    before, cached = await brief.get()
     assert not cached
-    assert 0 < await redis_client.pttl(cache_key) <= 1000
-    async with database.read() as reader:
-        assert first["active_vehicles"] == await reader.fetchval(
-            "SELECT count(*) FROM vehicles WHERE deleted_at IS NULL AND status = 'active'")
-
-    await vehicle(conn, f"D{tag()}")  # the fleet grows; the cached answer does not see it yet
-    second, cached = await cache.get()
-    assert cached and second == first and cache.computations == 1
-
     while await redis_client.exists(cache_key):
         await asyncio.sleep(0.05)
-    third, cached = await cache.get()
-    assert not cached and cache.computations == 2
-    assert third["active_vehicles"] == first["active_vehicles"] + 1
+    await vehicle(conn, f"E{tag()}")
+    after, cached = await brief.get()
+    assert not cached and brief.computations == 2
+    assert after["active_vehicles"] == before["active_vehicles"] + 1
 
 
 async def test_dashboard_aggregates_revenue_costs_and_fleet(conn: asyncpg.Connection) -> None:
