@@ -455,6 +455,8 @@ async def refresh_queued_day(conn: asyncpg.Connection, day: datetime) -> RollupR
     report = RollupReport()
     async with conn.transaction():
         await lock_day(conn, day)
+        # The day sorts all its hourly rows (about 24 per vehicle, each some 200 bytes).
+        await conn.execute("SET LOCAL work_mem = '64MB'")
         hours = sorted({row["hour"] for row in await conn.fetch(_TAKE_DAY, day)})
         if not hours:
             return report
