@@ -123,30 +123,104 @@ def row_of(reading: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-async def bare_copy(url: str, n: int, vehicles: list[uuid.UUID], end: datetime, batch_size: int) -> float:
-    """Seconds spent in COPY + commit for the rows, built (untimed) batch by batch."""
+async def bare_copy(
+    url: str, n: int, vehicles: list[uuid.UUID], end: datetime, batch_size: int, database: str
+) -> tuple[float, float, float]:
+    """Seconds spent in COPY + commit for the rows, built (untimed) batch by batch, and the
+    CPU seconds of this thread and of the PostgreSQL backend during those COPYs."""
     conn = await asyncpg.connect(url)
     try:
         await init_connection(conn)
-        spent = 0.0
+        spent = client_cpu = 0.0
         batch: list[tuple[Any, ...]] = []
+        server = ServerCpu(database)
 
-        async def flush() -> float:
-            started = time.perf_counter()
+        async def flush() -> tuple[float, float]:
+            started, cpu = time.perf_counter(), time.thread_time()
             async with conn.transaction():
                 await conn.copy_records_to_table("vehicle_telemetry", records=batch, columns=COLUMNS)
-            return time.perf_counter() - started
+            return time.perf_counter() - started, time.thread_time() - cpu
 
+        server_cpu = 0.0
         for reading in readings(n, vehicles, end):
             batch.append(row_of(reading))
             if len(batch) == batch_size:
-                spent += await flush()
-                batch = []
+                before = server.total()
+                wall, cpu = await flush()
+                server_cpu += server.total() - before
+                spent, client_cpu, batch = spent + wall, client_cpu + cpu, []
         if batch:
-            spent += await flush()
-        return spent
+            before = server.total()
+            wall, cpu = await flush()
+            server_cpu += server.total() - before
+            spent, client_cpu = spent + wall, client_cpu + cpu
+        return spent, client_cpu, server_cpu
     finally:
         await conn.close()
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class ServerCpu:
+    """CPU seconds used by the PostgreSQL backends serving ``database`` since creation.
+
+    Reads ``/proc`` on demand (:meth:`total`) or every 50 ms in a thread (:meth:`start`),
+    so backends that come and go during a run are counted (up to the last sample).
+    """
+
+    def __init__(self, database: str) -> None:
+        self._needle = database.encode()
+        self._baseline: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._others: set[int] = set()
+        self._first = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.total()
+
+    def total(self) -> float:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in self._others:
+                continue
+            pid = int(entry)
+            if pid not in self._last:
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmdline = f.read()
+                except OSError:
+                    continue
+                if b"postgres" not in cmdline:
+                    self._others.add(pid)
+                    continue
+                if self._needle not in cmdline:
+                    continue  # another database's backend, or one still authenticating
+            cpu = _cpu_seconds(pid)
+            if cpu is None:
+                continue
+            if pid not in self._last:
+                self._baseline[pid] = cpu if self._first else 0.0
+            self._last[pid] = cpu
+        self._first = False
+        return sum(self._last[pid] - self._baseline[pid] for pid in self._last)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.total()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.total()
 
 
 class TreeMemory:
@@ -200,12 +274,15 @@ def _rss(pid: int) -> int:
         return 0
 
 
-def run_replay(url: str, path: str, workers: int | None, batch_size: int, rejects: str) -> dict[str, Any]:
+def run_replay(url: str, path: str, workers: int | None, batch_size: int, rejects: str, database: str) -> dict[str, Any]:
     env = {**os.environ, "FLEET_DATABASE_URL": url, "FLEET_METRICS_PORT": "0", "FLEET_LOG_LEVEL": "warning"}
     command = [sys.executable, "-m", "ingest.cli", "replay", path, "--direct", "--json",
                "--rejects", rejects, "--batch-size", str(batch_size)]
     if workers is not None:
         command += ["--workers", str(workers)]
+    server = ServerCpu(database)
+    server.start()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     memory = TreeMemory(process.pid)
@@ -213,6 +290,9 @@ def run_replay(url: str, path: str, workers: int | None, batch_size: int, reject
     out, err = process.communicate()
     wall = time.perf_counter() - started
     memory.stop()
+    server_cpu = server.stop()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
     if process.returncode != 0:
         raise SystemExit(f"replay_bench: fleet replay exited {process.returncode}: {err.decode()[-2000:]}")
     summary = json.loads(out)
@@ -221,6 +301,7 @@ def run_replay(url: str, path: str, workers: int | None, batch_size: int, reject
         "peak_tree_rss": max((rss for _, rss in memory.samples), default=0),
         "rss_at": {f"{int(f * 100)}%": memory.at(f) for f in (0.25, 0.5, 0.75, 1.0)},
         "peak_process_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "client_cpu_s": client_cpu, "server_cpu_s": server_cpu,
     }
 
 
@@ -293,15 +374,18 @@ async def main(argv: list[str] | None = None) -> int:
               f"{' gzip' if args.gzip else ''}) in {time.perf_counter() - started:.1f} s", flush=True)
         await prepare(admin_url, name, url, vehicles)
         copy_s = math.inf
+        copy_cpu = (0.0, 0.0)
         result: dict[str, Any] = {}
         try:
             for round_ in range(1, args.rounds + 1):
                 await reset(url)
-                seconds = await bare_copy(url, args.readings, vehicles, end, args.batch_size)
-                copy_s = min(copy_s, seconds)
+                seconds, client_cpu, server_cpu = await bare_copy(
+                    url, args.readings, vehicles, end, args.batch_size, name)
+                if seconds < copy_s:
+                    copy_s, copy_cpu = seconds, (client_cpu, server_cpu)
                 print(f"round {round_}: bare COPY {args.readings / seconds:,.0f} rows/s ({seconds:.2f} s)", flush=True)
                 await reset(url)
-                this = run_replay(url, path, args.workers, args.batch_size, os.path.join(tmp, "rejects.ndjson"))
+                this = run_replay(url, path, args.workers, args.batch_size, os.path.join(tmp, "rejects.ndjson"), name)
                 if this["summary"]["stored"] != args.readings:
                     raise SystemExit(f"replay_bench: the replay stored {this['summary']['stored']:,}"
                                      f" of {args.readings:,}")
@@ -327,6 +411,12 @@ async def main(argv: list[str] | None = None) -> int:
     print(f"conditions:    {cpus} CPUs, load average before {load[0]:.2f}, workers "
           f"{args.workers if args.workers is not None else 'default'}, batch {args.batch_size:,}, "
           f"{args.vehicles:,} vehicles, {args.format}{' gzip' if args.gzip else ''}, best of {args.rounds}")
+    per_row = 1e6 / args.readings
+    print(f"CPU per row:   bare COPY {sum(copy_cpu) * per_row:.1f} us (client {copy_cpu[0] * per_row:.1f}"
+          f" + PostgreSQL {copy_cpu[1] * per_row:.1f}); fleet replay "
+          f"{(result['client_cpu_s'] + result['server_cpu_s']) * per_row:.1f} us (client "
+          f"{result['client_cpu_s'] * per_row:.1f} + PostgreSQL {result['server_cpu_s'] * per_row:.1f},"
+          " start-up and rollup refresh included)")
     rollups = summary.get("rollups") or {}
     print(f"rollup refresh inside the replay: {rollups.get('seconds', 0):.2f} s "
           f"({rollups.get('hours', 0)} hours, {rollups.get('days', 0)} days)")
@@ -339,6 +429,8 @@ async def main(argv: list[str] | None = None) -> int:
             "cpus": cpus, "loadavg": load[0], "workers": args.workers, "batch_size": args.batch_size,
             "format": args.format, "gzip": args.gzip, "rounds": args.rounds,
             "rollup_refresh_s": rollups.get("seconds"),
+            "copy_cpu_s": {"client": copy_cpu[0], "server": copy_cpu[1]},
+            "replay_cpu_s": {"client": result["client_cpu_s"], "server": result["server_cpu_s"]},
         }))
     return 0
 
