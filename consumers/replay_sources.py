@@ -50,6 +50,7 @@ CSV_NUMBERS: Final = ("lat", "lon", "speed", "fuel_level", "heading", "odometer_
 CSV_COLUMNS: Final = (*CSV_REQUIRED, "speed", "fuel_level", "heading", "odometer_km", "engine_status")
 
 _GZIP_MAGIC: Final = b"\x1f\x8b"
+_BOM: Final = b"\xef\xbb\xbf"
 _SKIP_BLOCK: Final = 1 << 20
 
 
@@ -103,7 +104,10 @@ def messages(payload: Lines | Records, rejections: list[Rejection]) -> Iterator[
         yield from _csv_messages(payload, rejections)
     else:
         line_no = payload.first_line
-        for line in payload.data.split(b"\n"):
+        data = payload.data
+        if line_no == 1 and data.startswith(_BOM):
+            data = data[len(_BOM):]
+        for line in data.split(b"\n"):
             if line.strip():
                 yield None, line, Source(payload.name, 0, line_no), None
             line_no += 1

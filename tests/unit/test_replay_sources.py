@@ -73,6 +73,12 @@ async def test_csv_cells_become_reading_fields_with_physical_line_numbers(tmp_pa
     assert "9 cells" in rejections[0].detail
 
 
+def test_a_byte_order_mark_and_crlf_line_ends_are_not_part_of_the_first_reading() -> None:
+    payload = Lines("in.ndjson", NDJSON, 1, b'\xef\xbb\xbf{"n": 1}\r\n{"n": 2}\r\n')
+    assert [(src.offset, orjson.loads(value)) for _, value, src, _ in messages(payload, [])] == [
+        (1, {"n": 1}), (2, {"n": 2})]
+
+
 def test_csv_row_conversion_leaves_what_does_not_convert_to_the_decoder() -> None:
     columns = ("vehicle_id", "time", "lat", "lon", "heading")
     row = csv_row_to_reading(columns, ["v", "-5", "1e1", "nan", "east"])
