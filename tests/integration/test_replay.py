@@ -24,6 +24,7 @@ import pytest_asyncio
 
 from ingest.cli import build_parser
 from ingest.settings import Settings
+from ingest.topics import ensure_topics
 from tests.integration.streams import publish, read_topic, run_worker
 
 pytestmark = pytest.mark.integration
@@ -172,8 +173,6 @@ async def test_a_time_range_replay_from_kafka_redelivers_exactly_that_range(
     settings = topics
     (vid,) = await make_vehicles(1)
     history = f"{settings.telemetry_topic}.history"
-    from ingest.topics import ensure_topics
-
     await ensure_topics(settings, [history], partitions=2)
     now = datetime.now(timezone.utc).replace(microsecond=0)
     base_ms = int((now - timedelta(hours=1)).timestamp() * 1000)
