@@ -62,12 +62,23 @@ class BatchResult:
     dead_lettered: int
 
 
+@dataclass
+class Stored:
+    """A batch that is durable in PostgreSQL, with its dead letters acknowledged."""
+
+    written: WriteOutcome
+    result: BatchResult
+
+
 class BatchProcessor:
     """Writes one batch everywhere it must go; returns when the offsets may be committed.
 
-    Order: PostgreSQL (the readings, exactly once), then the dead-letter topic (every
-    rejection acknowledged by the broker), then Redis statuses (best effort: when Redis
-    is down the skipped updates are counted and telemetry keeps flowing). Transient
+    Two steps, so a worker can overlap one batch's second step with the next batch's
+    first: :meth:`store` writes PostgreSQL (the readings, exactly once), then the
+    dead-letter topic (every rejection acknowledged by the broker); :meth:`publish`
+    writes what derives from them: Redis statuses (best effort: when Redis is down the
+    skipped updates are counted and telemetry keeps flowing), last-known positions and
+    the ``after_write`` hook (geofences and alerts). Transient
     PostgreSQL and Kafka failures are retried with backoff until they succeed or
     :meth:`abandon` is called; anything else is raised.
     """
@@ -119,6 +130,13 @@ class BatchProcessor:
                     pass
 
     async def process(self, batch: Batch) -> BatchResult:
+        """:meth:`store` then :meth:`publish`: everything one batch needs before its commit."""
+        stored = await self.store(batch)
+        await self.publish(stored)
+        return stored.result
+
+    async def store(self, batch: Batch) -> Stored:
+        """PostgreSQL and the dead-letter topic: after this, no reading of the batch can be lost."""
         started = time.perf_counter()
         written: WriteOutcome = await self._retry("postgresql", lambda: self._sink.write(batch.readings))
         copy_seconds = time.perf_counter() - started
@@ -136,15 +154,20 @@ class BatchProcessor:
         m.readings.labels(outcome="dead_lettered").inc(len(rejections))
         for rejection in rejections:
             m.dead_letters.labels(reason=rejection.reason).inc()
+        return Stored(written, BatchResult(len(written.stored), len(written.duplicates), len(rejections)))
 
+    async def publish(self, stored: Stored) -> None:
+        """What is derived from the stored readings: statuses, positions, geofences and alerts."""
+        written = stored.written
         live = written.stored + written.duplicates
         if live:
             newest = newest_per_vehicle(live)
             await self._update_status(newest)
             await self._update_positions(newest)
-            if self._after_write is not None:
-                await self._after_write(written.stored)
-        return BatchResult(len(written.stored), len(written.duplicates), len(rejections))
+            after_write = self._after_write
+            if after_write is not None:
+                # The hook re-reads what it needs after a failure, so a retry is safe.
+                await self._retry("postgresql", lambda: after_write(written.stored))
 
     async def _update_status(self, newest: dict) -> None:
         if self._status is None:

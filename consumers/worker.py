@@ -4,8 +4,10 @@ Lifecycle of one worker::
 
     start: PostgreSQL pool, Redis, dead-letter producer, consumer joins the group
     loop:  fetch -> decode into the open batch -> hand full (or old) batches to the
-           writer task -> commit offsets of batches the writer has finished
-           (partitions paused while the writer is ``max_batches_in_flight`` behind)
+           writer task (PostgreSQL, dead letters), which hands them to the publisher
+           task (Redis, positions, geofences and alerts) -> commit offsets of batches
+           the publisher has finished (partitions paused while the writer is
+           ``max_batches_in_flight`` behind)
     revoke: the open batch is handed over, the writer drains, offsets are committed,
            then the partitions go
     stop (SIGTERM, Ctrl-C, idle in burst mode): stop fetching, flush, drain with a
@@ -35,7 +37,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from consumers.alerts import RuleEngine
-from consumers.batch import Abandoned, Batch, BatchProcessor
+from consumers.batch import Abandoned, Batch, BatchProcessor, Stored
 from consumers.deadletter import DeadLetters
 from consumers.decode import Rules, decode_message
 from consumers.metrics import PipelineMetrics, serve
@@ -79,6 +81,7 @@ class Worker:
         self.worker_index = worker_index
         self._stopping = asyncio.Event()
         self._queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=settings.max_batches_in_flight)
+        self._stored: asyncio.Queue[tuple[Batch, Stored, float]] = asyncio.Queue(maxsize=1)
         self._open = Batch()
         self._committable: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
@@ -94,15 +97,31 @@ class Worker:
     # --- the writer task -----------------------------------------------------
 
     async def _writer(self) -> None:
+        """Step one of each batch, in order: PostgreSQL and dead letters."""
         assert self._processor is not None
         while True:
             batch = await self._queue.get()
             try:
                 started = time.perf_counter()
-                result = await self._processor.process(batch)
+                stored = await self._processor.store(batch)
+                await self._stored.put((batch, stored, started))
+            except BaseException:
+                self._in_flight -= 1
+                raise
+            finally:
+                self._queue.task_done()
+
+    async def _publisher(self) -> None:
+        """Step two, in the same order: statuses, positions, rules; then the batch is committable."""
+        assert self._processor is not None
+        while True:
+            batch, stored, started = await self._stored.get()
+            try:
+                await self._processor.publish(stored)
                 for tp, offset in batch.offsets.items():
                     self._committable[tp] = max(offset, self._committable.get(tp, 0))
                 self.metrics.committed_batches.inc()
+                result = stored.result
                 log.debug(
                     "batch written",
                     partitions={f"{tp.topic}[{tp.partition}]": [batch.first_offsets[tp], off - 1]
@@ -114,7 +133,7 @@ class Worker:
             finally:
                 self._in_flight -= 1
                 self.metrics.batches_in_flight.set(self._in_flight)
-                self._queue.task_done()
+                self._stored.task_done()
 
     async def _hand_over_open_batch(self) -> None:
         if self._open.messages == 0:
@@ -139,10 +158,11 @@ class Worker:
         log.info("partitions revoked after commit", partitions=sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
 
     async def _drain(self, timeout: float | None = None) -> None:
-        if timeout is None:
+        async def both() -> None:
             await self._queue.join()
-        else:
-            await asyncio.wait_for(self._queue.join(), timeout)
+            await self._stored.join()
+
+        await asyncio.wait_for(both(), timeout)
 
     # --- commits and lag -------------------------------------------------------
 
@@ -219,7 +239,7 @@ class Worker:
         redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         producer: AIOKafkaProducer | None = None
         consumer: AIOKafkaConsumer | None = None
-        writer: asyncio.Task[None] | None = None
+        tasks: list[asyncio.Task[None]] = []
         rules = RuleEngine(pool, redis, s, self.metrics) if s.rules_enabled else None
         try:
             if rules is not None:
@@ -245,17 +265,19 @@ class Worker:
             await self._start_with_retry("kafka", consumer.start)
             log.info("consumer started", topic=s.telemetry_topic, group=s.consumer_group,
                      worker=self.worker_index)
-            writer = asyncio.create_task(self._writer(), name="fleet-writer")
-            await self._loop(consumer, writer)
-            return await self._shutdown(writer)
+            tasks = [asyncio.create_task(self._writer(), name="fleet-writer"),
+                     asyncio.create_task(self._publisher(), name="fleet-publisher")]
+            await self._loop(consumer, tasks)
+            return await self._shutdown(tasks)
         except Abandoned as exc:
             log.error("stopped with work unwritten; it will be redelivered", detail=str(exc))
             return 1
         finally:
             if rules is not None:
                 await rules.stop()
-            if writer is not None and not writer.done():
-                writer.cancel()
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
             if consumer is not None:
                 await consumer.stop()  # leaves the group
             if producer is not None:
@@ -277,16 +299,17 @@ class Worker:
                             error=type(exc).__name__, retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
 
-    async def _loop(self, consumer: AIOKafkaConsumer, writer: asyncio.Task[None]) -> None:
+    async def _loop(self, consumer: AIOKafkaConsumer, tasks: list[asyncio.Task[None]]) -> None:
         s = self.settings
         max_future = timedelta(seconds=s.max_future_seconds)
         retention = timedelta(days=s.raw_retention_days)
         age_limit = s.batch_max_age_ms / 1000
         last_record = time.monotonic()
         while not self._stopping.is_set():
-            if writer.done():
-                writer.result()  # a bug in the writer: raise it here, nothing is committed
-                raise RuntimeError("the writer task stopped")
+            for task in tasks:
+                if task.done():
+                    task.result()  # a bug in a writer step: raise it here, nothing is committed
+                    raise RuntimeError(f"the {task.get_name()} task stopped")
             behind = self._queue.full()
             self._set_paused(behind)
             room = s.batch_max_readings - len(self._open)
@@ -322,7 +345,7 @@ class Worker:
                 log.info("no records for a while, stopping", idle_s=self.stop_when_idle)
                 break
 
-    async def _shutdown(self, writer: asyncio.Task[None]) -> int:
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> int:
         log.info("stopping: flushing in-flight batches", in_flight=self._in_flight + (1 if self._open.messages else 0))
         deadline = self.settings.shutdown_timeout_seconds
         try:
@@ -333,8 +356,9 @@ class Worker:
             self._processor.abandon()
             log.error("shutdown deadline passed; uncommitted work will be redelivered", deadline_s=deadline)
             return 1
-        if writer.done():
-            writer.result()
+        for task in tasks:
+            if task.done():
+                task.result()
         assert self._processor is not None
         await self._processor.flush_positions()
         await self._commit(final=True)
