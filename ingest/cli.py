@@ -25,12 +25,12 @@ if TYPE_CHECKING:
 COMMAND_MODULES: tuple[str, ...] = (
     "deploy.services",
     "schema.migrate",
-    "schema.maintain",
     "consumers.worker",
-    "consumers.geofence_cli",
-    "consumers.replay",
     "ingest.simulate",
     "ingest.demo",
+    "consumers.replay",
+    "schema.maintain",
+    "consumers.geofence_cli",
     "consumers.fleetops.cli",
 )
 
