@@ -21,6 +21,7 @@ import asyncpg
 import orjson
 import pytest
 import pytest_asyncio
+import structlog
 
 from ingest.cli import build_parser
 from ingest.settings import Settings
@@ -28,6 +29,17 @@ from ingest.topics import ensure_topics
 from tests.integration.streams import publish, read_topic, run_worker
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _logs_to_the_real_stderr() -> None:
+    """Loggers first used from here on write to fd 2 (captured by pytest as usual).
+
+    A test that ran ``ingest.cli.main`` under ``capsys`` left structlog writing to that
+    test's captured stderr, closed since; any logger first used afterwards would raise
+    ``ValueError: I/O operation on closed file``.
+    """
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.__stderr__))
 
 
 async def replay(settings: Settings, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any]]:

@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -124,6 +125,14 @@ def test_a_checkpoint_of_another_replay_is_refused(tmp_path: Path) -> None:
     assert Checkpoint(path, {"source": "a"}).load() is None
 
 
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """``ingest.cli.main`` without its logging set-up, which would bind the loggers to this
+    test's captured stderr (closed after the test) for the rest of the session."""
+    monkeypatch.setattr("ingest.logs.configure_logging", lambda *args, **kwargs: None)
+    return main
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -139,15 +148,17 @@ def test_a_checkpoint_of_another_replay_is_refused(tmp_path: Path) -> None:
         (["replay", "does-not-exist.ndjson", "--direct"], "no such file"),
     ],
 )
-def test_bad_usage_exits_2_with_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(argv) == 2
+def test_bad_usage_exits_2_with_one_line(
+    argv: list[str], message: str, cli: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fleet replay: ") and message in err
 
 
-def test_a_missing_mode_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_missing_mode_is_an_argparse_error(cli: Any, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
-        main(["replay", "x.ndjson"])
+        cli(["replay", "x.ndjson"])
     assert exited.value.code == 2
     assert "--direct" in capsys.readouterr().err
 
