@@ -187,5 +187,5 @@ async def test_a_dry_run_never_overwrites_the_rejects_of_an_interrupted_replay(t
     Path(str(rejects) + ".checkpoint").write_text("{}")
     options = ReplayOptions(mode=DIRECT, file=str(path), dry_run=True, rejects=str(rejects), workers=1)
     with pytest.raises(UsageError, match="interrupted replay"):
-        await Replay(options, Settings(_env_file=None)).run()
+        await Replay(options, Settings(_env_file=None)).run()  # type: ignore[call-arg]
     assert rejects.read_text() == '{"line": 1}\n'
