@@ -10,6 +10,16 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is at the moment of writing (tests and tools swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
     """Route structlog and stdlib logging to stderr in ``fmt`` ("json" or "console")."""
     numeric = _LEVELS.get(level, logging.INFO)
@@ -28,10 +38,10 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     # Library loggers (aiokafka, asyncpg) speak through the stdlib; keep them quiet
     # unless something is wrong.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr,
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=_Stderr(),  # type: ignore[arg-type]
                         format="%(levelname)s %(name)s: %(message)s")
