@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from operator import attrgetter
 import time as monotonic_clock
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -76,10 +77,12 @@ JUMP_MIN_DISTANCE_M = 250.0
 _JUMP_MIN_DEGREES = JUMP_MIN_DISTANCE_M / 111_320 / 1.5
 # Speed unknown and moved less than this since the previous reading: stationary.
 STATIONARY_DISTANCE_M = 30.0
+_STATIONARY_DEGREES = STATIONARY_DISTANCE_M / 111_320
 # How far back readings stored but never evaluated are picked up (see RuleEngine).
 CATCH_UP = timedelta(hours=1)
-# States without transitions or alerts are written at most this often (write-behind).
-STATE_FLUSH_SECONDS = 5.0
+# States without transitions or alerts are written at most this often (write-behind;
+# a tenth of the offline threshold if that is shorter).
+STATE_FLUSH_SECONDS = 15.0
 # Offline alerts raised by another host's clock: look a little wider when resolving.
 CLOCK_SKEW = timedelta(seconds=60)
 
@@ -148,14 +151,9 @@ class VehicleState:
     suspect: tuple[datetime, float, float] | None = None
     open: set[str] = field(default_factory=set)
     """Vehicle-level alert types this evaluator raised and has not resolved."""
+    episodes: bool = True
+    """An overspeed episode (global or in a fence) may be running; not stored."""
     fences: dict[int, FenceState] = field(default_factory=dict)
-
-    def copy(self) -> "VehicleState":
-        return VehicleState(
-            self.last_time, self.position, self.odometer_km, self.speeding_since, self.speeding_max,
-            self.rest_fuel, self.rest_time, self.last_fuel, self.dtc, self.suspect, set(self.open),
-            {k: v.copy() for k, v in self.fences.items()} if self.fences else {},
-        )
 
     def memory(self) -> dict[str, Any]:
         """The ``memory`` column: everything but the columns of their own."""
@@ -179,8 +177,7 @@ class VehicleState:
         position = None
         if row["lat"] is not None and row["lon"] is not None:
             lat, lon = row["lat"], row["lon"]
-            position = Position(t(m.get("pos_time")) or row["last_time"], lat, lon,
-                                frozenset(f.id for f in index.containing(lon, lat)))
+            position = Position(t(m.get("pos_time")) or row["last_time"], lat, lon, index.containing(lon, lat))
         suspect = m.get("suspect")
         return cls(
             last_time=row["last_time"], position=position, odometer_km=row["odometer_km"],
@@ -197,7 +194,7 @@ class Evaluation:
     """What one batch changed."""
 
     states: dict[UUID, VehicleState] = field(default_factory=dict)
-    """New states of the vehicles that had readings to evaluate."""
+    """The vehicles that had readings to evaluate (their states, changed in place)."""
     urgent: set[UUID] = field(default_factory=set)
     """Vehicles with transitions or alert actions: their state is written with them."""
     fences_changed: set[UUID] = field(default_factory=set)
@@ -208,42 +205,56 @@ class Evaluation:
     late: int = 0
 
 
+def by_vehicle(readings: Iterable[Reading]) -> dict[UUID, list[Reading]]:
+    """A batch's readings grouped per vehicle, in arrival order."""
+    groups: dict[UUID, list[Reading]] = {}
+    for r in readings:
+        group = groups.get(r.vehicle_id)
+        if group is None:
+            groups[r.vehicle_id] = [r]
+        else:
+            group.append(r)
+    return groups
+
+
+_time_of = attrgetter("time")
+
+
 def evaluate(
     states: dict[UUID, VehicleState],
-    readings: Iterable[Reading],
+    groups: dict[UUID, list[Reading]],
     index: GeofenceIndex,
     th: Thresholds,
     now: datetime,
 ) -> Evaluation:
-    """Runs every rule and the geofence state machines over a batch (pure).
+    """Runs every rule and the geofence state machines over a batch (pure but for
+    ``states``, which it advances in place).
 
-    ``states`` holds the current state of every vehicle of the batch (a fresh
-    :class:`VehicleState` for one never seen) and is not modified: changed states are
-    copies in the result. ``now`` is the wall-clock time, used only to decide whether a
-    reading is fresh enough to resolve an ``offline`` alert.
+    ``states`` holds the state of every vehicle in ``groups`` (a fresh
+    :class:`VehicleState` for one never seen). ``now`` is the wall-clock time, used only
+    to decide whether a reading is fresh enough to resolve an ``offline`` alert.
     """
     out = Evaluation()
-    by_vehicle: dict[UUID, list[Reading]] = {}
-    for r in readings:
-        by_vehicle.setdefault(r.vehicle_id, []).append(r)
     fresh_after = now - timedelta(seconds=th.offline_seconds)
-    for vid, rs in by_vehicle.items():
-        before = states[vid]
+    for vid, rs in groups.items():
+        vs = states[vid]
         if len(rs) > 1:
-            rs.sort(key=lambda r: r.time)
-        last = before.last_time
-        todo = rs if last is None else [r for r in rs if r.time > last]
-        out.late += len(rs) - len(todo)
-        if not todo:
-            continue
-        vs = before.copy()
+            rs = sorted(rs, key=_time_of)
+        last = vs.last_time
+        if last is not None and rs[0].time <= last:
+            todo = [r for r in rs if r.time > last]
+            out.late += len(rs) - len(todo)
+            if not todo:
+                continue
+        else:
+            todo = rs
         events = len(out.actions) + len(out.transitions)
-        for r in todo:
-            _step(vid, vs, r, index, th, out)
+        had_fences = bool(vs.fences)
+        _vehicle(vid, vs, todo, index, th, out)
         out.states[vid] = vs
         if len(out.actions) + len(out.transitions) != events:
             out.urgent.add(vid)
-        if vs.fences != before.fences:
+        if had_fences or vs.fences:
             out.fences_changed.add(vid)
         if (th.offline_seconds and last is not None and last < fresh_after + CLOCK_SKEW
                 and todo[-1].time >= fresh_after):
@@ -252,79 +263,116 @@ def evaluate(
     return out
 
 
-def _step(vid: UUID, vs: VehicleState, r: Reading, index: GeofenceIndex, th: Thresholds, out: Evaluation) -> None:
-    """One reading of one vehicle through every rule, in order."""
-    t = r.time
+def _vehicle(vid: UUID, vs: VehicleState, rs: list[Reading], index: GeofenceIndex, th: Thresholds,
+             out: Evaluation) -> None:
+    """One vehicle's new readings through every rule, in event-time order.
+
+    The hot loop of the workers: the common reading (nothing near a threshold) costs a
+    few comparisons; the rules' bookkeeping lives in the helpers it calls when needed.
+    """
     actions = out.actions
-    speed = r.speed
+    transitions = out.transitions
+    use_fences = bool(index.fences)
+    dwell = th.dwell_seconds
+    lowest_limit = min(th.overspeed_kmh, index.lowest_speed_limit)
+    low_fuel = th.low_fuel_percent
+    refuel = th.fuel_hysteresis_percent
+    overheat = th.overheat_c
+    stationary_kmh = th.stationary_kmh
+    for r in rs:
+        t = r.time
+        lat, lon, speed = r.lat, r.lon, r.speed
+        previous = vs.position
 
-    # Implausible GPS jump: flagged, and the vehicle does not move there.
-    accepted = True
-    previous = vs.position
-    if previous is not None:
-        accepted = _plausible(previous.time, previous.lat, previous.lon, r, th)
-        if not accepted and vs.suspect is not None and _plausible(*vs.suspect, r, th):
-            accepted, previous = True, None  # consistent with the suspect: it really moved
+        # Implausible GPS jump: flagged, and the vehicle does not move there.
+        accepted = True
+        if previous is not None and (vs.suspect is not None
+                                     or abs(lat - previous.lat) + abs(lon - previous.lon) > _JUMP_MIN_DEGREES):
+            accepted, previous = _jump(vid, vs, r, previous, th, actions)
         if accepted:
-            vs.suspect = None
-            if GPS_JUMP in vs.open:
-                vs.open.discard(GPS_JUMP)
-                actions.append(AlertAction("resolve", GPS_JUMP, vid, t, {"resolved_at_reading": t.isoformat()}))
+            if use_fences or vs.fences:
+                here = advance(vid, vs.fences, index, previous, t, lat, lon, dwell, transitions)
+            else:
+                here = Position(t, lat, lon)
+            stationary = (speed <= stationary_kmh if speed is not None else
+                          previous is not None and abs(lat - previous.lat) + abs(lon - previous.lon)
+                          < _STATIONARY_DEGREES)
+            vs.position = here
         else:
-            distance = sphere_distance_m(previous.lon, previous.lat, r.lon, r.lat)
-            seconds = (t - previous.time).total_seconds()
-            vs.suspect = (t, r.lat, r.lon)
-            if GPS_JUMP not in vs.open:
-                vs.open.add(GPS_JUMP)
-                actions.append(AlertAction("raise", GPS_JUMP, vid, t, {
-                    "from": [previous.lat, previous.lon], "to": [r.lat, r.lon], "distance_m": round(distance, 1),
-                    "seconds": seconds,
-                    "implied_speed_kmh": None if seconds <= 0 else round(distance / seconds * 3.6, 1),
-                }))
+            here = previous if previous is not None else Position(t, lat, lon)
+            stationary = speed is not None and speed <= stationary_kmh
 
-    # Geofences: enter/exit with minimum dwell, segment crossings.
+        if speed is not None and (speed > lowest_limit or vs.episodes):
+            vs.episodes = _overspeed(vid, vs, t, speed, index, here.inside, th, actions)
+        fuel = r.fuel_level
+        if fuel is not None:
+            last_fuel = vs.last_fuel
+            if (fuel < low_fuel or stationary or vs.open or vs.rest_fuel is not None or last_fuel is None
+                    or fuel - last_fuel >= refuel):
+                _fuel(vid, vs, t, fuel, stationary, th, actions)
+            else:
+                vs.last_fuel = fuel
+        engine = r.engine_status
+        if engine:
+            coolant = engine.get("coolant_temp_c")
+            codes = engine.get("dtc")
+            if ((coolant is not None and (OVERHEATING in vs.open or not isinstance(coolant, (int, float))
+                                          or coolant >= overheat))
+                    or (codes is not None and (vs.dtc is None or tuple(codes) != vs.dtc))):
+                _engine(vid, vs, t, engine, th, actions)
+        if r.odometer_km is not None:
+            vs.odometer_km = r.odometer_km
+        vs.last_time = t
+
+
+def _jump(
+    vid: UUID, vs: VehicleState, r: Reading, previous: Position, th: Thresholds, actions: list[AlertAction]
+) -> tuple[bool, Position | None]:
+    """Whether ``r`` is a plausible move from the last accepted position (or from a
+    suspect point it confirms); raises and resolves ``gps_jump``. Returns (accepted,
+    the position to measure crossings from)."""
+    t = r.time
+    accepted = _plausible(previous.time, previous.lat, previous.lon, r, th)
+    start: Position | None = previous
+    if not accepted and vs.suspect is not None and _plausible(*vs.suspect, r, th):
+        accepted, start = True, None  # consistent with the suspect point: it really moved
     if accepted:
-        stationary_move = (previous is not None and speed is None
-                           and sphere_distance_m(previous.lon, previous.lat, r.lon, r.lat) < STATIONARY_DISTANCE_M)
-        if index.fences or vs.fences:
-            here, transitions = advance(vid, vs.fences, index, previous, t, r.lat, r.lon, th.dwell_seconds)
-            out.transitions.extend(transitions)
-        else:
-            here = Position(t, r.lat, r.lon)
-        vs.position = here
-    else:
-        stationary_move = False
-        here = previous if previous is not None else Position(t, r.lat, r.lon)
-    inside = here.inside
-
-    if speed is not None:
-        _overspeed(vid, vs, t, speed, index, inside, th, actions)
-    fuel = r.fuel_level
-    if fuel is not None:
-        stationary = (speed <= th.stationary_kmh) if speed is not None else stationary_move
-        _fuel(vid, vs, t, fuel, stationary, th, actions)
-    engine = r.engine_status
-    if engine:
-        _engine(vid, vs, t, engine, th, actions)
-    if r.odometer_km is not None:
-        vs.odometer_km = r.odometer_km
-    vs.last_time = t
+        vs.suspect = None
+        if GPS_JUMP in vs.open:
+            vs.open.discard(GPS_JUMP)
+            actions.append(AlertAction("resolve", GPS_JUMP, vid, t, {"resolved_at_reading": t.isoformat()}))
+        return True, start
+    distance = sphere_distance_m(previous.lon, previous.lat, r.lon, r.lat)
+    seconds = (t - previous.time).total_seconds()
+    vs.suspect = (t, r.lat, r.lon)
+    if GPS_JUMP not in vs.open:
+        vs.open.add(GPS_JUMP)
+        actions.append(AlertAction("raise", GPS_JUMP, vid, t, {
+            "from": [previous.lat, previous.lon], "to": [r.lat, r.lon], "distance_m": round(distance, 1),
+            "seconds": seconds,
+            "implied_speed_kmh": None if seconds <= 0 else round(distance / seconds * 3.6, 1),
+        }))
+    return False, previous
 
 
 def _plausible(t0: datetime, lat0: float, lon0: float, r: Reading, th: Thresholds) -> bool:
-    if abs(r.lat - lat0) + abs(r.lon - lon0) <= _JUMP_MIN_DEGREES:
+    degrees = abs(r.lat - lat0) + abs(r.lon - lon0)
+    if degrees <= _JUMP_MIN_DEGREES:
         return True  # closer than JUMP_MIN_DISTANCE_M whatever the latitude
+    seconds = (r.time - t0).total_seconds()
+    if seconds > 0 and degrees * 111_320 / seconds * 3.6 <= th.max_gps_speed_kmh:
+        return True  # an upper bound of the distance is plausible already
     distance = sphere_distance_m(lon0, lat0, r.lon, r.lat)
     if distance <= JUMP_MIN_DISTANCE_M:
         return True
-    seconds = (r.time - t0).total_seconds()
     return seconds > 0 and distance / seconds * 3.6 <= th.max_gps_speed_kmh
 
 
 def _overspeed(
     vid: UUID, vs: VehicleState, t: datetime, speed: float, index: GeofenceIndex,
     inside: frozenset[int], th: Thresholds, actions: list[AlertAction],
-) -> None:
+) -> bool:
+    """Both overspeed rules; returns whether an episode is still running."""
     # The global limit.
     if speed > th.overspeed_kmh:
         if vs.speeding_since is None:
@@ -353,11 +401,15 @@ def _overspeed(
         if state is None:
             state = fences[fid] = FenceState()
         _fence_speed(vid, state, fid, fence.speed_limit_kmh, t, speed, th, actions)
+    running = vs.speeding_since is not None
     for fid, state in list(fences.items()):
         if fid not in inside and (state.speeding_since is not None or state.speeding_open):
             _fence_speed(vid, state, fid, math.inf, t, speed, th, actions)
             if state.is_default():
                 del fences[fid]
+        elif state.speeding_since is not None or state.speeding_open:
+            running = True
+    return running
 
 
 def _fence_speed(
@@ -697,6 +749,11 @@ class RuleEngine:
         self._dirty: set[UUID] = set()
         self._fences_dirty: set[UUID] = set()
         self._flushed = monotonic_clock.monotonic()
+        # The offline timer reads last_time from the table: keep it well within the threshold.
+        offline = self._th.offline_seconds
+        self._flush_seconds = min(STATE_FLUSH_SECONDS, offline / 10) if offline else STATE_FLUSH_SECONDS
+        self._lock = asyncio.Lock()
+        """One batch or flush at a time: the timers flush too."""
         self._timer: asyncio.Task[None] | None = None
         for kind in ALERT_TYPES:
             for action in ("raised", "resolved"):
@@ -735,6 +792,9 @@ class RuleEngine:
             index = await load_index(conn)
         gone = set(self.index.fences) - set(index.fences)
         self.index, self._index_version = index, version
+        for vs in self._states.values():  # grid cells and settled sides belong to the old index
+            if vs.position is not None:
+                vs.position = vs.position._replace(key=-1, settled=False)
         self._metrics.geofences_active.set(len(index))
         log.info("geofences loaded", active=len(index), cell_deg=index.cell, removed=len(gone))
         if gone and self._redis is not None:
@@ -751,33 +811,49 @@ class RuleEngine:
         """Evaluates one batch of stored readings and commits what it changed.
 
         Transitions and alerts are committed with the states of their vehicles; the other
-        states are written every :data:`STATE_FLUSH_SECONDS` (a worker that dies before
-        catches up from ``vehicle_telemetry``, see :meth:`_load`).
+        states are written every :data:`STATE_FLUSH_SECONDS` or so (a worker that dies before
+        catches up from ``vehicle_telemetry``, see :meth:`_load`). When another worker
+        changed a state meanwhile, the batch's vehicles are read back and the batch is
+        evaluated again. Any other failure (asyncpg errors) is raised after forgetting the
+        batch's vehicles, so calling again with the same readings is safe: the
+        :class:`~consumers.batch.BatchProcessor` retries transient ones.
         """
         if self._timer is not None and self._timer.done():
             self._timer.result()  # a bug in the timers: raise it in the worker
         if not readings:
             return
+        async with self._lock:
+            await self._after_write(readings)
+
+    async def _after_write(self, readings: list[Reading]) -> None:
         started = monotonic_clock.perf_counter()
-        vehicles = {r.vehicle_id for r in readings}
+        groups = by_vehicle(readings)
         for attempt in range(10):
-            missing = [vid for vid in vehicles if vid not in self._states]
-            extra = await self._load(missing, readings) if missing else []
-            cached = self._states
-            result = evaluate({vid: cached[vid] for vid in vehicles}, extra + readings if extra else readings,
-                              self.index, self._th, datetime.now(timezone.utc))
-            flush = monotonic_clock.monotonic() - self._flushed >= STATE_FLUSH_SECONDS
+            missing = [vid for vid in groups if vid not in self._states]
+            batch = groups
+            if missing:
+                extra = await self._load(missing, groups)
+                if extra:
+                    batch = {vid: list(rs) for vid, rs in groups.items()}
+                    for r in extra:
+                        batch[r.vehicle_id].append(r)
+            result = evaluate(self._states, batch, self.index, self._th, datetime.now(timezone.utc))
+            flush = monotonic_clock.monotonic() - self._flushed >= self._flush_seconds
             write = (self._dirty | set(result.states)) if flush else result.urgent
             try:
-                await self._write({vid: result.states.get(vid) or cached[vid] for vid in write},
+                await self._write({vid: self._states[vid] for vid in write},
                                   result.fences_changed | self._fences_dirty, result)
-            except _Conflict as conflict:
-                log.info("vehicle states changed by another worker, evaluating again",
-                         vehicles=len(conflict.vehicles), attempt=attempt)
-                for vid in conflict.vehicles:
+            except Exception as exc:
+                # The states were advanced in memory: read this batch's vehicles back.
+                for vid in groups:
                     self._forget(vid)
-                continue
-            cached.update(result.states)
+                if isinstance(exc, _Conflict):
+                    log.info("vehicle states changed by another worker, evaluating again",
+                             vehicles=len(exc.vehicles), attempt=attempt)
+                    for vid in exc.vehicles:
+                        self._forget(vid)
+                    continue
+                raise  # the caller retries transient failures; the states are read back then
             self._dirty.update(result.states)
             self._fences_dirty.update(result.fences_changed)
             self._written(write)
@@ -794,6 +870,10 @@ class RuleEngine:
 
     async def flush(self) -> None:
         """Writes every state not written yet; a state another worker changed is dropped."""
+        async with self._lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         for _ in range(10):
             write = set(self._dirty)
             if not write:
@@ -820,7 +900,7 @@ class RuleEngine:
         self._dirty.discard(vid)
         self._fences_dirty.discard(vid)
 
-    async def _load(self, vehicles: list[UUID], readings: list[Reading]) -> list[Reading]:
+    async def _load(self, vehicles: list[UUID], groups: dict[UUID, list[Reading]]) -> list[Reading]:
         """Reads the states of ``vehicles`` into the cache; returns the readings to catch up on."""
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(_LOAD_STATES, vehicles)
@@ -837,10 +917,7 @@ class RuleEngine:
                 vid = row["vehicle_id"]
                 self._states[vid] = VehicleState.from_row(row, fences.get(vid, {}), self.index)
                 self._persisted[vid] = row["last_time"]
-            first: dict[UUID, datetime] = {}
-            for r in readings:
-                if r.vehicle_id not in first or r.time < first[r.vehicle_id]:
-                    first[r.vehicle_id] = r.time
+            first = {row["vehicle_id"]: min(r.time for r in groups[row["vehicle_id"]]) for row in rows}
             gaps = [(row["vehicle_id"], row["last_time"], first[row["vehicle_id"]]) for row in rows
                     if row["last_time"] < first[row["vehicle_id"]]]
             if not gaps:
@@ -978,6 +1055,8 @@ class RuleEngine:
         while True:
             try:
                 await self.refresh_geofences()
+                if self._dirty and monotonic_clock.monotonic() - self._flushed >= self._flush_seconds:
+                    await self.flush()
                 if monotonic_clock.monotonic() >= next_check:
                     next_check = monotonic_clock.monotonic() + s.alert_timer_seconds
                     await self.check_offline()

@@ -24,7 +24,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 # WGS 84, as PostGIS uses for SRID 4326 geography.
 _A = 6378137.0
@@ -37,7 +37,7 @@ _M_PER_DEGREE = math.pi * _MEAN_RADIUS / 180
 # Shewchuk's error bound for the floating-point orientation determinant.
 _ORIENT_ERR = (3.0 + 16.0 * 2.0**-53) * 2.0**-53
 # A fence whose bounding box spans more grid cells than this is tested by bounding box.
-_MAX_CELLS_PER_FENCE = 256
+_MAX_CELLS_PER_FENCE = 4096
 # Two readings closer than this are never tested for a crossing: GPS jitter, not travel.
 CROSSING_MIN_SEGMENT_M = 50.0
 
@@ -373,48 +373,84 @@ def make_geofence(
                     dwell_seconds=dwell_seconds, bbox=(min(xs), min(ys), max(xs), max(ys)))
 
 
+class Cell(NamedTuple):
+    """What one grid cell knows: fences that cover all of it, and fences whose boundary
+    may cross it (those need the exact test)."""
+
+    inside: frozenset[int]
+    boundary: tuple[Geofence, ...]
+
+
+_EMPTY_CELL = Cell(_NOWHERE, ())
+
+
 class GeofenceIndex:
-    """A uniform grid over longitude/latitude: each cell lists the fences whose bounding
-    box touches it; fences too large for the grid are checked by bounding box."""
+    """A uniform grid over longitude/latitude, built once per set of fences.
+
+    Each cell lists the fences that surely cover the whole cell and the fences whose
+    boundary may pass through it. A point in a cell without boundary fences is decided
+    by one dictionary look-up; only points in boundary cells get the exact test. Fences
+    too large for the grid are tested by bounding box, then exactly.
+    """
 
     def __init__(self, fences: Iterable[Geofence]) -> None:
         self.fences: dict[int, Geofence] = {f.id: f for f in fences}
         spans = sorted(max(f.bbox[2] - f.bbox[0], f.bbox[3] - f.bbox[1]) for f in self.fences.values())
         median = spans[len(spans) // 2] if spans else 0.01
-        # About two cells across a typical fence; 0.001 deg (~100 m) to 1 deg.
-        self.cell = min(1.0, max(0.001, median / 2))
-        cells: dict[int, list[Geofence]] = {}
-        self.large: tuple[Geofence, ...] = ()
+        # About six cells across a typical fence, so most cells are wholly in or out.
+        self.cell = min(1.0, max(0.0005, median / 6))
+        inside: dict[int, set[int]] = {}
+        boundary: dict[int, list[Geofence]] = {}
         large: list[Geofence] = []
         for fence in self.fences.values():
             x0, y0, x1, y1 = (int(v // self.cell) for v in fence.bbox)
             if (x1 - x0 + 1) * (y1 - y0 + 1) > _MAX_CELLS_PER_FENCE:
                 large.append(fence)
                 continue
-            for ix in range(x0, x1 + 1):
-                for iy in range(y0, y1 + 1):
-                    cells.setdefault((ix << 20) + iy, []).append(fence)
-        self.large = tuple(large)
-        self._cells: dict[int, tuple[Geofence, ...]] = {k: tuple(v) for k, v in cells.items()}
+            for key, full in _classify(fence, self.cell, x0, y0, x1, y1):
+                if full:
+                    inside.setdefault(key, set()).add(fence.id)
+                else:
+                    boundary.setdefault(key, []).append(fence)
+        self.large: tuple[Geofence, ...] = tuple(large)
+        limits = [f.speed_limit_kmh for f in self.fences.values() if f.speed_limit_kmh is not None]
+        self.lowest_speed_limit = min(limits, default=math.inf)
+        dwells = [f.dwell_seconds for f in self.fences.values() if f.dwell_seconds is not None]
+        self.shortest_dwell = min(dwells, default=math.inf)
+        shared: dict[frozenset[int], frozenset[int]] = {}
+        self._cells: dict[int, Cell] = {}
+        for key in inside.keys() | boundary.keys():
+            ids = frozenset(inside.get(key, ()))
+            self._cells[key] = Cell(shared.setdefault(ids, ids), tuple(boundary.get(key, ())))
 
     def __len__(self) -> int:
         return len(self.fences)
 
-    def near(self, lon: float, lat: float) -> tuple[Geofence, ...]:
-        """Fences whose bounding box may contain the point (a superset of those that do)."""
+    def key(self, lon: float, lat: float) -> int:
         cell = self.cell
-        found = self._cells.get((int(lon // cell) << 20) + int(lat // cell), ())
-        if self.large:
-            found = found + tuple(f for f in self.large
-                                  if f.bbox[0] <= lon <= f.bbox[2] and f.bbox[1] <= lat <= f.bbox[3])
-        return found
+        return (int(lon // cell) << 20) + int(lat // cell)
 
-    def containing(self, lon: float, lat: float) -> list[Geofence]:
-        """Fences that cover the point."""
-        return [f for f in self.near(lon, lat) if f.covers(lon, lat)]
+    def containing(self, lon: float, lat: float) -> frozenset[int]:
+        """Ids of the fences that cover the point."""
+        return self.locate(self.key(lon, lat), lon, lat)[0]
+
+    def locate(self, key: int, lon: float, lat: float) -> tuple[frozenset[int], bool]:
+        """(fences covering the point, whether its cell is free of fence boundaries)."""
+        cell = self._cells.get(key, _EMPTY_CELL)
+        found = cell.inside
+        clear = not cell.boundary and not self.large
+        if cell.boundary:
+            hits = [f.id for f in cell.boundary if f.covers(lon, lat)]
+            if hits:
+                found = found.union(hits)
+        if self.large:
+            hits = [f.id for f in self.large if f.covers(lon, lat)]
+            if hits:
+                found = found.union(hits)
+        return found, clear
 
     def near_segment(self, lon1: float, lat1: float, lon2: float, lat2: float) -> Collection[Geofence]:
-        """Fences whose bounding box may meet the segment's bounding box."""
+        """Fences whose boundary may meet the segment's bounding box."""
         cell = self.cell
         x0, x1 = int(lon1 // cell), int(lon2 // cell)
         y0, y1 = int(lat1 // cell), int(lat2 // cell)
@@ -422,26 +458,75 @@ class GeofenceIndex:
             x0, x1 = x1, x0
         if y0 > y1:
             y0, y1 = y1, y0
-        if x0 == x1 and y0 == y1 and not self.large:
-            return self._cells.get((x0 << 20) + y0, ())
         if (x1 - x0 + 1) * (y1 - y0 + 1) > 4 * _MAX_CELLS_PER_FENCE:
             bx0, bx1 = sorted((lon1, lon2))
             by0, by1 = sorted((lat1, lat2))
             return [f for f in self.fences.values()
                     if f.bbox[0] <= bx1 and f.bbox[2] >= bx0 and f.bbox[1] <= by1 and f.bbox[3] >= by0]
         get = self._cells.get
-        found: set[Geofence] | None = None
+        found: set[Geofence] = set(self.large)
         for ix in range(x0, x1 + 1):
             for iy in range(y0, y1 + 1):
                 hit = get((ix << 20) + iy)
-                if hit:
-                    if found is None:
-                        found = set(hit)
-                    else:
-                        found.update(hit)
-        if self.large:
-            found = (found or set()) | set(self.large)
-        return found or ()
+                if hit is not None and hit.boundary:
+                    found.update(hit.boundary)
+        return found
+
+
+def _classify(fence: Geofence, cell: float, x0: int, y0: int, x1: int, y1: int) -> list[tuple[int, bool]]:
+    """The cells of a fence's bounding box that it touches: (key, covers the whole cell).
+
+    Conservative: a cell is "whole" only when no boundary can pass through it; a cell the
+    fence may touch but not surely cover is a boundary cell (exact test per point).
+    """
+    out: list[tuple[int, bool]] = []
+    if fence.center is not None:
+        assert fence.radius_m is not None
+        lon0, lat0 = fence.center
+        r = fence.radius_m
+        if r > 50_000:  # far from flat: every cell is a boundary cell
+            return [((ix << 20) + iy, False) for ix in range(x0, x1 + 1) for iy in range(y0, y1 + 1)]
+        kx = _M_PER_DEGREE * math.cos(math.radians(lat0))
+        for ix in range(x0, x1 + 1):
+            cx0, cx1 = (ix * cell - lon0) * kx, ((ix + 1) * cell - lon0) * kx
+            for iy in range(y0, y1 + 1):
+                cy0, cy1 = (iy * cell - lat0) * _M_PER_DEGREE, ((iy + 1) * cell - lat0) * _M_PER_DEGREE
+                near_x = 0.0 if cx0 <= 0 <= cx1 else min(abs(cx0), abs(cx1))
+                near_y = 0.0 if cy0 <= 0 <= cy1 else min(abs(cy0), abs(cy1))
+                if math.hypot(near_x, near_y) > r * 1.02:
+                    continue
+                far = math.hypot(max(abs(cx0), abs(cx1)), max(abs(cy0), abs(cy1)))
+                out.append(((ix << 20) + iy, far < r * 0.98))
+        return out
+    crossed: set[int] = set()
+    for rings in fence.polygons:
+        for xs, ys in rings:
+            for i in range(1, len(xs)):
+                ax, ay, bx, by = xs[i - 1], ys[i - 1], xs[i], ys[i]
+                for ix in range(int(min(ax, bx) // cell), int(max(ax, bx) // cell) + 1):
+                    for iy in range(int(min(ay, by) // cell), int(max(ay, by) // cell) + 1):
+                        key = (ix << 20) + iy
+                        if key not in crossed and _edge_meets_cell(ax, ay, bx, by, ix * cell, iy * cell, cell):
+                            crossed.add(key)
+    for ix in range(x0, x1 + 1):
+        for iy in range(y0, y1 + 1):
+            key = (ix << 20) + iy
+            if key in crossed:
+                out.append((key, False))
+            elif polygons_cover(fence.polygons, (ix + 0.5) * cell, (iy + 0.5) * cell):
+                out.append((key, True))
+    return out
+
+
+def _edge_meets_cell(ax: float, ay: float, bx: float, by: float, x0: float, y0: float, size: float) -> bool:
+    """Whether a segment may touch a cell (conservative: true when in doubt)."""
+    pad = size * 1e-6
+    x0, y0, x1, y1 = x0 - pad, y0 - pad, x0 + size + pad, y0 + size + pad
+    if max(ax, bx) < x0 or min(ax, bx) > x1 or max(ay, by) < y0 or min(ay, by) > y1:
+        return False
+    dx, dy = bx - ax, by - ay
+    sides = [dx * (cy - ay) - dy * (cx - ax) for cx, cy in ((x0, y0), (x1, y0), (x0, y1), (x1, y1))]
+    return not (all(v > 0 for v in sides) or all(v < 0 for v in sides))
 
 
 # --- one vehicle's side of each fence --------------------------------------------------
@@ -481,13 +566,18 @@ class Transition:
     crossing: bool = False
 
 
-@dataclass(slots=True)
-class Position:
+class Position(NamedTuple):
+    """Where a vehicle was accepted to be, and what the fences made of that point."""
+
     time: datetime
     lat: float
     lon: float
-    inside: frozenset[int] = field(default_factory=frozenset)
+    inside: frozenset[int] = _NOWHERE
     """Fences that covered this point."""
+    key: int = -1
+    """Its grid cell."""
+    settled: bool = False
+    """No side change was pending after this reading."""
 
 
 def advance(
@@ -499,69 +589,83 @@ def advance(
     lat: float,
     lon: float,
     default_dwell: float,
-) -> tuple[Position, list[Transition]]:
+    transitions: list[Transition],
+) -> Position:
     """Moves a vehicle's fence states over one reading (in event-time order).
 
-    ``fences`` (fence id -> state, only non-default states) is updated in place. A side
-    change is confirmed once the new side has held for the fence's minimum dwell (its
-    own ``dwell_seconds``, else ``default_dwell``); the transition is dated at the first
-    reading on the new side. A flip back before then is jitter and leaves no trace.
-    When the previous reading and this one are both outside a fence, at least
-    :data:`CROSSING_MIN_SEGMENT_M` apart, and the straight line between them passes
-    through the fence, an enter and an exit are recorded at the interpolated times
-    (sparse readings jumping across a small fence).
+    ``fences`` (fence id -> state) is updated in place and the confirmed transitions
+    are appended to ``transitions``. A side change is confirmed once the new side has
+    held for the fence's minimum dwell (its own ``dwell_seconds``, else
+    ``default_dwell``); the transition is dated at the first reading on the new side. A
+    flip back before then is jitter and leaves no trace. When the previous reading and
+    this one are both outside a fence, at least :data:`CROSSING_MIN_SEGMENT_M` and the
+    fence's minimum dwell apart, and the straight line between them passes through the
+    fence, an enter and an exit are recorded at the interpolated times (sparse readings
+    jumping across a small fence). Readings closer in time than the dwell are not tested:
+    a visit between them would be shorter than the dwell, which does not count either.
     """
-    transitions: list[Transition] = []
-    near = index.near(lon, lat)
-    inside_now = frozenset([f.id for f in near if f.covers(lon, lat)]) if near else _NOWHERE
-    here = Position(time, lat, lon, inside_now)
-    if fences or inside_now:
-        for fid in [fid for fid in fences if fid not in index.fences]:
-            del fences[fid]  # the fence was removed or deactivated
+    key = index.key(lon, lat)
+    inside_now, clear = index.locate(key, lon, lat)
+    settled = True
+    if (fences or inside_now) and not (
+        previous is not None and previous.settled and inside_now == previous.inside
+    ):
+        known = index.fences
         for fid in set(fences) | inside_now:
+            if fid not in known:
+                del fences[fid]  # the fence was removed or deactivated
+                continue
             state = fences.get(fid)
             if state is None:
                 state = fences[fid] = FenceState()
             now_inside = fid in inside_now
             if now_inside == state.inside:
                 state.pending_since = state.pending_lat = state.pending_lon = None
-                continue
-            if state.pending_since is None:
-                state.pending_since, state.pending_lat, state.pending_lon = time, lat, lon
-            fence = index.fences[fid]
-            dwell = fence.dwell_seconds if fence.dwell_seconds is not None else default_dwell
-            if (time - state.pending_since).total_seconds() >= dwell:
-                state.inside = now_inside
-                state.since = state.pending_since
-                assert state.pending_lat is not None and state.pending_lon is not None
-                transitions.append(Transition(vehicle_id, fid, "enter" if now_inside else "exit",
-                                              state.pending_since, state.pending_lat, state.pending_lon))
-                state.pending_since = state.pending_lat = state.pending_lon = None
-    if previous is not None and index.fences:
-        crossings = _crossings(vehicle_id, fences, index, previous, here)
-        if crossings:
-            transitions.extend(crossings)
-    return here, transitions
+            else:
+                if state.pending_since is None:
+                    state.pending_since, state.pending_lat, state.pending_lon = time, lat, lon
+                fence = known[fid]
+                dwell = fence.dwell_seconds if fence.dwell_seconds is not None else default_dwell
+                if (time - state.pending_since).total_seconds() >= dwell:
+                    state.inside = now_inside
+                    state.since = state.pending_since
+                    assert state.pending_lat is not None and state.pending_lon is not None
+                    transitions.append(Transition(vehicle_id, fid, "enter" if now_inside else "exit",
+                                                  state.pending_since, state.pending_lat, state.pending_lon))
+                    state.pending_since = state.pending_lat = state.pending_lon = None
+                else:
+                    settled = False
+            if state.is_default():
+                del fences[fid]
+    if (previous is not None and not (clear and key == previous.key)
+            and abs(lon - previous.lon) + abs(lat - previous.lat) >= CROSSING_MIN_SEGMENT_M / _M_PER_DEGREE):
+        gap = (time - previous.time).total_seconds()
+        if gap >= min(default_dwell, index.shortest_dwell):
+            _crossings(vehicle_id, fences, index, previous, time, lat, lon, inside_now, gap, default_dwell,
+                       transitions)
+    return Position(time, lat, lon, inside_now, key, settled)
 
 
 def _crossings(
-    vehicle_id: Any, fences: dict[int, FenceState], index: GeofenceIndex, previous: Position, here: Position
-) -> list[Transition]:
-    lon1, lat1, lon2, lat2 = previous.lon, previous.lat, here.lon, here.lat
-    if abs(lon2 - lon1) + abs(lat2 - lat1) < CROSSING_MIN_SEGMENT_M / _M_PER_DEGREE:
-        return []  # cheap reject: too short whatever the latitude
-    candidates = index.near_segment(lon1, lat1, lon2, lat2)
+    vehicle_id: Any, fences: dict[int, FenceState], index: GeofenceIndex, previous: Position,
+    time: datetime, lat2: float, lon2: float, inside_now: frozenset[int], seconds: float, default_dwell: float,
+    out: list[Transition],
+) -> None:
+    lon1, lat1 = previous.lon, previous.lat
+    x0, x1 = (lon1, lon2) if lon1 <= lon2 else (lon2, lon1)
+    y0, y1 = (lat1, lat2) if lat1 <= lat2 else (lat2, lat1)
+    candidates = [f for f in index.near_segment(lon1, lat1, lon2, lat2)
+                  if f.bbox[0] <= x1 and f.bbox[2] >= x0 and f.bbox[1] <= y1 and f.bbox[3] >= y0
+                  and f.id not in previous.inside and f.id not in inside_now]
     if not candidates or sphere_distance_m(lon1, lat1, lon2, lat2) < CROSSING_MIN_SEGMENT_M:
-        return []
-    out: list[Transition] = []
-    seconds = (here.time - previous.time).total_seconds()
+        return
     for fence in candidates:
         fid = fence.id
-        if fid in previous.inside or fid in here.inside:
-            continue
         state = fences.get(fid)
         if state is not None and (state.inside or state.pending_since is not None):
             continue
+        if seconds < (fence.dwell_seconds if fence.dwell_seconds is not None else default_dwell):
+            continue  # readings this close would have seen a visit long enough to count
         hit = fence.crossing(lon1, lat1, lon2, lat2)
         if hit is None:
             continue
@@ -570,4 +674,3 @@ def _crossings(
                 vehicle_id, fid, kind, previous.time + timedelta(seconds=seconds * s),
                 lat1 + (lat2 - lat1) * s, lon1 + (lon2 - lon1) * s, crossing=True,
             ))
-    return out

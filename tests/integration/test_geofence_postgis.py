@@ -10,7 +10,7 @@ import random
 import asyncpg
 import pytest
 
-from consumers.geofence import make_geofence, polygons_from_wkb
+from consumers.geofence import GeofenceIndex, make_geofence, polygons_from_wkb
 
 pytestmark = pytest.mark.integration
 
@@ -74,6 +74,7 @@ async def test_polygons_agree_with_st_covers(db: asyncpg.Connection) -> None:
         wkb, valid = await db.fetchrow("SELECT ST_AsBinary(g), ST_IsValid(g) FROM ST_GeomFromText($1, 4326) AS g", wkt)
         assert valid, wkt
         fence = make_geofence(case, "p", "polygon", polygons=polygons_from_wkb(bytes(wkb)))
+        index = GeofenceIndex([fence])
         points = probes(rng, rings, 300)
         rows = await db.fetch(
             "SELECT ST_Covers(ST_GeomFromText($1, 4326), ST_SetSRID(ST_MakePoint(x, y), 4326)) AS covered"
@@ -82,7 +83,7 @@ async def test_polygons_agree_with_st_covers(db: asyncpg.Connection) -> None:
         )
         for (x, y), row in zip(points, rows):
             checked += 1
-            if fence.covers(x, y) != row["covered"]:
+            if fence.covers(x, y) != row["covered"] or (case in index.containing(x, y)) != row["covered"]:
                 disagreements += 1
                 print("disagree", wkt[:60], x, y, row["covered"])
     assert checked > 5000
@@ -96,6 +97,7 @@ async def test_circles_agree_with_st_dwithin_on_geography(db: asyncpg.Connection
         lon, lat = rng.uniform(-179, 179), rng.uniform(-80, 80)
         radius = rng.choice((25.0, 150.0, 800.0, 5000.0, 40000.0))
         fence = make_geofence(case, "c", "circle", center=(lon, lat), radius_m=radius)
+        index = GeofenceIndex([fence])
         # Points at geodesic distances radius * (1 +- d) in every direction, and random ones.
         distances = [radius * (1 + s * d) for d in (0.05, 1e-3, 1e-4, 1e-5, 1e-6) for s in (-1, 1)]
         distances += [rng.uniform(0, radius * 2) for _ in range(20)]
@@ -112,7 +114,8 @@ async def test_circles_agree_with_st_dwithin_on_geography(db: asyncpg.Connection
             " ST_MakePoint($1, $2)::geography, $3) AS within", lon, lat, radius)
         for row in rows:
             checked += 1
-            if fence.covers(row["x"], row["y"]) != row["within"]:
+            if fence.covers(row["x"], row["y"]) != row["within"] or (
+                    case in index.containing(row["x"], row["y"])) != row["within"]:
                 disagreements += 1
                 print("disagree", lon, lat, radius, row["x"], row["y"], row["within"])
     assert checked > 5000
