@@ -839,7 +839,10 @@ class RuleEngine:
                         batch[r.vehicle_id].append(r)
             result = evaluate(self._states, batch, self.index, self._th, datetime.now(timezone.utc))
             flush = monotonic_clock.monotonic() - self._flushed >= self._flush_seconds
-            write = (self._dirty | set(result.states)) if flush else result.urgent
+            if flush:
+                write = self._dirty | set(result.states)
+            else:  # a vehicle's first state is written at once: catching up starts from it
+                write = result.urgent | {vid for vid in result.states if self._persisted.get(vid) is None}
             try:
                 await self._write({vid: self._states[vid] for vid in write},
                                   result.fences_changed | self._fences_dirty, result)
