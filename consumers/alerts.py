@@ -765,13 +765,8 @@ class RuleEngine:
         self._timer = asyncio.create_task(self._run_timers(), name="fleet-rule-timers")
 
     async def stop(self) -> None:
-        """Stops the timers and writes the states not written yet (best effort)."""
-        try:
-            await self.flush()
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            log.warning("rule states not flushed at stop; the next owner catches up", error=type(exc).__name__)
+        """Stops the timers and writes the states not written yet: best effort, 10 s at
+        most (what is not written is caught up from ``vehicle_telemetry`` by the next owner)."""
         if self._timer is not None:
             self._timer.cancel()
             try:
@@ -779,6 +774,10 @@ class RuleEngine:
             except (asyncio.CancelledError, Exception):
                 pass
             self._timer = None
+        try:
+            await asyncio.wait_for(self.flush(), timeout=10)
+        except Exception as exc:  # noqa: BLE001 - never mask why the worker stops
+            log.warning("rule states not flushed at stop; the next owner catches up", error=type(exc).__name__)
 
     # --- geofences --------------------------------------------------------------
 
