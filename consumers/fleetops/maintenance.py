@@ -90,10 +90,15 @@ async def sync_triggers(conn: asyncpg.Connection, *, actor: str, vehicle_id: UUI
     for p in pairs:
         due_date, due_km = next_due(p["last_date"] or p["registered"], p["last_km"],
                                     p["interval_months"], p["interval_km"])
+        if due_date is None and due_km is None:
+            # A distance-only schedule and no service recorded yet: there is no odometer
+            # to count from, so the trigger starts with the vehicle's first service.
+            continue
         for column, value in zip(columns, (p["vehicle_id"], p["schedule_id"], p["last_date"],
                                            p["last_km"], due_date, due_km)):
             column.append(value)
-    await conn.execute(_UPSERT_TRIGGERS, actor, *columns)
+    if columns[0]:
+        await conn.execute(_UPSERT_TRIGGERS, actor, *columns)
 
 
 async def record_service(conn: asyncpg.Connection, *, actor: str, data: Mapping[str, Any],
