@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from fractions import Fraction
 from typing import Any, NamedTuple
@@ -280,19 +280,6 @@ def _ring(coords: Sequence[Sequence[float]]) -> Ring:
     if len(points) < 4 or points[0] != points[-1]:
         raise InvalidGeofence("a polygon ring needs at least 4 points and must be closed")
     return tuple(p[0] for p in points), tuple(p[1] for p in points)
-
-
-def polygons_from_geojson(geometry: dict[str, Any]) -> tuple[tuple[Ring, ...], ...]:
-    """Rings of a GeoJSON Polygon or MultiPolygon geometry (as ``ST_AsGeoJSON`` writes it)."""
-    kind = geometry.get("type")
-    coordinates = geometry.get("coordinates")
-    if kind == "Polygon":
-        parts = [coordinates]
-    elif kind == "MultiPolygon":
-        parts = list(coordinates or [])
-    else:
-        raise InvalidGeofence(f"geometry type {kind!r} is not a Polygon or MultiPolygon")
-    return tuple(tuple(_ring(ring) for ring in part) for part in parts if part)
 
 
 def circle_bbox(lon: float, lat: float, radius_m: float) -> tuple[float, float, float, float]:
