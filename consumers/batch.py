@@ -18,7 +18,7 @@ from typing import TypeVar
 import structlog
 from aiokafka.structs import TopicPartition
 
-from consumers.deadletter import DeadLetters, unknown_vehicle
+from consumers.deadletter import DeadLetters, refused, unknown_vehicle
 from consumers.metrics import PipelineMetrics, observe_many
 from consumers.retry import Backoff, is_transient
 from consumers.sink import TelemetrySink, WriteOutcome
@@ -141,7 +141,8 @@ class BatchProcessor:
         written: WriteOutcome = await self._retry("postgresql", lambda: self._sink.write(batch.readings))
         copy_seconds = time.perf_counter() - started
         committed_at = datetime.now(timezone.utc)
-        rejections = batch.rejections + [unknown_vehicle(r) for r in written.unknown]
+        rejections = batch.rejections + [unknown_vehicle(r) for r in written.unknown] + [
+            refused(r, reason) for r, reason in written.refused]
         await self._retry("kafka", lambda: self._dead_letters.publish(rejections))
 
         m = self._metrics

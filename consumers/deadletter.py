@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from aiokafka import AIOKafkaProducer
 
-from ingest.reading import Reading, Rejection, UNKNOWN_VEHICLE
+from ingest.reading import INVALID_READING, UNKNOWN_VEHICLE, Reading, Rejection
 
 HEADER_REASON = "fleet.error.reason"
 HEADER_DETAIL = "fleet.error.detail"
@@ -29,6 +29,16 @@ def unknown_vehicle(reading: Reading) -> Rejection:
     return Rejection(
         UNKNOWN_VEHICLE,
         f"field 'vehicle_id' is {reading.vehicle_id}, which is not a registered vehicle",
+        reading.source,
+        reading.key,
+        reading.dead_letter_value(),
+    )
+
+
+def refused(reading: Reading, message: str) -> Rejection:
+    return Rejection(
+        INVALID_READING,
+        f"PostgreSQL refused the reading: {message}",
         reading.source,
         reading.key,
         reading.dead_letter_value(),

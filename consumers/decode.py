@@ -251,6 +251,8 @@ def _engine_status(value: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(value, dict):
         raise _Invalid(INVALID_READING, f"field 'engine_status' is {_kind(value)}, expected an object")
+    if b"\\u0000" in _dumps(value):
+        raise _Invalid(INVALID_READING, "field 'engine_status' holds a NUL character (\\u0000), which jsonb cannot store")
     rpm = value.get("rpm")
     if rpm is not None and (isinstance(rpm, bool) or not isinstance(rpm, (int, float)) or not rpm >= 0):
         raise _Invalid(INVALID_READING, f"field 'engine_status.rpm' is {_show(rpm)}, expected a number of 0 or more")

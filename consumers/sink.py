@@ -90,6 +90,14 @@ class WriteOutcome:
     stored: list[Reading] = field(default_factory=list)
     duplicates: list[Reading] = field(default_factory=list)
     unknown: list[Reading] = field(default_factory=list)
+    refused: list[tuple[Reading, str]] = field(default_factory=list)
+    """Readings PostgreSQL refused as data (SQLSTATE class 22), with its message."""
+
+
+# Data errors: PostgreSQL (SQLSTATE class 22) or asyncpg's encoder refused a value. The
+# decoder should have caught it; if it did not, only the offending readings are set
+# aside instead of the whole batch failing again on every redelivery.
+_DATA_ERRORS = (asyncpg.exceptions.DataError, asyncpg.exceptions._base.DataError)
 
 
 class VehicleRegistry:
@@ -146,22 +154,41 @@ class TelemetrySink:
                     accepted.append(reading)
             if not accepted:
                 return outcome
-            rows = [
-                (r.time, r.vehicle_id, ewkb_point(r.lon, r.lat), r.speed, r.fuel_level,
-                 r.heading, r.odometer_km, r.engine_status)
-                for r in accepted
-            ]
-            hours = [r.time for r in accepted]
             try:
-                async with conn.transaction():
-                    await conn.copy_records_to_table("vehicle_telemetry", records=rows, columns=COLUMNS)
-                    await conn.execute(_MARK_HOURS, hours)
-                outcome.stored.extend(accepted)
-            except asyncpg.exceptions.UniqueViolationError:
-                new = await self._write_skipping_stored(conn, rows, hours)
-                for reading in accepted:
-                    (outcome.stored if reading.identity in new else outcome.duplicates).append(reading)
+                await self._store(conn, accepted, outcome)
+            except _DATA_ERRORS:
+                await self._store_isolating(conn, accepted, outcome)
         return outcome
+
+    async def _store(self, conn: asyncpg.Connection, accepted: list[Reading], outcome: WriteOutcome) -> None:
+        rows = [
+            (r.time, r.vehicle_id, ewkb_point(r.lon, r.lat), r.speed, r.fuel_level,
+             r.heading, r.odometer_km, r.engine_status)
+            for r in accepted
+        ]
+        times = [r.time for r in accepted]
+        try:
+            async with conn.transaction():
+                await conn.copy_records_to_table("vehicle_telemetry", records=rows, columns=COLUMNS)
+                await conn.execute(_MARK_HOURS, times)
+            outcome.stored.extend(accepted)
+        except asyncpg.exceptions.UniqueViolationError:
+            new = await self._write_skipping_stored(conn, rows, times)
+            for reading in accepted:
+                (outcome.stored if (reading.vehicle_id, reading.time) in new else outcome.duplicates).append(reading)
+
+    async def _store_isolating(self, conn: asyncpg.Connection, readings: list[Reading],
+                               outcome: WriteOutcome) -> None:
+        """Halves the batch until the readings PostgreSQL refuses are alone; stores the rest."""
+        try:
+            await self._store(conn, readings, outcome)
+        except _DATA_ERRORS as exc:
+            if len(readings) == 1:
+                outcome.refused.append((readings[0], str(exc).splitlines()[0][:200]))
+                return
+            middle = len(readings) // 2
+            await self._store_isolating(conn, readings[:middle], outcome)
+            await self._store_isolating(conn, readings[middle:], outcome)
 
     async def _write_skipping_stored(
         self, conn: asyncpg.Connection, rows: list[tuple[Any, ...]], times: list[datetime]

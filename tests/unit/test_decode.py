@@ -150,3 +150,9 @@ def test_no_json_at_all_makes_the_decoder_raise(document: object) -> None:
     out = decode(value)
     expected = len(document) if isinstance(document, list) else 1
     assert len(out.readings) + len(out.rejections) == expected
+
+
+def test_a_nul_character_in_engine_status_is_refused_before_it_reaches_jsonb() -> None:
+    (rejection,) = decode(orjson.dumps(reading(engine_status={"note": "a\u0000b"}))).rejections
+    assert rejection.reason == "invalid_reading"
+    assert "NUL character" in rejection.detail
