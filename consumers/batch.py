@@ -129,12 +129,6 @@ class BatchProcessor:
                 except asyncio.TimeoutError:
                     pass
 
-    async def process(self, batch: Batch) -> BatchResult:
-        """:meth:`store` then :meth:`publish`: everything one batch needs before its commit."""
-        stored = await self.store(batch)
-        await self.publish(stored)
-        return stored.result
-
     async def store(self, batch: Batch) -> Stored:
         """PostgreSQL and the dead-letter topic: after this, no reading of the batch can be lost."""
         started = time.perf_counter()
@@ -203,4 +197,8 @@ class BatchProcessor:
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            log.warning("vehicle positions not updated", error=type(exc).__name__)
+            log.warning("vehicle positions not updated, will retry", error=type(exc).__name__)
+            for vehicle_id, reading in pending.items():  # keep them for the next flush
+                current = self._positions.get(vehicle_id)
+                if current is None or reading.time > current.time:
+                    self._positions[vehicle_id] = reading

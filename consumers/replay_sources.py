@@ -423,6 +423,12 @@ class KafkaSource:
                         if until is not None and record.timestamp >= until:
                             continue
                         self._add(records, tp, record)
+                for tp in active:
+                    # Offsets without a record (transaction markers, compacted records)
+                    # still move the position, so a range ending on them finishes.
+                    position_now = await consumer.position(tp)
+                    stop = stops.get(tp)
+                    nexts[tp] = max(nexts[tp], position_now if stop is None else min(stop, position_now))
                 if units:
                     position = {"next": {str(tp.partition): nexts[tp] for tp in tps},
                                 "stop": {str(tp.partition): stops[tp] for tp in tps if tp in stops}}

@@ -51,6 +51,3 @@ class Backoff:
         ceiling = min(self.maximum, self.initial * (2 ** min(self.attempts, 30)))
         self.attempts += 1
         return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.attempts = 0

@@ -44,7 +44,7 @@ from consumers.metrics import PipelineMetrics, serve
 from consumers.retry import Backoff, is_transient
 from consumers.sink import TelemetrySink, VehicleRegistry, create_pool
 from consumers.status import StatusWriter
-from ingest.errors import ServiceUnavailable, UsageError
+from ingest.errors import FleetError, ServiceUnavailable, UsageError
 from ingest.producer import start_producer
 from ingest.reading import Source
 from ingest.settings import Settings
@@ -145,8 +145,15 @@ class Worker:
 
     async def handover(self, revoked: set[TopicPartition]) -> None:
         """Before partitions go: write everything fetched so far and commit it."""
-        await self._hand_over_open_batch()
-        await self._drain()
+        deadline = self.settings.shutdown_timeout_seconds
+        try:
+            await asyncio.wait_for(self._hand_over_open_batch(), deadline)
+            await self._drain(deadline)
+        except asyncio.TimeoutError:
+            # Nothing of the revoked partitions is committed; their new owner reads them
+            # again from the last commit and the sink drops what was already stored.
+            log.error("partitions revoked before their batches were written; they will be redelivered",
+                      deadline_s=deadline)
         await self._commit(final=True)
         for tp in revoked:
             self._committable.pop(tp, None)
@@ -336,6 +343,8 @@ class Worker:
                 await self._hand_over_open_batch()
             await self._commit()
             self._update_lag()
+            if not consumer.assignment():
+                last_record = time.monotonic()  # idle counts only once partitions are ours
             if (
                 self.stop_when_idle is not None
                 and time.monotonic() - last_record >= self.stop_when_idle
@@ -387,7 +396,12 @@ def _child(settings: Settings, stop_when_idle: float | None, index: int) -> None
     from ingest.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
-    sys.exit(_run_one(settings, stop_when_idle, index))
+    try:
+        code = _run_one(settings, stop_when_idle, index)
+    except FleetError as exc:
+        sys.stderr.write(f"fleet consume (worker {index}): {exc}\n")
+        code = exc.exit_code
+    sys.exit(code)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -820,7 +820,8 @@ def _spawn_detached(command: Sequence[str], log: Path) -> int:
         return os.posix_spawn(
             command[0],
             list(command),
-            dict(os.environ),
+            # Only what a process needs to run: no FLEET_* settings or secrets.
+            {name: os.environ[name] for name in ("PATH", "LANG", "LC_ALL", "TZ") if name in os.environ},
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, fd, 1),

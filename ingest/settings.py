@@ -18,15 +18,25 @@ def mask_url(url: str) -> str:
     """``url`` with any password replaced by ``***``, safe for logs and errors."""
     try:
         parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.netloc.rpartition("@")[2]
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _checked_url(value: str, schemes: tuple[str, ...], expected: str) -> str:
+    """``value`` if it is a URL of one of ``schemes`` with a valid port; the error never shows a password."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        raise ValueError(f"{mask_url(value)} is not a valid URL; expected {expected}") from None
+    if parts.scheme not in schemes:
+        raise ValueError(f"{mask_url(value)} is not {expected}")
+    return value
 
 
 class Settings(BaseSettings):
@@ -128,6 +138,21 @@ class Settings(BaseSettings):
     # --- local stack ---------------------------------------------------------
     stack_dir: str = ".local"
     """Project-local folder for the local broker's data and logs (git-ignored)."""
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        return _checked_url(value, ("postgresql", "postgres"), "a postgresql:// URL")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        return _checked_url(value, ("redis", "rediss", "unix"), "a redis:// URL")
+
+    @field_validator("database_replica_urls")
+    @classmethod
+    def _check_replica_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_checked_url(url, ("postgresql", "postgres"), "postgresql:// URLs") for url in value)
 
     @field_validator("database_replica_urls", mode="before")
     @classmethod

@@ -31,6 +31,7 @@ import asyncpg
 import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
@@ -417,8 +418,13 @@ class CommandConsumer:
                     self.metrics.commands.labels(outcome=outcome).inc()
                     offsets[tp] = record.offset + 1
             if offsets:
-                await self._retrying("kafka", lambda: consumer.commit(
-                    {tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()}))
+                try:
+                    await self._retrying("kafka", lambda: consumer.commit(
+                        {tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()}))
+                except (CommitFailedError, IllegalStateError) as exc:
+                    # The group rebalanced: these partitions are someone else's now and will
+                    # be read again from the last commit; command ids make that a no-op.
+                    log.warning("offset commit refused by the group", error=type(exc).__name__)
             if self.stop_when_idle is not None and time.monotonic() - last_record >= self.stop_when_idle:
                 log.info("no commands for a while, stopping", idle_s=self.stop_when_idle)
                 return

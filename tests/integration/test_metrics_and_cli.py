@@ -43,7 +43,7 @@ async def test_metrics_endpoint_passes_promtool_and_counts_the_stream(topics, pr
     assert 'fleet_dead_letters_total{reason="malformed_json"} 1.0' in text
     assert "fleet_ingest_latency_seconds_bucket" in text
     assert "fleet_batch_size_bucket" in text
-    assert f'fleet_consumer_lag{{partition="0",topic="{topics.telemetry_topic}"}}' in text or "fleet_consumer_lag{" in text
+    assert f'topic="{topics.telemetry_topic}"' in text.split("# TYPE fleet_consumer_lag gauge")[1].split("# HELP")[0]
     for name in ("fleet_copy_duration_seconds", "fleet_offset_commit_duration_seconds", "fleet_paused_partitions",
                  "fleet_retries_total", "fleet_status_updates_skipped_total"):
         assert name in text
@@ -92,8 +92,26 @@ def test_consume_against_an_unreachable_database_names_it_without_the_password()
                FLEET_METRICS_PORT="0")
     result = fleet("consume", env=env)
     assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert "PostgreSQL at postgresql://fleet:***@127.0.0.1:1/fleet is not answering" in last
+    (line,) = result.stderr.strip().splitlines()
+    assert "PostgreSQL at postgresql://fleet:***@127.0.0.1:1/fleet is not answering" in line
+    assert "s3cret" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mysql://fleet:s3cret@127.0.0.1/fleet", "mysql://fleet:***@127.0.0.1/fleet is not a postgresql:// URL"),
+        ("postgresql://fleet:s3cret@127.0.0.1:99999/fleet", "is not a valid URL"),
+    ],
+)
+def test_a_malformed_database_url_gets_one_line_and_exit_2(url: str, message: str) -> None:
+    import os
+
+    result = fleet("consume", env=dict(os.environ, FLEET_DATABASE_URL=url))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("fleet consume: invalid configuration FLEET_DATABASE_URL:")
+    assert message in line
     assert "s3cret" not in result.stderr
 
 
