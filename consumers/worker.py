@@ -265,6 +265,8 @@ class Worker:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 max_partition_fetch_bytes=4 * 1024 * 1024,
+                # A fetch never waits on the broker longer than a batch may age.
+                fetch_max_wait_ms=min(500, s.batch_max_age_ms),
                 **s.kafka_client_options(),  # type: ignore[arg-type]
             )
             consumer.subscribe([s.telemetry_topic], listener=_Rebalance(self))

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
 
     # --- consumer tuning -------------------------------------------------------
     batch_max_readings: int = Field(default=5000, ge=1)
-    batch_max_age_ms: int = Field(default=250, ge=1)
+    batch_max_age_ms: int = Field(default=100, ge=1)
     max_batches_in_flight: int = Field(default=2, ge=1)
     status_ttl_seconds: int = Field(default=300, ge=1)
     vehicle_cache_seconds: float = Field(default=60.0, ge=0)
