@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TypeVar
 
+import redis.exceptions
 import structlog
 from aiokafka.structs import TopicPartition
 
@@ -174,8 +175,9 @@ class BatchProcessor:
             if not is_transient(exc):
                 raise
             self._metrics.status_updates_skipped.inc(len(newest))
-            log.warning("redis unreachable, status updates skipped", vehicles=len(newest),
-                        error=type(exc).__name__)
+            dependency = "redis" if isinstance(exc, redis.exceptions.RedisError) else "postgresql"
+            log.warning("status updates skipped; statuses catch up with the next readings",
+                        vehicles=len(newest), dependency=dependency, error=type(exc).__name__)
             return
         self._metrics.status_duration.observe(time.perf_counter() - started)
 
