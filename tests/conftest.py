@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -19,10 +18,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from ingest.settings import Settings
-
-
-def _with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+from tests.databases import create_database, drop_database
 
 
 @pytest.fixture(scope="session")
@@ -52,23 +48,9 @@ def base_settings() -> Iterator[Settings]:
 @pytest_asyncio.fixture(scope="session")
 async def database_url(base_settings: Settings) -> AsyncIterator[str]:
     """A freshly created and migrated database for this test session."""
-    from schema.migrate import apply_migrations
-
     name = f"fleet_test_{uuid.uuid4().hex[:10]}"
-    admin_url = _with_database(base_settings.database_url, "postgres")
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = _with_database(base_settings.database_url, name)
-    await apply_migrations(url)
-    yield url
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    yield await create_database(base_settings.database_url, name, migrate=True)
+    await drop_database(base_settings.database_url, name)
 
 
 @pytest.fixture

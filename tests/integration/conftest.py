@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+
+import asyncpg
 import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaProducer
 
+from consumers.fleetops.db import Database
 from ingest.settings import Settings
 from ingest.topics import ensure_topics
 
@@ -30,3 +33,15 @@ async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
         await p.stop()
 
 
+@pytest_asyncio.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    """The fleet-operations database handle (primary, no replicas) on the session database."""
+    async with Database(database_url) as db:
+        yield db
+
+
+@pytest_asyncio.fixture
+async def conn(database: Database) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the primary, for the fleet-operations writers."""
+    async with database.write() as connection:
+        yield connection

@@ -36,18 +36,6 @@ ACTOR = "test-queries"
 EARTH_RADIUS_M = 6_371_008.8  # mean radius; PostGIS measures on the spheroid, within 0.5 %
 
 
-@pytest_asyncio.fixture
-async def database(database_url: str) -> AsyncIterator[Database]:
-    async with Database(database_url) as db:
-        yield db
-
-
-@pytest_asyncio.fixture
-async def conn(database: Database) -> AsyncIterator[asyncpg.Connection]:
-    async with database.write() as connection:
-        yield connection
-
-
 def tag() -> str:
     return uuid.uuid4().hex[:10].upper()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -17,28 +16,14 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
-import pytest_asyncio
 
 from consumers.fleetops import assignments, customers, drivers, jobs, maintenance, vehicles
-from consumers.fleetops.db import Database
 from consumers.fleetops.errors import Conflict, DoubleBooking, InvalidInput, NotFound
 from ingest.cli import main as cli_main
 
 pytestmark = pytest.mark.integration
 
 ACTOR = "test-writer"
-
-
-@pytest_asyncio.fixture
-async def database(database_url: str) -> AsyncIterator[Database]:
-    async with Database(database_url) as db:
-        yield db
-
-
-@pytest_asyncio.fixture
-async def conn(database: Database) -> AsyncIterator[asyncpg.Connection]:
-    async with database.write() as connection:
-        yield connection
 
 
 def tag() -> str:

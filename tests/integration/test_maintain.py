@@ -21,7 +21,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -32,8 +31,8 @@ from consumers.sink import TelemetrySink, create_pool
 from ingest.reading import Reading, Source
 from ingest.settings import Settings
 from schema.maintain import LifecyclePolicy, Maintainer, MaintainMetrics, PassReport, run_pass
-from schema.migrate import apply_migrations
 from schema.rollups import fold_into_rollups, refresh_dirty_rollups
+from tests.databases import create_database, drop_database
 
 pytestmark = pytest.mark.integration
 
@@ -42,22 +41,15 @@ FIELDS = ("samples", "avg_speed", "min_speed", "max_speed", "avg_fuel", "first_f
           "distance_km", "first_location", "first_time", "last_location", "last_time")
 
 
-def _with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
-
-
 @pytest_asyncio.fixture(scope="module")
 async def template(base_settings: Settings) -> AsyncIterator[str]:
     """A migrated database that each test copies."""
     name = f"fleet_test_maint_tmpl_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(_with_database(base_settings.database_url, "postgres"))
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        await apply_migrations(_with_database(base_settings.database_url, name))
+        await create_database(base_settings.database_url, name, migrate=True)
         yield name
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await drop_database(base_settings.database_url, name)
 
 
 @pytest_asyncio.fixture
@@ -65,13 +57,10 @@ async def own_url(base_settings: Settings, template: str) -> AsyncIterator[str]:
     """A database of this test's own, migrated (the migration's partitions are -31..+7 days
     around the day the template was made)."""
     name = f"fleet_test_maint_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(_with_database(base_settings.database_url, "postgres"))
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-        yield _with_database(base_settings.database_url, name)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield await create_database(base_settings.database_url, name, template=template)
     finally:
-        await admin.close()
+        await drop_database(base_settings.database_url, name)
 
 
 @pytest_asyncio.fixture

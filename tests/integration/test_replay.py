@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -26,6 +25,7 @@ import structlog
 from ingest.cli import build_parser
 from ingest.settings import Settings
 from ingest.topics import ensure_topics
+from tests.databases import create_database, drop_database
 from tests.integration.streams import publish, read_topic, run_worker
 
 pytestmark = pytest.mark.integration
@@ -263,25 +263,12 @@ async def test_an_interrupted_replay_resumes_without_loss_or_duplicates(settings
     assert not checkpoint.exists()
 
 
-def _with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
-
-
 @pytest_asyncio.fixture
 async def past_retention(settings: Settings) -> AsyncIterator[Settings]:
     """A database of its own where retention has run: raw data before 30 days ago is gone."""
-    from schema.migrate import apply_migrations
-
     name = f"fleet_test_replay_{uuid.uuid4().hex[:8]}"
-    admin_url = _with_database(settings.database_url, "postgres")
-    admin = await asyncpg.connect(admin_url)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = _with_database(settings.database_url, name)
-    try:
-        await apply_migrations(url)
+        url = await create_database(settings.database_url, name, migrate=True)
         conn = await asyncpg.connect(url)
         try:
             await conn.execute("UPDATE telemetry_lifecycle SET raw_horizon = date_trunc('day', now() - interval '30 days', 'UTC')")
@@ -289,11 +276,7 @@ async def past_retention(settings: Settings) -> AsyncIterator[Settings]:
             await conn.close()
         yield settings.model_copy(update={"database_url": url})
     finally:
-        admin = await asyncpg.connect(admin_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_database(settings.database_url, name)
 
 
 async def test_history_older_than_the_raw_retention_shows_up_in_the_hourly_and_daily_rollups(
