@@ -28,7 +28,7 @@ import orjson
 
 from bench.suite import CONTESTANTS, Bench, Options
 from bench import report
-from ingest.errors import FleetError, ServiceUnavailable, UsageError
+from fleet_telemetry.core.errors import FleetError, ServiceUnavailable, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -122,8 +122,8 @@ def options_from(args: argparse.Namespace) -> Options:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from ingest.cli import load_settings
-        from ingest.logs import configure_logging
+        from fleet_telemetry.cli import load_settings
+        from fleet_telemetry.core.logs import configure_logging
 
         options = options_from(args)
         settings = load_settings()

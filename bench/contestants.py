@@ -51,7 +51,7 @@ async def ceiling(database_url: str, dataset: Path, batch: int) -> None:
     """COPY the dataset's rows in transactions of ``batch`` rows; building them is not timed."""
     import asyncpg
 
-    from consumers.sink import COLUMNS, init_connection
+    from fleet_telemetry.consumers.sink import COLUMNS, init_connection
 
     rows = [copy_row(value) for value in read_dataset(dataset)]
     conn = await asyncpg.connect(database_url)
@@ -130,7 +130,7 @@ def peer(database_url: str, bootstrap: str, topic: str, group: str, idle: float,
     from quixstreams import Application
     from quixstreams.sinks.community.postgresql import PostgreSQLSink
 
-    from ingest.reading import ewkb_point
+    from fleet_telemetry.core.reading import ewkb_point
 
     url = urlsplit(database_url)
     app = Application(

@@ -1,6 +1,6 @@
 """The benchmark's data: one seeded fleet's readings, the same bytes for every contestant.
 
-:func:`generate` yields the message values of a simulated fleet (``ingest.simulate``)
+:func:`generate` yields the message values of a simulated fleet (``fleet_telemetry.ingest.simulate``)
 in event-time order, spread evenly over a window that ends just before the run, so
 every reading is valid, inside retention and unique by ``(vehicle_id, time)``. The
 values are written once to a file (:func:`write_dataset`); the Kafka contestants read
@@ -27,10 +27,10 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from ingest.producer import TelemetryProducer
-from ingest.reading import ewkb_point
-from ingest.settings import Settings
-from ingest.simulate import make_fleet
+from fleet_telemetry.ingest.producer import TelemetryProducer
+from fleet_telemetry.core.reading import ewkb_point
+from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.ingest.simulate import make_fleet
 
 # Where the simulated fleet drives (ingest.simulate's cities); geofences go there too.
 _CITIES = ((52.52, 13.405), (48.137, 11.575), (50.110, 8.682), (53.551, 9.993), (51.227, 6.773))
@@ -94,7 +94,7 @@ def read_dataset(path: Path) -> Iterator[bytes]:
 
 
 def copy_row(value: bytes) -> tuple[Any, ...]:
-    """One message value as a ``vehicle_telemetry`` COPY record (``consumers.sink.COLUMNS`` order)."""
+    """One message value as a ``vehicle_telemetry`` COPY record (``fleet_telemetry.consumers.sink.COLUMNS`` order)."""
     r = orjson.loads(value)
     return (
         datetime.fromisoformat(r["time"]), UUID(r["vehicle_id"]), ewkb_point(r["lon"], r["lat"]),

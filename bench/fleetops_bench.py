@@ -48,12 +48,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from consumers.fleetops import queries
-from consumers.fleetops.db import Database, init_connection
-from consumers.fleetops.validation import Point
-from ingest.logs import configure_logging
-from ingest.settings import Settings
-from schema.migrate import apply_migrations
+from fleet_telemetry.fleetops import queries
+from fleet_telemetry.fleetops.db import Database, init_connection
+from fleet_telemetry.fleetops.validation import Point
+from fleet_telemetry.core.logs import configure_logging
+from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.schema.migrate import apply_migrations
 
 DATABASE = "fleet_bench_fleetops"
 BOX = (47.3, 5.9, 55.0, 15.0)  # lat_min, lon_min, lat_max, lon_max

@@ -12,12 +12,12 @@ It works in a database of its own (``fleet_bench_maintain`` on the server of
    that many background readings spread evenly over ``--days`` days (in time order, as
    ingestion writes them). Then, ``--repeats`` times: ``--hour-rows`` readings are
    written into the next hour and marked dirty as the sink does, and
-   :func:`schema.rollups.refresh_dirty_rollups` is timed (claim, the hour from raw
+   :func:`fleet_telemetry.lifecycle.rollups.refresh_dirty_rollups` is timed (claim, the hour from raw
    rows, its day from the hourly rollups). The background rows are not marked dirty
    (rolling up 20M rows is not what is measured); the day of the new hours gets hourly
    rows for its other hours, so the day recompute has its real size.
 2. **Ingestion while a day is dropped.** A writer stores batches of ``--batch`` readings
-   through :class:`consumers.sink.TelemetrySink` (COPY, dirty marks, commit) back to
+   through :class:`fleet_telemetry.consumers.sink.TelemetrySink` (COPY, dirty marks, commit) back to
    back and records each batch's latency; meanwhile a ``fleet maintain`` pass detaches
    and drops a day of ``--drop-rows`` readings past the retention. Three times: on a
    quiet table; with a 3-second report query holding the table (the detach keeps
@@ -43,13 +43,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from consumers.sink import TelemetrySink, create_pool
-from ingest.logs import configure_logging
-from ingest.reading import Reading, Source
-from ingest.settings import Settings
-from schema.maintain import LifecyclePolicy, run_pass
-from schema.migrate import apply_migrations
-from schema.rollups import refresh_dirty_rollups
+from fleet_telemetry.consumers.sink import TelemetrySink, create_pool
+from fleet_telemetry.core.logs import configure_logging
+from fleet_telemetry.core.reading import Reading, Source
+from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.lifecycle.maintain import LifecyclePolicy, run_pass
+from fleet_telemetry.schema.migrate import apply_migrations
+from fleet_telemetry.lifecycle.rollups import refresh_dirty_rollups
 
 DATABASE = "fleet_bench_maintain"
 CHUNK = 500_000

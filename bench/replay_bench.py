@@ -46,11 +46,11 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import orjson
 
-from consumers.sink import COLUMNS, init_connection
-from ingest.logs import configure_logging
-from ingest.reading import ewkb_point
-from ingest.settings import Settings
-from schema.migrate import apply_migrations
+from fleet_telemetry.consumers.sink import COLUMNS, init_connection
+from fleet_telemetry.core.logs import configure_logging
+from fleet_telemetry.core.reading import ewkb_point
+from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.schema.migrate import apply_migrations
 
 _NAMESPACE = uuid.UUID("0b7f3e38-52c4-4a8e-9c55-3c1d0f6a9e21")
 
@@ -276,7 +276,7 @@ def _rss(pid: int) -> int:
 
 def run_replay(url: str, path: str, workers: int | None, batch_size: int, rejects: str, database: str) -> dict[str, Any]:
     env = {**os.environ, "FLEET_DATABASE_URL": url, "FLEET_METRICS_PORT": "0", "FLEET_LOG_LEVEL": "warning"}
-    command = [sys.executable, "-m", "ingest.cli", "replay", path, "--direct", "--json",
+    command = [sys.executable, "-m", "fleet_telemetry.cli", "replay", path, "--direct", "--json",
                "--rejects", rejects, "--batch-size", str(batch_size)]
     if workers is not None:
         command += ["--workers", str(workers)]

@@ -35,13 +35,13 @@ from redis.exceptions import RedisError
 
 from bench import dataset, report
 from bench.measure import BackendCpu, KafkaTarget, ProcessRun, run_contestant, scrape, wait_for_metrics
-from consumers.status import status_key
-from ingest.errors import ServiceUnavailable
-from ingest.producer import TelemetryProducer
-from ingest.settings import Settings
-from ingest.simulate import make_fleet
-from ingest.topics import ensure_topics
-from schema.migrate import apply_migrations
+from fleet_telemetry.consumers.status import status_key
+from fleet_telemetry.core.errors import ServiceUnavailable
+from fleet_telemetry.ingest.producer import TelemetryProducer
+from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.ingest.simulate import make_fleet
+from fleet_telemetry.ingest.topics import ensure_topics
+from fleet_telemetry.schema.migrate import apply_migrations
 
 CONTESTANTS = ("ceiling", "peer", "naive", "pipeline")
 DESCRIPTIONS = {
@@ -51,8 +51,8 @@ DESCRIPTIONS = {
     "pipeline": "fleet consume: validation, COPY, Redis status",
 }
 # Modules that turn the worker's geofence checks and alert rules on, once they exist.
-GEOFENCE_MODULES = ("consumers.geofence", "consumers.geofences")
-ALERT_MODULES = ("consumers.alerts", "consumers.alert_rules")
+GEOFENCE_MODULES = ("fleet_telemetry.consumers.geofence", "fleet_telemetry.consumers.geofences")
+ALERT_MODULES = ("fleet_telemetry.consumers.alerts", "fleet_telemetry.consumers.alert_rules")
 READY_LOG = "partitions assigned"
 
 
@@ -276,7 +276,7 @@ class Bench:
         return env
 
     def pipeline_command(self) -> list[str]:
-        return [sys.executable, "-m", "ingest.cli", "consume",
+        return [sys.executable, "-m", "fleet_telemetry.cli", "consume",
                 "--stop-when-idle", str(self.o.idle_seconds), "--workers", str(self.o.workers)]
 
     def pipeline_env(self, url: str, topic: str, group: str, port: int) -> dict[str, str]:

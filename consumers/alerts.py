@@ -39,7 +39,7 @@ import asyncpg
 import redis.asyncio as aioredis
 import structlog
 
-from consumers.geofence import (
+from fleet_telemetry.consumers.geofence import (
     FenceState,
     GeofenceIndex,
     InvalidGeofence,
@@ -50,10 +50,10 @@ from consumers.geofence import (
     polygons_from_wkb,
     sphere_distance_m,
 )
-from consumers.metrics import PipelineMetrics
-from consumers.retry import is_transient
-from ingest.reading import Reading, Source
-from ingest.settings import Settings
+from fleet_telemetry.core.metrics import PipelineMetrics
+from fleet_telemetry.core.retry import is_transient
+from fleet_telemetry.core.reading import Reading, Source
+from fleet_telemetry.core.settings import Settings
 
 log = structlog.get_logger("fleet.rules")
 
@@ -722,7 +722,7 @@ class _Conflict(Exception):
 class RuleEngine:
     """Evaluates each stored batch of one worker; owns the worker's timer task.
 
-    ``after_write`` is the :class:`~consumers.batch.BatchProcessor` hook: it blocks until
+    ``after_write`` is the :class:`~fleet_telemetry.consumers.batch.BatchProcessor` hook: it blocks until
     the batch's states, transitions and alerts are committed (one transaction) and
     raises asyncpg errors, which the worker treats like any write failure. The Redis
     ``geofence:{id}`` sets are updated after the commit, best effort.
@@ -815,7 +815,7 @@ class RuleEngine:
         changed a state meanwhile, the batch's vehicles are read back and the batch is
         evaluated again. Any other failure (asyncpg errors) is raised after forgetting the
         batch's vehicles, so calling again with the same readings is safe: the
-        :class:`~consumers.batch.BatchProcessor` retries transient ones.
+        :class:`~fleet_telemetry.consumers.batch.BatchProcessor` retries transient ones.
         """
         if self._timer is not None and self._timer.done():
             self._timer.result()  # a bug in the timers: raise it in the worker

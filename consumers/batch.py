@@ -19,12 +19,12 @@ import redis.exceptions
 import structlog
 from aiokafka.structs import TopicPartition
 
-from consumers.deadletter import DeadLetters, refused, unknown_vehicle
-from consumers.metrics import PipelineMetrics, observe_many
-from consumers.retry import Backoff, is_transient
-from consumers.sink import TelemetrySink, WriteOutcome
-from consumers.status import StatusWriter, newest_per_vehicle
-from ingest.reading import Reading, Rejection
+from fleet_telemetry.consumers.deadletter import DeadLetters, refused, unknown_vehicle
+from fleet_telemetry.core.metrics import PipelineMetrics, observe_many
+from fleet_telemetry.core.retry import Backoff, is_transient
+from fleet_telemetry.consumers.sink import TelemetrySink, WriteOutcome
+from fleet_telemetry.consumers.status import StatusWriter, newest_per_vehicle
+from fleet_telemetry.core.reading import Reading, Rejection
 
 log = structlog.get_logger("fleet.consumer")
 T = TypeVar("T")

@@ -1,6 +1,6 @@
 """Dead letters: every reading that is not stored and is not a duplicate.
 
-Each :class:`~ingest.reading.Rejection` becomes one record on the dead-letter topic with
+Each :class:`~fleet_telemetry.core.reading.Rejection` becomes one record on the dead-letter topic with
 the original key, the original bytes (or the array element as JSON) and the headers of
 CONTRACT.md, "Dead letters". :meth:`DeadLetters.publish` returns only when the broker
 has acknowledged every record, so the caller can commit the source offsets after it.
@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from aiokafka import AIOKafkaProducer
 
-from ingest.reading import INVALID_READING, UNKNOWN_VEHICLE, Reading, Rejection
+from fleet_telemetry.core.reading import INVALID_READING, UNKNOWN_VEHICLE, Reading, Rejection
 
 HEADER_REASON = "fleet.error.reason"
 HEADER_DETAIL = "fleet.error.detail"

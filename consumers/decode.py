@@ -19,7 +19,7 @@ from uuid import UUID
 
 import orjson
 
-from ingest.reading import (
+from fleet_telemetry.core.reading import (
     FUTURE_TIME,
     INVALID_READING,
     MALFORMED_JSON,

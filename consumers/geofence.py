@@ -2,7 +2,7 @@
 crossings, and each vehicle's enter/exit state with a minimum dwell.
 
 Pure code: no I/O, no clock. :class:`GeofenceIndex` is rebuilt from the ``geofences``
-rows whenever they change (:mod:`consumers.alerts` polls for that); :func:`advance`
+rows whenever they change (:mod:`fleet_telemetry.consumers.alerts` polls for that); :func:`advance`
 moves one vehicle's geofence state over one reading and returns the transitions it
 confirmed.
 

@@ -20,10 +20,10 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
-from consumers.alerts import geofence_key
-from consumers.retry import is_transient
-from ingest.errors import ServiceUnavailable, UsageError
-from ingest.settings import Settings
+from fleet_telemetry.consumers.alerts import geofence_key
+from fleet_telemetry.core.retry import is_transient
+from fleet_telemetry.core.errors import ServiceUnavailable, UsageError
+from fleet_telemetry.core.settings import Settings
 
 _PARSE = {
     "wkt": "ST_GeomFromText($1, 4326)",

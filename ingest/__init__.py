@@ -1,5 +1,1 @@
-"""Edge side of the fleet telemetry pipeline and the contract every stage shares.
-
-``ingest.settings`` is the one place configuration is read; ``ingest.reading`` is the
-telemetry reading as every stage sees it once it has been decoded.
-"""
+"""The gateway side: the producer, the simulated fleet and topic creation."""

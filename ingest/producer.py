@@ -18,7 +18,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from ingest.settings import Settings
+from fleet_telemetry.core.settings import Settings
 
 log = structlog.get_logger("fleet.producer")
 

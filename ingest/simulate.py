@@ -28,10 +28,10 @@ from typing import Any
 
 import asyncpg
 
-from ingest.errors import ServiceUnavailable, UsageError
-from ingest.producer import TelemetryProducer
-from ingest.settings import Settings
-from ingest.topics import ensure_topics
+from fleet_telemetry.core.errors import ServiceUnavailable, UsageError
+from fleet_telemetry.ingest.producer import TelemetryProducer
+from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.ingest.topics import ensure_topics
 
 _NAMESPACE = uuid.UUID("5f0c63c8-3b0e-4d55-9a8e-0f1e2d3c4b5a")
 _CITIES = ((52.52, 13.405), (48.137, 11.575), (50.110, 8.682), (53.551, 9.993), (51.227, 6.773))

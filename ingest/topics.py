@@ -8,7 +8,7 @@ from __future__ import annotations
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from ingest.settings import Settings
+from fleet_telemetry.core.settings import Settings
 
 
 async def ensure_topics(settings: Settings, names: list[str], partitions: int = 8,

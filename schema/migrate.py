@@ -23,11 +23,11 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 import structlog
 
-from ingest.errors import FleetError, ServiceUnavailable, UsageError
-from ingest.settings import mask_url
+from fleet_telemetry.core.errors import FleetError, ServiceUnavailable, UsageError
+from fleet_telemetry.core.settings import mask_url
 
 if TYPE_CHECKING:
-    from ingest.settings import Settings
+    from fleet_telemetry.core.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +64,7 @@ def load_migrations() -> list[Migration]:
     Raises :class:`FleetError` if a file is misnamed or two files share a number, which
     is a packaging mistake that must not reach a database.
     """
-    folder = resources.files("schema").joinpath("migrations")
+    folder = resources.files("fleet_telemetry.schema").joinpath("migrations")
     migrations: list[Migration] = []
     numbers: dict[str, str] = {}
     for entry in folder.iterdir():

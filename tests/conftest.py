@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from ingest.settings import Settings
+from fleet_telemetry.core.settings import Settings
 from tests.databases import create_database, drop_database
 
 

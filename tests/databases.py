@@ -24,7 +24,7 @@ async def create_database(server_url: str, name: str, *, template: str | None = 
         await admin.close()
     url = with_database(server_url, name)
     if migrate:
-        from schema.migrate import apply_migrations
+        from fleet_telemetry.schema.migrate import apply_migrations
 
         await apply_migrations(url)
     return url

@@ -9,9 +9,9 @@ import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaProducer
 
-from consumers.fleetops.db import Database
-from ingest.settings import Settings
-from ingest.topics import ensure_topics
+from fleet_telemetry.fleetops.db import Database
+from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.ingest.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from consumers.worker import Worker
-from ingest.settings import Settings
+from fleet_telemetry.consumers.worker import Worker
+from fleet_telemetry.core.settings import Settings
 
 
 @dataclass

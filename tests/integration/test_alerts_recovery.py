@@ -10,11 +10,11 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 import pytest
 
-from consumers.alerts import RuleEngine
-from consumers.metrics import PipelineMetrics
-from consumers.sink import TelemetrySink, create_pool
-from ingest.reading import Reading, Source
-from ingest.settings import Settings
+from fleet_telemetry.consumers.alerts import RuleEngine
+from fleet_telemetry.core.metrics import PipelineMetrics
+from fleet_telemetry.consumers.sink import TelemetrySink, create_pool
+from fleet_telemetry.core.reading import Reading, Source
+from fleet_telemetry.core.settings import Settings
 
 pytestmark = pytest.mark.integration
 

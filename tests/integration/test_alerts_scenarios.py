@@ -13,8 +13,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from consumers.worker import Worker
-from ingest.settings import Settings
+from fleet_telemetry.consumers.worker import Worker
+from fleet_telemetry.core.settings import Settings
 from tests.integration.streams import publish, run_worker, wait_for
 
 pytestmark = pytest.mark.integration

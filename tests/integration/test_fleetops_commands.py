@@ -14,9 +14,9 @@ import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaProducer
 
-from consumers.fleetops.commands import CommandConsumer, command_value
-from ingest.settings import Settings
-from ingest.topics import ensure_topics
+from fleet_telemetry.fleetops.commands import CommandConsumer, command_value
+from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.ingest.topics import ensure_topics
 from tests.integration.streams import read_topic
 
 pytestmark = pytest.mark.integration

@@ -23,11 +23,11 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
-from consumers.fleetops import assignments, customers, dashboard, drivers, jobs, maintenance, queries, vehicles
-from consumers.fleetops.db import Database
-from consumers.fleetops.errors import DoubleBooking
-from consumers.fleetops.validation import Point
-from ingest.settings import Settings
+from fleet_telemetry.fleetops import assignments, customers, dashboard, drivers, jobs, maintenance, queries, vehicles
+from fleet_telemetry.fleetops.db import Database
+from fleet_telemetry.fleetops.errors import DoubleBooking
+from fleet_telemetry.fleetops.validation import Point
+from fleet_telemetry.core.settings import Settings
 from tests.integration.streams import publish, run_worker
 
 pytestmark = pytest.mark.integration

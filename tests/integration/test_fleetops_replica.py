@@ -36,9 +36,9 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from consumers.fleetops import queries, vehicles
-from consumers.fleetops.db import Database
-from ingest.settings import Settings
+from fleet_telemetry.fleetops import queries, vehicles
+from fleet_telemetry.fleetops.db import Database
+from fleet_telemetry.core.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,9 @@ import asyncpg
 import orjson
 import pytest
 
-from consumers.fleetops import assignments, customers, drivers, jobs, maintenance, vehicles
-from consumers.fleetops.errors import Conflict, DoubleBooking, InvalidInput, NotFound
-from ingest.cli import main as cli_main
+from fleet_telemetry.fleetops import assignments, customers, drivers, jobs, maintenance, vehicles
+from fleet_telemetry.fleetops.errors import Conflict, DoubleBooking, InvalidInput, NotFound
+from fleet_telemetry.cli.main import main as cli_main
 
 pytestmark = pytest.mark.integration
 

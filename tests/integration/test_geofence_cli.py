@@ -15,11 +15,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from consumers.alerts import RuleEngine
-from consumers.metrics import PipelineMetrics
-from consumers.sink import create_pool
-from consumers.worker import Worker
-from ingest.settings import Settings
+from fleet_telemetry.consumers.alerts import RuleEngine
+from fleet_telemetry.core.metrics import PipelineMetrics
+from fleet_telemetry.consumers.sink import create_pool
+from fleet_telemetry.consumers.worker import Worker
+from fleet_telemetry.core.settings import Settings
 from tests.integration.streams import publish, wait_for
 
 pytestmark = pytest.mark.integration
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 
 def fleet(settings: Settings, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FLEET_DATABASE_URL": settings.database_url, "FLEET_REDIS_URL": settings.redis_url}
-    return subprocess.run([sys.executable, "-m", "ingest.cli", "geofences", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "fleet_telemetry.cli", "geofences", *args], input=stdin,
                           capture_output=True, text=True, env=env, timeout=60)
 
 

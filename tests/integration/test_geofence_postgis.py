@@ -10,7 +10,7 @@ import random
 import asyncpg
 import pytest
 
-from consumers.geofence import GeofenceIndex, make_geofence, polygons_from_wkb
+from fleet_telemetry.consumers.geofence import GeofenceIndex, make_geofence, polygons_from_wkb
 
 pytestmark = pytest.mark.integration
 

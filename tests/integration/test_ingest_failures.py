@@ -12,8 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from consumers.worker import Worker
-from ingest.settings import Settings
+from fleet_telemetry.consumers.worker import Worker
+from fleet_telemetry.core.settings import Settings
 from tests.integration.streams import TcpProxy, publish, run_worker, wait_for
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ async def test_a_worker_killed_mid_stream_and_restarted_loses_and_duplicates_not
     await publish(producer, settings.telemetry_topic, messages)
     env = worker_env(settings, FLEET_BATCH_MAX_READINGS="300", FLEET_MAX_BATCHES_IN_FLIGHT="1")
 
-    first = await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", "consume", env=env,
+    first = await asyncio.create_subprocess_exec(sys.executable, "-m", "fleet_telemetry.cli", "consume", env=env,
                                                  stderr=asyncio.subprocess.DEVNULL)
     await wait_for(lambda: _more_than(db, vehicles, 2000), timeout=90, what="the first worker to store rows")
     first.send_signal(signal.SIGKILL)
@@ -63,7 +63,7 @@ async def test_a_worker_killed_mid_stream_and_restarted_loses_and_duplicates_not
     at_kill = await stored(db, vehicles)
     assert at_kill < len(messages), "the kill came too late to test anything"
 
-    second = await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", "consume",
+    second = await asyncio.create_subprocess_exec(sys.executable, "-m", "fleet_telemetry.cli", "consume",
                                                   "--stop-when-idle", "3", env=env,
                                                   stderr=asyncio.subprocess.DEVNULL)
     assert await asyncio.wait_for(second.wait(), timeout=180) == 0

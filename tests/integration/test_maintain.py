@@ -27,11 +27,12 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from consumers.sink import TelemetrySink, create_pool
-from ingest.reading import Reading, Source
-from ingest.settings import Settings
-from schema.maintain import LifecyclePolicy, Maintainer, MaintainMetrics, PassReport, run_pass
-from schema.rollups import fold_into_rollups, refresh_dirty_rollups
+from fleet_telemetry.consumers.sink import TelemetrySink, create_pool
+from fleet_telemetry.core.reading import Reading, Source
+from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.core.metrics import MaintainMetrics
+from fleet_telemetry.lifecycle.maintain import LifecyclePolicy, Maintainer, PassReport, run_pass
+from fleet_telemetry.lifecycle.rollups import fold_into_rollups, refresh_dirty_rollups
 from tests.databases import create_database, drop_database
 
 pytestmark = pytest.mark.integration
@@ -502,7 +503,7 @@ async def test_two_concurrent_fleet_maintain_runs_do_not_conflict(
 
     env = {**os.environ, "FLEET_DATABASE_URL": own_url, "FLEET_LOG_LEVEL": "warning"}
     runs = [
-        await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", "maintain", "--json", env=env,
+        await asyncio.create_subprocess_exec(sys.executable, "-m", "fleet_telemetry.cli", "maintain", "--json", env=env,
                                              stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         for _ in range(2)
     ]
@@ -578,7 +579,7 @@ async def test_every_runs_passes_serves_metrics_and_stops_on_sigterm(own_url: st
         port = probe.getsockname()[1]
     env = {**os.environ, "FLEET_DATABASE_URL": own_url, "FLEET_MAINTAIN_METRICS_PORT": str(port)}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ingest.cli", "maintain", "--every", "0.5s", env=env,
+        sys.executable, "-m", "fleet_telemetry.cli", "maintain", "--every", "0.5s", env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
 

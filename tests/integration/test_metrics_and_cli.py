@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from consumers.metrics import serve
-from consumers.worker import Worker
+from fleet_telemetry.core.metrics import serve
+from fleet_telemetry.consumers.worker import Worker
 from tests.integration.streams import publish
 
 pytestmark = pytest.mark.integration
@@ -54,7 +54,7 @@ async def test_metrics_endpoint_passes_promtool_and_counts_the_stream(topics, pr
 
 
 def fleet(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ingest.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fleet_telemetry.cli", *args], capture_output=True, text=True,
                           env=env, timeout=120)
 
 

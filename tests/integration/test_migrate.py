@@ -15,11 +15,11 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from ingest.cli import main
-from ingest.errors import FleetError
-from ingest.settings import Settings
-import schema.migrate
-from schema.migrate import Migration, apply_migrations, load_migrations
+from fleet_telemetry.cli.main import main
+from fleet_telemetry.core.errors import FleetError
+from fleet_telemetry.core.settings import Settings
+import fleet_telemetry.schema.migrate
+from fleet_telemetry.schema.migrate import Migration, apply_migrations, load_migrations
 
 pytestmark = pytest.mark.integration
 

@@ -22,9 +22,9 @@ import pytest
 import pytest_asyncio
 import structlog
 
-from ingest.cli import build_parser
-from ingest.settings import Settings
-from ingest.topics import ensure_topics
+from fleet_telemetry.cli.main import build_parser
+from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.ingest.topics import ensure_topics
 from tests.databases import create_database, drop_database
 from tests.integration.streams import publish, read_topic, run_worker
 
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 def _logs_to_the_real_stderr() -> None:
     """Loggers first used from here on write to fd 2 (captured by pytest as usual).
 
-    A test that ran ``ingest.cli.main`` under ``capsys`` left structlog writing to that
+    A test that ran ``fleet_telemetry.cli.main.main`` under ``capsys`` left structlog writing to that
     test's captured stderr, closed since; any logger first used afterwards would raise
     ``ValueError: I/O operation on closed file``.
     """
@@ -230,7 +230,7 @@ async def test_an_interrupted_replay_resumes_without_loss_or_duplicates(settings
     path = ndjson(tmp_path / "big.ndjson", lines)
     rejects = tmp_path / "rejects.ndjson"
     checkpoint = Path(str(rejects) + ".checkpoint")
-    command = [sys.executable, "-m", "ingest.cli", "replay", str(path), "--direct", "--workers", "1",
+    command = [sys.executable, "-m", "fleet_telemetry.cli", "replay", str(path), "--direct", "--workers", "1",
                "--rejects", str(rejects), "--json"]
 
     process = await asyncio.create_subprocess_exec(

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ingest import cli
+from fleet_telemetry.cli import main as cli
+from fleet_telemetry.cli import services
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def fleet(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Runs ``fleet services ...`` in-process with a stack folder of this test's own."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("deploy.services",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", (services,))
     monkeypatch.setenv("FLEET_STACK_DIR", str(tmp_path / "stack"))
     monkeypatch.setenv("FLEET_LOG_FORMAT", "console")
 

@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from consumers.sink import TelemetrySink, create_pool
-from ingest.reading import Reading, Source
+from fleet_telemetry.consumers.sink import TelemetrySink, create_pool
+from fleet_telemetry.core.reading import Reading, Source
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from consumers.alerts import (
+from fleet_telemetry.consumers.alerts import (
     AlertAction,
     Thresholds,
     VehicleState,
@@ -14,8 +14,8 @@ from consumers.alerts import (
     evaluate,
     plan_alert_rows,
 )
-from consumers.geofence import GeofenceIndex, make_geofence
-from ingest.reading import Reading, Source
+from fleet_telemetry.consumers.geofence import GeofenceIndex, make_geofence
+from fleet_telemetry.core.reading import Reading, Source
 
 T0 = datetime(2026, 11, 25, 8, 0, tzinfo=timezone.utc)
 VID = uuid.UUID("00000000-0000-0000-0000-00000000000a")

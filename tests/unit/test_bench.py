@@ -11,7 +11,7 @@ import pytest
 
 from bench import dataset, report
 from bench.__main__ import build_parser, options_from
-from ingest.errors import UsageError
+from fleet_telemetry.core.errors import UsageError
 
 _END = datetime(2026, 3, 1, 12, 0, 0, 123000, tzinfo=timezone.utc)
 

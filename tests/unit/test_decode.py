@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumers.decode import Rules, decode_message
-from ingest.reading import Source
+from fleet_telemetry.consumers.decode import Rules, decode_message
+from fleet_telemetry.core.reading import Source
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
 RULES = Rules(now=NOW)

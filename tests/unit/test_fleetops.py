@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumers.fleetops import commands
-from consumers.fleetops.audit import jsonable
-from consumers.fleetops.db import Database
-from consumers.fleetops.errors import DoubleBooking, InvalidInput
-from consumers.fleetops.validation import (
+from fleet_telemetry.fleetops import commands
+from fleet_telemetry.fleetops.audit import jsonable
+from fleet_telemetry.fleetops.db import Database
+from fleet_telemetry.fleetops.errors import DoubleBooking, InvalidInput
+from fleet_telemetry.fleetops.validation import (
     JOB_TRANSITIONS,
     Point,
     add_months,
@@ -31,8 +31,8 @@ from consumers.fleetops.validation import (
     schedule_fields,
     vehicle_fields,
 )
-from ingest.errors import UsageError
-from ingest.reading import Source
+from fleet_telemetry.core.errors import UsageError
+from fleet_telemetry.core.reading import Source
 
 SOURCE = Source("fleet.commands.v1", 3, 42)
 

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from consumers.geofence import (
+from fleet_telemetry.consumers.geofence import (
     FenceState,
     GeofenceIndex,
     Position,

@@ -8,21 +8,22 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingest.errors import UsageError
-from ingest.settings import Settings
-from schema.maintain import (
+from fleet_telemetry.core.errors import UsageError
+from fleet_telemetry.core.metrics import MaintainMetrics
+from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.lifecycle.maintain import (
     LifecyclePolicy,
-    MaintainMetrics,
     PassReport,
     add_months,
     expired_raw_days,
     last_stats_refresh_slot,
     parse_every,
+    record_pass,
     rollup_cutoff,
     stats_refresh_due,
     telemetry_partition_day,
 )
-from schema.rollups import MERGE_INTO_DAILY, MERGE_INTO_HOURLY, Horizons, RollupReport, day_lock_number, utc_day
+from fleet_telemetry.lifecycle.rollups import MERGE_INTO_DAILY, MERGE_INTO_HOURLY, Horizons, RollupReport, day_lock_number, utc_day
 
 
 def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
@@ -138,7 +139,7 @@ def test_metrics_count_a_pass_and_parse_as_prometheus_text() -> None:
         now=utc(2026, 1, 1), telemetry_partitions_created=["a", "b"], rows_moved={"c": 7},
         raw_partitions_dropped=["d"], rollups=RollupReport(hours=3, pending_hours=2, lag_seconds=42.0),
     )
-    metrics.record(report, finished_at=1_767_225_600.0)
+    record_pass(metrics, report, finished_at=1_767_225_600.0)
     assert metrics.value("fleet_maintain_partitions_created_total", table="vehicle_telemetry") == 3
     assert metrics.value("fleet_maintain_partitions_dropped_total", table="vehicle_telemetry") == 1
     assert metrics.value("fleet_maintain_default_rows_moved_total") == 7

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from consumers.metrics import PipelineMetrics, observe_many
+from fleet_telemetry.core.metrics import PipelineMetrics, observe_many
 
 
 @given(st.lists(st.floats(min_value=-10, max_value=1e5, allow_nan=False), max_size=60))

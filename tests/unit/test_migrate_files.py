@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from schema.migrate import load_migrations, postgis_install_hint
+from fleet_telemetry.schema.migrate import load_migrations, postgis_install_hint
 
 # Definitions that must say which query or rule they serve (STYLE.md, "SQL is SQL").
 _NEEDS_COMMENT = re.compile(r"^\s*(CREATE (UNIQUE )?INDEX|CONSTRAINT \w+ EXCLUDE)", re.IGNORECASE)

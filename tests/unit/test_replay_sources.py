@@ -12,11 +12,11 @@ from typing import Any
 import orjson
 import pytest
 
-from consumers.replay import Checkpoint, reject_line
-from consumers.replay_sources import CSV, NDJSON, Chunk, FileSource, Lines, csv_row_to_reading, messages
-from ingest.cli import main
-from ingest.errors import UsageError
-from ingest.reading import INVALID_READING, Rejection, Source
+from fleet_telemetry.replay.run import Checkpoint, reject_line
+from fleet_telemetry.replay.sources import CSV, NDJSON, Chunk, FileSource, Lines, csv_row_to_reading, messages
+from fleet_telemetry.cli.main import main
+from fleet_telemetry.core.errors import UsageError
+from fleet_telemetry.core.reading import INVALID_READING, Rejection, Source
 
 
 async def read_all(source: FileSource, resume: dict | None = None) -> list[Chunk]:
@@ -127,9 +127,9 @@ def test_a_checkpoint_of_another_replay_is_refused(tmp_path: Path) -> None:
 
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """``ingest.cli.main`` without its logging set-up, which would bind the loggers to this
+    """``fleet_telemetry.cli.main.main`` without its logging set-up, which would bind the loggers to this
     test's captured stderr (closed after the test) for the rest of the session."""
-    monkeypatch.setattr("ingest.logs.configure_logging", lambda *args, **kwargs: None)
+    monkeypatch.setattr("fleet_telemetry.core.logs.configure_logging", lambda *args, **kwargs: None)
     return main
 
 
@@ -166,7 +166,7 @@ def test_a_missing_mode_is_an_argparse_error(cli: Any, capsys: pytest.CaptureFix
 def test_summary_json_is_stable(tmp_path: Path) -> None:
     from collections import Counter
 
-    from consumers.replay import Counts, Summary
+    from fleet_telemetry.replay.run import Counts, Summary
 
     summary = Summary("complete", "x", "direct", False, Counts(3, 1, 1, 0, 0, Counter(invalid_reading=1)),
                       1.0, "r.ndjson", None, None)
@@ -177,8 +177,8 @@ def test_summary_json_is_stable(tmp_path: Path) -> None:
 
 
 async def test_a_dry_run_never_overwrites_the_rejects_of_an_interrupted_replay(tmp_path: Path) -> None:
-    from consumers.replay import DIRECT, Replay, ReplayOptions
-    from ingest.settings import Settings
+    from fleet_telemetry.replay.run import DIRECT, Replay, ReplayOptions
+    from fleet_telemetry.core.settings import Settings
 
     path = tmp_path / "in.ndjson"
     path.write_text("{}\n")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.services import (
+from fleet_telemetry.deploy.services import (
     Endpoint,
     bind_address,
     bootstrap_endpoints,

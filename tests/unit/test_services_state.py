@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.services import (
+from fleet_telemetry.deploy.services import (
     BROKER,
     POSTGRESQL,
     REDIS,
@@ -22,8 +22,8 @@ from deploy.services import (
     redis_report,
     register,
 )
-from ingest.cli import Parser
-from ingest.settings import Settings
+from fleet_telemetry.cli.main import Parser
+from fleet_telemetry.core.settings import Settings
 
 
 @pytest.fixture

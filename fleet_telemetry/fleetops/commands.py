@@ -1,0 +1,444 @@
+"""Event-driven writes: the small writers driven by command events from Kafka.
+
+The format is documented in docs/commands.md. :func:`decode_command` turns a record's
+bytes into a :class:`Command` or a :class:`CommandRejection` (pure). :class:`CommandApplier`
+applies one command exactly once: its ``command_id`` goes into ``processed_commands``
+in the same transaction as the writer's effect, so a redelivered or replayed command
+finds its row and changes nothing. A command the writer refuses (bad input, unknown id,
+double booking, ...) is dead-lettered with its reason, then recorded as rejected, so a
+replay does not dead-letter it twice. :class:`CommandConsumer` is the one place that
+owns the Kafka consumer of the command topic: it applies each fetched record in
+partition order and commits the offsets after the batch is applied.
+
+Failure handling follows the telemetry consumer: invalid input -> dead letter, never
+retried; transient trouble (PostgreSQL or the broker away) -> retried with backoff,
+nothing committed; anything else is a bug and stops the consumer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+from prometheus_client import start_http_server
+
+from fleet_telemetry.fleetops import assignments, customers, drivers, jobs, maintenance, vehicles
+from fleet_telemetry.fleetops.audit import jsonable
+from fleet_telemetry.fleetops.db import Database
+from fleet_telemetry.fleetops.errors import FleetOpsError, InvalidInput
+from fleet_telemetry.fleetops.validation import parse_time, parse_uuid
+from fleet_telemetry.core.metrics import CommandMetrics
+from fleet_telemetry.core.retry import Backoff, is_transient
+from fleet_telemetry.core.errors import ServiceUnavailable, UsageError
+from fleet_telemetry.ingest.producer import start_producer
+from fleet_telemetry.core.reading import Source
+from fleet_telemetry.core.settings import Settings
+
+log = structlog.get_logger("fleet.commands")
+
+# Dead-letter reasons (header fleet.error.reason) besides the writers' own
+# (invalid_input, not_found, conflict, double_booking).
+MALFORMED_JSON = "malformed_json"
+INVALID_COMMAND = "invalid_command"
+UNKNOWN_TYPE = "unknown_type"
+
+HEADER_COMMAND_ID = "fleet.command.id"
+HEADER_COMMAND_TYPE = "fleet.command.type"
+
+
+@dataclass(frozen=True)
+class Command:
+    command_id: UUID
+    type: str
+    actor: str
+    data: dict[str, Any]
+    source: Source
+    key: bytes | None
+    value: bytes
+
+
+@dataclass(frozen=True)
+class CommandRejection:
+    reason: str
+    detail: str
+    source: Source
+    key: bytes | None
+    value: bytes
+    command_id: UUID | None = None
+    type: str | None = None
+
+
+def decode_command(value: bytes, *, key: bytes | None, source: Source) -> Command | CommandRejection:
+    """The envelope of docs/commands.md checked: ``command_id`` (UUID), ``type`` (known),
+    ``data`` (object), ``actor`` (optional text). The ``data`` fields are the writer's
+    business. Pure: no I/O, no clock."""
+    try:
+        body = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return CommandRejection(MALFORMED_JSON, "the value is not UTF-8 JSON", source, key, value)
+    if not isinstance(body, dict):
+        return CommandRejection(INVALID_COMMAND, "the value must be a JSON object", source, key, value)
+    try:
+        command_id = parse_uuid(body.get("command_id"), "command_id")
+    except InvalidInput as exc:
+        return CommandRejection(INVALID_COMMAND, str(exc), source, key, value)
+    kind = body.get("type")
+    if not isinstance(kind, str) or kind not in HANDLERS:
+        return CommandRejection(
+            UNKNOWN_TYPE, f"field 'type' must be one of {', '.join(sorted(HANDLERS))}, got {kind!r}",
+            source, key, value, command_id, kind if isinstance(kind, str) else None,
+        )
+    data = body.get("data", {})
+    actor = body.get("actor", "fleet-commands")
+    problem = None
+    if not isinstance(data, dict):
+        problem = "field 'data' must be a JSON object"
+    elif not isinstance(actor, str) or not actor.strip() or len(actor) > 200:
+        problem = "field 'actor' must be non-empty text of at most 200 characters"
+    if problem is not None:
+        return CommandRejection(INVALID_COMMAND, problem, source, key, value, command_id, kind)
+    return Command(command_id, kind, actor.strip(), data, source, key, value)
+
+
+# --- what each command type does ----------------------------------------------------------
+
+Handler = Callable[[asyncpg.Connection, str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _id(data: Mapping[str, Any], field: str = "id") -> UUID:
+    return parse_uuid(data.get(field), field)
+
+
+def _optional_id(data: Mapping[str, Any]) -> UUID | None:
+    return None if data.get("id") is None else _id(data)
+
+
+def _rest(data: Mapping[str, Any], *drop: str) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in drop}
+
+
+def _optional_time(data: Mapping[str, Any], field: str) -> datetime | None:
+    return None if data.get(field) is None else parse_time(data[field], field)
+
+
+def _only(data: Mapping[str, Any], *allowed: str) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise InvalidInput(f"unknown field(s): {', '.join(unknown)}; known: {', '.join(allowed)}")
+
+
+async def _assignment_create(conn: asyncpg.Connection, actor: str, d: dict[str, Any]) -> dict[str, Any]:
+    _only(d, "id", "vehicle_id", "driver_id", "start_time", "end_time")
+    if d.get("start_time") is None:
+        raise InvalidInput("an assignment needs field(s): start_time")
+    return await assignments.create_assignment(
+        conn, actor=actor, vehicle_id=_id(d, "vehicle_id"), driver_id=_id(d, "driver_id"),
+        start_time=parse_time(d["start_time"], "start_time"), end_time=_optional_time(d, "end_time"),
+        assignment_id=_optional_id(d),
+    )
+
+
+async def _assignment_end(conn: asyncpg.Connection, actor: str, d: dict[str, Any]) -> dict[str, Any]:
+    _only(d, "id", "at")
+    return await assignments.end_assignment(conn, actor=actor, assignment_id=_id(d),
+                                            at=_optional_time(d, "at"))
+
+
+async def _assignment_cancel(conn: asyncpg.Connection, actor: str, d: dict[str, Any]) -> dict[str, Any]:
+    _only(d, "id")
+    return await assignments.cancel_assignment(conn, actor=actor, assignment_id=_id(d))
+
+
+async def _job_status(conn: asyncpg.Connection, actor: str, d: dict[str, Any]) -> dict[str, Any]:
+    _only(d, "id", "status", "at")
+    return await jobs.set_job_status(conn, actor=actor, job_id=_id(d), status=d.get("status", ""),
+                                     at=_optional_time(d, "at"))
+
+
+async def _job_assign(conn: asyncpg.Connection, actor: str, d: dict[str, Any]) -> dict[str, Any]:
+    _only(d, "id", "assignment_id")
+    return await jobs.assign_job(conn, actor=actor, job_id=_id(d), assignment_id=_id(d, "assignment_id"))
+
+
+HANDLERS: dict[str, Handler] = {
+    "vehicle.register": lambda c, a, d: vehicles.register_vehicle(
+        c, actor=a, data=_rest(d, "id"), vehicle_id=_optional_id(d)),
+    "vehicle.update": lambda c, a, d: vehicles.update_vehicle(
+        c, actor=a, vehicle_id=_id(d), changes=_rest(d, "id")),
+    "vehicle.delete": lambda c, a, d: vehicles.delete_vehicle(c, actor=a, vehicle_id=_id(d)),
+    "driver.register": lambda c, a, d: drivers.register_driver(
+        c, actor=a, data=_rest(d, "id"), driver_id=_optional_id(d)),
+    "driver.update": lambda c, a, d: drivers.update_driver(
+        c, actor=a, driver_id=_id(d), changes=_rest(d, "id")),
+    "driver.delete": lambda c, a, d: drivers.delete_driver(c, actor=a, driver_id=_id(d)),
+    "customer.register": lambda c, a, d: customers.register_customer(
+        c, actor=a, data=_rest(d, "id"), customer_id=_optional_id(d)),
+    "customer.update": lambda c, a, d: customers.update_customer(
+        c, actor=a, customer_id=_id(d), changes=_rest(d, "id")),
+    "customer.delete": lambda c, a, d: customers.delete_customer(c, actor=a, customer_id=_id(d)),
+    "assignment.create": _assignment_create,
+    "assignment.end": _assignment_end,
+    "assignment.cancel": _assignment_cancel,
+    "job.create": lambda c, a, d: jobs.create_job(c, actor=a, data=_rest(d, "id"), job_id=_optional_id(d)),
+    "job.update": lambda c, a, d: jobs.update_job(c, actor=a, job_id=_id(d), changes=_rest(d, "id")),
+    "job.assign": _job_assign,
+    "job.status": _job_status,
+    "job.add_shipment": lambda c, a, d: jobs.add_shipment(c, actor=a, job_id=_id(d), data=_rest(d, "id")),
+    "job.delete": lambda c, a, d: jobs.delete_job(c, actor=a, job_id=_id(d)),
+    "maintenance.record": lambda c, a, d: maintenance.record_service(
+        c, actor=a, data=_rest(d, "id"), record_id=_optional_id(d)),
+    "maintenance.schedule.create": lambda c, a, d: maintenance.create_schedule(
+        c, actor=a, data=_rest(d, "id"), schedule_id=_optional_id(d)),
+    "maintenance.schedule.update": lambda c, a, d: maintenance.update_schedule(
+        c, actor=a, schedule_id=_id(d), changes=_rest(d, "id")),
+}
+
+
+# --- applying one command exactly once -------------------------------------------------------
+
+APPLIED = "applied"
+DUPLICATE = "duplicate"
+REJECTED = "rejected"
+
+_CLAIM = """
+INSERT INTO processed_commands (command_id, type, actor, outcome, source_topic, source_partition, source_offset)
+VALUES ($1, $2, $3, 'applied', $4, $5, $6)
+ON CONFLICT (command_id) DO NOTHING RETURNING command_id
+"""
+_RECORD_REJECTION = """
+INSERT INTO processed_commands (command_id, type, actor, outcome, reason, detail,
+                                source_topic, source_partition, source_offset)
+VALUES ($1, $2, $3, 'rejected', $4, $5, $6, $7, $8)
+ON CONFLICT (command_id) DO NOTHING
+"""
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, FleetOpsError):
+        return exc.reason
+    return "invalid_input"
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class CommandApplier:
+    """Applies commands through the writers on the primary, once per ``command_id``."""
+
+    def __init__(self, database: Database,
+                 dead_letter: Callable[[CommandRejection], Awaitable[None]]) -> None:
+        self._database = database
+        self._dead_letter = dead_letter
+
+    async def apply(self, item: Command | CommandRejection) -> str:
+        """Returns APPLIED, DUPLICATE or REJECTED. The effect and the processed row commit
+        together; a rejection is dead-lettered (acknowledged) before it is recorded.
+
+        Raises transient errors (PostgreSQL, broker) for the caller to retry.
+        """
+        if isinstance(item, CommandRejection):
+            return await self._reject(item)
+        async with self._database.write() as conn:
+            try:
+                async with conn.transaction():
+                    claimed = await conn.fetchval(
+                        _CLAIM, item.command_id, item.type, item.actor, item.source.topic,
+                        item.source.partition, item.source.offset,
+                    )
+                    if claimed is None:
+                        return DUPLICATE
+                    result = await HANDLERS[item.type](conn, item.actor, item.data)
+                    await conn.execute(
+                        "UPDATE processed_commands SET result = $2 WHERE command_id = $1",
+                        item.command_id, _result_ids(result),
+                    )
+                    return APPLIED
+            except (FleetOpsError, asyncpg.exceptions.IntegrityConstraintViolationError,
+                    asyncpg.exceptions.DataError) as exc:
+                # Class 23 and 22: the input broke a rule the writer did not check first.
+                rejection = CommandRejection(_reason(exc), _first_line(exc), item.source, item.key,
+                                             item.value, item.command_id, item.type)
+        return await self._reject(rejection)
+
+    async def _reject(self, rejection: CommandRejection) -> str:
+        if rejection.command_id is not None:
+            async with self._database.write() as conn:
+                seen = await conn.fetchval("SELECT 1 FROM processed_commands WHERE command_id = $1",
+                                           rejection.command_id)
+            if seen:
+                return DUPLICATE
+        await self._dead_letter(rejection)
+        if rejection.command_id is not None:
+            async with self._database.write() as conn:
+                await conn.execute(
+                    _RECORD_REJECTION, rejection.command_id, rejection.type or "?", None,
+                    rejection.reason, rejection.detail, rejection.source.topic,
+                    rejection.source.partition, rejection.source.offset,
+                )
+        log.info("command rejected", reason=rejection.reason, detail=rejection.detail,
+                 command_id=str(rejection.command_id) if rejection.command_id else None,
+                 offset=rejection.source.offset, partition=rejection.source.partition)
+        return REJECTED
+
+
+def _result_ids(result: Mapping[str, Any]) -> dict[str, Any]:
+    """What a command created or changed, kept small: the id(s) of the rows."""
+    if "record" in result:
+        return {"id": (result["record"] or {}).get("id")}
+    return {"id": result.get("id")}
+
+
+def dead_letter_headers(rejection: CommandRejection, failed_at: datetime) -> list[tuple[str, bytes]]:
+    """The contract's dead-letter headers plus the command's id and type when known."""
+    source = rejection.source
+    headers = [
+        ("fleet.error.reason", rejection.reason.encode()),
+        ("fleet.error.detail", rejection.detail.encode()),
+        ("fleet.source.topic", source.topic.encode()),
+        ("fleet.source.partition", str(source.partition).encode()),
+        ("fleet.source.offset", str(source.offset).encode()),
+        ("fleet.failed_at", failed_at.isoformat().encode()),
+    ]
+    if rejection.command_id is not None:
+        headers.append((HEADER_COMMAND_ID, str(rejection.command_id).encode()))
+    if rejection.type is not None:
+        headers.append((HEADER_COMMAND_TYPE, rejection.type.encode()))
+    return headers
+
+
+# --- the consumer loop -------------------------------------------------------------------------
+
+
+class CommandConsumer:
+    """Consumes ``FLEET_COMMANDS_TOPIC`` in group ``FLEET_COMMANDS_GROUP``. ``run`` returns
+    the exit status: 0 after a clean stop (SIGTERM, or idle in ``stop_when_idle`` mode)."""
+
+    def __init__(self, settings: Settings, *, stop_when_idle: float | None = None,
+                 metrics: CommandMetrics | None = None) -> None:
+        self.settings = settings
+        self.stop_when_idle = stop_when_idle
+        self.metrics = metrics or CommandMetrics()
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Finish the record in hand, commit and leave (signal-safe)."""
+        self._stopping.set()
+
+    async def run(self) -> int:
+        s = self.settings
+        database = Database.from_settings(s, max_size=2)
+        producer: AIOKafkaProducer | None = None
+        consumer: AIOKafkaConsumer | None = None
+        try:
+            producer = await self._retrying("kafka", lambda: start_producer(s))
+            applier = CommandApplier(database, self._dead_letter_to(producer))
+            consumer = AIOKafkaConsumer(
+                s.commands_topic, group_id=s.commands_group, enable_auto_commit=False,
+                auto_offset_reset="earliest", **s.kafka_client_options(),  # type: ignore[arg-type]
+            )
+            await self._retrying("kafka", consumer.start)
+            log.info("command consumer started", topic=s.commands_topic, group=s.commands_group)
+            await self._loop(consumer, applier)
+            return 0
+        finally:
+            if consumer is not None:
+                await consumer.stop()
+            if producer is not None:
+                await producer.stop()
+            await database.close()
+
+    def _dead_letter_to(self, producer: AIOKafkaProducer) -> Callable[[CommandRejection], Awaitable[None]]:
+        topic = self.settings.commands_dlq_topic
+
+        async def send(rejection: CommandRejection) -> None:
+            future = await producer.send(topic, value=rejection.value, key=rejection.key,
+                                         headers=dead_letter_headers(rejection, datetime.now(timezone.utc)))
+            await future
+            self.metrics.rejections.labels(reason=rejection.reason).inc()
+
+        return send
+
+    async def _retrying(self, dependency: str, operation: Callable[[], Awaitable[Any]]) -> Any:
+        backoff = Backoff(self.settings.retry_initial_seconds, self.settings.retry_max_seconds)
+        while True:
+            try:
+                return await operation()
+            except Exception as exc:
+                if not is_transient(exc) or self._stopping.is_set():
+                    if is_transient(exc):
+                        raise ServiceUnavailable(
+                            f"{dependency} still failing at shutdown ({type(exc).__name__});"
+                            " the uncommitted commands will be redelivered") from None
+                    raise
+                delay = backoff.next_delay()
+                self.metrics.retries.labels(dependency=dependency).inc()
+                log.warning("retrying after a transient failure", dependency=dependency,
+                            error=type(exc).__name__, retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    async def _loop(self, consumer: AIOKafkaConsumer, applier: CommandApplier) -> None:
+        last_record = time.monotonic()
+        while not self._stopping.is_set():
+            batch = await consumer.getmany(timeout_ms=200, max_records=200)
+            if batch or not consumer.assignment():  # idle counts only once partitions are ours
+                last_record = time.monotonic()
+            offsets: dict[TopicPartition, int] = {}
+            for tp, records in batch.items():
+                for record in records:
+                    item = decode_command(record.value or b"", key=record.key,
+                                          source=Source(tp.topic, tp.partition, record.offset))
+                    outcome = await self._retrying("postgresql", lambda: applier.apply(item))
+                    self.metrics.commands.labels(outcome=outcome).inc()
+                    offsets[tp] = record.offset + 1
+            if offsets:
+                try:
+                    await self._retrying("kafka", lambda: consumer.commit(
+                        {tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()}))
+                except (CommitFailedError, IllegalStateError) as exc:
+                    # The group rebalanced: these partitions are someone else's now and will
+                    # be read again from the last commit; command ids make that a no-op.
+                    log.warning("offset commit refused by the group", error=type(exc).__name__)
+            if self.stop_when_idle is not None and time.monotonic() - last_record >= self.stop_when_idle:
+                log.info("no commands for a while, stopping", idle_s=self.stop_when_idle)
+                return
+
+
+def run_consumer(args: argparse.Namespace, settings: Settings) -> int:
+    """``fleet commands consume``: runs until SIGTERM/Ctrl-C (or idle with --stop-when-idle)."""
+    if args.stop_when_idle is not None and args.stop_when_idle <= 0:
+        raise UsageError("--stop-when-idle must be more than 0 seconds")
+
+    async def main() -> int:
+        worker = CommandConsumer(settings, stop_when_idle=args.stop_when_idle)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        if args.metrics_port:
+            start_http_server(args.metrics_port, registry=worker.metrics.registry)
+        return await worker.run()
+
+    return asyncio.run(main())
+
+
+def command_value(command_type: str, data: Mapping[str, Any], *, command_id: UUID,
+                  actor: str | None = None) -> bytes:
+    """The JSON bytes of one command (docs/commands.md), for producers and tests."""
+    body: dict[str, Any] = {"command_id": str(command_id), "type": command_type, "data": jsonable(data)}
+    if actor is not None:
+        body["actor"] = actor
+    return orjson.dumps(body)

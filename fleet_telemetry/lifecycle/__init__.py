@@ -1,0 +1,1 @@
+"""Time-series lifecycle: partitions ahead, default-partition moves, rollups, retention."""

@@ -1,0 +1,1 @@
+"""Replay and backfill: sources, executors, checkpoints and progress, the run."""
