@@ -7,7 +7,7 @@ same table definition, each into a freshly migrated database of its own:
 - ``peer``: a Quix Streams application with its PostgreSQL sink;
 - ``naive``: aiokafka + asyncpg ``executemany``, commit after each batch;
 - ``pipeline``: ``fleet consume`` in full (validation, COPY, Redis status; geofence
-  checks against 1,000 active geofences and alert rules when the worker has them).
+  checks against 1,000 active geofences and every alert rule).
 
 Then the pipeline's end-to-end latency at half its measured maximum, and its
 throughput into a table already holding ``--preload`` readings. Prints a table,
@@ -50,9 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="pipeline worker processes (fleet consume --workers)")
     p.add_argument("--idle-seconds", type=float, default=3.0,
                    help="Kafka contestants stop after this long without records (default 3)")
-    p.add_argument("--geofences", choices=("auto", "on", "off"), default="auto",
-                   help="create --geofence-count active geofences for the pipeline: auto = when the worker "
-                        "has a geofence module (default auto)")
+    p.add_argument("--geofences", choices=("on", "off"), default="on",
+                   help="create --geofence-count active geofences for the pipeline (default on)")
     p.add_argument("--geofence-count", type=int, default=1000, help="active geofences (default 1,000)")
     p.add_argument("--latency-seconds", type=float, default=30.0,
                    help="length of the fixed-rate latency phase; 0 skips it (default 30)")
@@ -128,11 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = options_from(args)
         settings = load_settings()
         configure_logging("console", "warning")
-        if options.geofences == "on":
-            from bench.suite import GEOFENCE_MODULES, module_present
-
-            if not module_present(GEOFENCE_MODULES):
-                raise UsageError("--geofences on: this build's worker has no geofence module; use auto or off")
 
         def progress(line: str) -> None:
             if not args.quiet:

@@ -50,9 +50,6 @@ DESCRIPTIONS = {
     "naive": "aiokafka + asyncpg executemany per fetched batch, commit after each",
     "pipeline": "fleet consume: validation, COPY, Redis status",
 }
-# Modules that turn the worker's geofence checks and alert rules on, once they exist.
-GEOFENCE_MODULES = ("fleet_telemetry.consumers.geofence", "fleet_telemetry.consumers.geofences")
-ALERT_MODULES = ("fleet_telemetry.consumers.alerts", "fleet_telemetry.consumers.alert_rules")
 READY_LOG = "partitions assigned"
 
 
@@ -66,7 +63,7 @@ class Options:
     contestants: tuple[str, ...] = CONTESTANTS
     workers: int = 1
     idle_seconds: float = 3.0
-    geofences: str = "auto"
+    geofences: str = "on"
     geofence_count: int = 1000
     latency_seconds: float = 30.0
     latency_warmup: float = 5.0
@@ -77,10 +74,6 @@ class Options:
     pipeline_env: dict[str, str] = field(default_factory=dict)
     profile: str | None = None
     keep: bool = False
-
-
-def module_present(names: tuple[str, ...]) -> bool:
-    return any(importlib.util.find_spec(name) is not None for name in names)
 
 
 def peer_missing() -> str | None:
@@ -148,8 +141,7 @@ class Bench:
             span=timedelta(hours=options.span_hours),
         )
         self.fleet = dataset.fleet_ids(self.spec)
-        self.geofences_on = options.geofences == "on" or (
-            options.geofences == "auto" and module_present(GEOFENCE_MODULES))
+        self.geofences_on = options.geofences != "off"
         self.timeout = options.timeout or 120 + options.readings / 500
 
     # --- resources ----------------------------------------------------------
@@ -460,7 +452,6 @@ class Bench:
                 "batch_max_age_ms": self.s.batch_max_age_ms, "max_batches_in_flight": self.s.max_batches_in_flight,
                 "idle_seconds": o.idle_seconds, "pipeline_env": o.pipeline_env,
                 "geofences": self.o.geofence_count if self.geofences_on else 0,
-                "geofence_module": module_present(GEOFENCE_MODULES), "alert_module": module_present(ALERT_MODULES),
             },
             "contestants": {}, "ratios": {}, "failures": [],
         }

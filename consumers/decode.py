@@ -220,7 +220,7 @@ def _number(
     obj: dict[str, Any], name: str, low: float, high: float | None,
     *, required: bool = False, exclusive: bool = False,
 ) -> float | None:
-    value = obj.get(name)
+    value: Any = obj.get(name)
     kind = type(value)
     if kind is float or kind is int:  # the common case, checked without isinstance chains
         number = float(value)
