@@ -12,11 +12,12 @@ from typing import Any
 import orjson
 import pytest
 
-from fleet_telemetry.replay.run import Checkpoint, reject_line
-from fleet_telemetry.replay.sources import CSV, NDJSON, Chunk, FileSource, Lines, csv_row_to_reading, messages
 from fleet_telemetry.cli.main import main
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.reading import INVALID_READING, Rejection, Source
+from fleet_telemetry.replay.checkpoint import Checkpoint
+from fleet_telemetry.replay.results import reject_line
+from fleet_telemetry.replay.sources import CSV, NDJSON, Chunk, FileSource, Lines, csv_row_to_reading, messages
 
 
 async def read_all(source: FileSource, resume: dict | None = None) -> list[Chunk]:
@@ -166,7 +167,8 @@ def test_a_missing_mode_is_an_argparse_error(cli: Any, capsys: pytest.CaptureFix
 def test_summary_json_is_stable(tmp_path: Path) -> None:
     from collections import Counter
 
-    from fleet_telemetry.replay.run import Counts, Summary
+    from fleet_telemetry.replay.progress import Summary
+    from fleet_telemetry.replay.results import Counts
 
     summary = Summary("complete", "x", "direct", False, Counts(3, 1, 1, 0, 0, Counter(invalid_reading=1)),
                       1.0, "r.ndjson", None, None)
@@ -177,8 +179,9 @@ def test_summary_json_is_stable(tmp_path: Path) -> None:
 
 
 async def test_a_dry_run_never_overwrites_the_rejects_of_an_interrupted_replay(tmp_path: Path) -> None:
-    from fleet_telemetry.replay.run import DIRECT, Replay, ReplayOptions
     from fleet_telemetry.core.settings import Settings
+    from fleet_telemetry.replay.results import DIRECT
+    from fleet_telemetry.replay.run import Replay, ReplayOptions
 
     path = tmp_path / "in.ndjson"
     path.write_text("{}\n")
