@@ -162,7 +162,7 @@ class KafkaSource:
         consumer = AIOKafkaConsumer(
             enable_auto_commit=False, group_id=None, auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
-            **self.settings.kafka_client_options(),  # type: ignore[arg-type]
+            **self.settings.kafka_client_options(),
         )
         try:
             await consumer.start()

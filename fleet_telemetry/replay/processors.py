@@ -9,6 +9,14 @@ gives the processor of its mode:
   (:func:`fleet_telemetry.lifecycle.rollups.fold_into_rollups`);
 * :class:`ViaKafkaProcessor` (``--via-kafka``): readings of registered vehicles published
   to the telemetry topic with :class:`fleet_telemetry.ingest.producer.TelemetryProducer`.
+
+Decoding rules of a replay (docs/replay.md): ``now`` is the replay's start; a reading
+more than ``FLEET_MAX_FUTURE_SECONDS`` ahead of it is rejected (``future_time``).
+``--direct`` accepts readings of any age (older than ``FLEET_RAW_RETENTION_DAYS`` they
+go to the rollups only); ``--via-kafka`` rejects those older than the raw retention
+(``outside_retention``) as the consumer would. Readings of unregistered vehicles are
+rejected (``unknown_vehicle``) in both modes, so nothing is published that the
+pipeline would dead-letter again.
 """
 
 from __future__ import annotations
@@ -57,9 +65,7 @@ class Plan:
 
     @classmethod
     def of(cls, settings: Settings, mode: str, dry_run: bool, now: datetime) -> Plan:
-        """The decoding rules of a replay started at ``now`` (docs/replay.md): ``--direct``
-        accepts readings of any age, ``--via-kafka`` rejects those older than the raw
-        retention as the consumer would; both reject readings too far in the future."""
+        """The plan of a replay started at ``now`` (the decoding rules above)."""
         max_future = timedelta(seconds=settings.max_future_seconds)
         raw_retention = timedelta(days=settings.raw_retention_days)
         if mode == DIRECT:
