@@ -1,22 +1,26 @@
 """The replay's file reading and command line, without any service: chunks, positions,
-CSV conversion, rejects lines, checkpoints and usage errors."""
+CSV conversion, rejects lines, checkpoints and the ledger, dead-letter headers and usage
+errors."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from fleet_telemetry.replay.run import Checkpoint, reject_line
-from fleet_telemetry.replay.sources import CSV, NDJSON, Chunk, FileSource, Lines, csv_row_to_reading, messages
 from fleet_telemetry.cli.main import main
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.reading import INVALID_READING, Rejection, Source
+from fleet_telemetry.replay.checkpoint import Checkpoint, Ledger
+from fleet_telemetry.replay.kafka_source import dead_letter_headers
+from fleet_telemetry.replay.results import ChunkResult, Counts, reject_line
+from fleet_telemetry.replay.sources import CSV, NDJSON, Chunk, FileSource, Lines, csv_row_to_reading, messages
 
 
 async def read_all(source: FileSource, resume: dict | None = None) -> list[Chunk]:
@@ -125,6 +129,58 @@ def test_a_checkpoint_of_another_replay_is_refused(tmp_path: Path) -> None:
     assert Checkpoint(path, {"source": "a"}).load() is None
 
 
+def test_a_ledger_resumes_where_its_checkpoint_left_the_rejects_and_counts(tmp_path: Path) -> None:
+    rejects = str(tmp_path / "r.ndjson")
+    checkpoint = Checkpoint(rejects + ".checkpoint", {"source": "a"})
+    ledger = Ledger(checkpoint, rejects, dry_run=False, restart=False)
+    assert not ledger.resumed and ledger.position is None
+    ledger.apply(Chunk(Lines("in", NDJSON, 1, b""), {"line": 2}, 10, 2),
+                 ChunkResult(Counts(read=2, stored=1, rejected=Counter(invalid_reading=1)), b'{"line": 2}\n'))
+    ledger.save(force=True)
+    ledger.apply(Chunk(Lines("in", NDJSON, 3, b""), {"line": 4}, 10, 2),
+                 ChunkResult(Counts(read=2, rejected=Counter(invalid_reading=2)), b'{"line": 3}\n{"line": 4}\n'))
+    ledger.abandon()  # a failed run saves all it applied
+
+    resumed = Ledger(checkpoint, rejects, dry_run=False, restart=False)
+    assert resumed.resumed and resumed.position == resumed.resumed_from == {"line": 4}
+    assert (resumed.units, resumed.counts.read, resumed.counts.rejected) == (20, 4, Counter(invalid_reading=3))
+    resumed.complete()
+    assert not Path(checkpoint.path).exists()
+    assert Path(rejects).read_bytes() == b'{"line": 2}\n{"line": 3}\n{"line": 4}\n'
+
+
+def test_a_ledger_cuts_the_rejects_back_to_what_its_checkpoint_counts(tmp_path: Path) -> None:
+    rejects = tmp_path / "r.ndjson"
+    checkpoint = Checkpoint(str(rejects) + ".checkpoint", {"source": "a"})
+    ledger = Ledger(checkpoint, str(rejects), dry_run=False, restart=False)
+    ledger.apply(Chunk(Lines("in", NDJSON, 1, b""), {"line": 1}, 5, 1),
+                 ChunkResult(Counts(read=1, rejected=Counter(malformed_json=1)), b'{"line": 1}\n'))
+    ledger.suspend()
+    with open(rejects, "ab") as f:  # written after the last checkpoint by a run that then died
+        f.write(b'{"line": 2}\n')
+
+    resumed = Ledger(checkpoint, str(rejects), dry_run=False, restart=False)
+    assert resumed.position == {"line": 1} and rejects.read_bytes() == b'{"line": 1}\n'
+    resumed.suspend()
+
+
+def test_a_ledger_that_did_nothing_leaves_nothing_behind(tmp_path: Path) -> None:
+    rejects = tmp_path / "r.ndjson"
+    checkpoint = Checkpoint(str(rejects) + ".checkpoint", {"source": "a"})
+    Ledger(checkpoint, str(rejects), dry_run=False, restart=False).abandon()
+    assert not rejects.exists() and not Path(checkpoint.path).exists()
+
+
+def test_dead_letter_headers_name_where_the_reading_came_from_and_filter_by_reason() -> None:
+    headers = {"fleet.error.reason": "unknown_vehicle", "fleet.error.detail": "vehicle v is not registered",
+               "fleet.source.topic": "t", "fleet.source.partition": "1", "fleet.source.offset": "7"}
+    assert dead_letter_headers(headers, ()) == {"reason": "unknown_vehicle", "topic": "t", "partition": "1",
+                                               "offset": "7"}
+    assert dead_letter_headers(headers, ("unknown_vehicle", "future_time")) == dead_letter_headers(headers, ())
+    assert dead_letter_headers(headers, ("invalid_reading",)) is None
+    assert dead_letter_headers({}, ()) == {}
+
+
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """``fleet_telemetry.cli.main.main`` without its logging set-up, which would bind the loggers to this
@@ -164,9 +220,7 @@ def test_a_missing_mode_is_an_argparse_error(cli: Any, capsys: pytest.CaptureFix
 
 
 def test_summary_json_is_stable(tmp_path: Path) -> None:
-    from collections import Counter
-
-    from fleet_telemetry.replay.run import Counts, Summary
+    from fleet_telemetry.replay.progress import Summary
 
     summary = Summary("complete", "x", "direct", False, Counts(3, 1, 1, 0, 0, Counter(invalid_reading=1)),
                       1.0, "r.ndjson", None, None)
@@ -177,8 +231,9 @@ def test_summary_json_is_stable(tmp_path: Path) -> None:
 
 
 async def test_a_dry_run_never_overwrites_the_rejects_of_an_interrupted_replay(tmp_path: Path) -> None:
-    from fleet_telemetry.replay.run import DIRECT, Replay, ReplayOptions
     from fleet_telemetry.core.settings import Settings
+    from fleet_telemetry.replay.results import DIRECT
+    from fleet_telemetry.replay.run import Replay, ReplayOptions
 
     path = tmp_path / "in.ndjson"
     path.write_text("{}\n")
