@@ -121,7 +121,7 @@ def options_from(args: argparse.Namespace) -> Options:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from fleet_telemetry.cli import load_settings
+        from fleet_telemetry.cli.main import load_settings
         from fleet_telemetry.core.logs import configure_logging
 
         options = options_from(args)
