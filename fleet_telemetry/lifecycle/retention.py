@@ -7,7 +7,7 @@ it is kept. Hourly rollups go a whole UTC day at a time, the horizon moving firs
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
 
 import asyncpg
 import structlog
@@ -22,7 +22,7 @@ from fleet_telemetry.lifecycle.policy import (
     telemetry_partition_day,
     utc_day,
 )
-from fleet_telemetry.lifecycle.rollups import read_horizons
+from fleet_telemetry.lifecycle.rollups import DAILY, HOURLY, read_horizons
 
 log = structlog.get_logger(__name__)
 
@@ -128,21 +128,27 @@ async def _drop_orphans(ctx: PassContext) -> None:
 
 async def remove_old_rollups(ctx: PassContext) -> None:
     """Removes hourly rollups past their retention and, when one is set, daily ones."""
-    await _remove_old_hourly(ctx)
-    if ctx.policy.daily_retention_days:
-        await _remove_old_daily(ctx)
-
-
-async def _remove_old_hourly(ctx: PassContext) -> None:
-    """Oldest day first, one transaction each, under the day's lock."""
-    cutoff = rollup_cutoff(ctx.now, ctx.policy.hourly_retention_days)
+    hourly_cutoff = rollup_cutoff(ctx.now, ctx.policy.hourly_retention_days)
+    daily_days = ctx.policy.daily_retention_days
+    daily_cutoff = rollup_cutoff(ctx.now, daily_days) if daily_days else None
     if ctx.dry_run:
-        ctx.report.hourly_rows_removed = int(
-            await ctx.conn.fetchval("SELECT count(*) FROM vehicle_telemetry_hourly WHERE bucket < $1", cutoff)
-        )
+        ctx.report.hourly_rows_removed = await _count_before(ctx, HOURLY, hourly_cutoff)
+        if daily_cutoff is not None:
+            ctx.report.daily_rows_removed = await _count_before(ctx, DAILY, daily_cutoff)
         return
+    await _remove_old_hourly(ctx, hourly_cutoff)
+    if daily_cutoff is not None:
+        await _remove_old_daily(ctx, daily_cutoff)
+
+
+async def _count_before(ctx: PassContext, table: str, cutoff: datetime) -> int:
+    return int(await ctx.conn.fetchval(f"SELECT count(*) FROM {table} WHERE bucket < $1", cutoff))
+
+
+async def _remove_old_hourly(ctx: PassContext, cutoff: datetime) -> None:
+    """Oldest day first, one transaction each, under the day's lock."""
     while True:
-        oldest = await ctx.conn.fetchval("SELECT min(bucket) FROM vehicle_telemetry_hourly")
+        oldest = await ctx.conn.fetchval(f"SELECT min(bucket) FROM {HOURLY}")
         if oldest is None or oldest >= cutoff:
             return
         day = utc_day(oldest)
@@ -152,21 +158,13 @@ async def _remove_old_hourly(ctx: PassContext) -> None:
             await ctx.conn.execute(
                 "UPDATE telemetry_lifecycle SET hourly_horizon = greatest(hourly_horizon, $1)", day + DAY
             )
-            status = await ctx.conn.execute(
-                "DELETE FROM vehicle_telemetry_hourly WHERE bucket >= $1 AND bucket < $2", day, day + DAY
-            )
+            status = await ctx.conn.execute(f"DELETE FROM {HOURLY} WHERE bucket >= $1 AND bucket < $2", day, day + DAY)
         ctx.report.hourly_rows_removed += _rows(status)
 
 
-async def _remove_old_daily(ctx: PassContext) -> None:
+async def _remove_old_daily(ctx: PassContext, cutoff: datetime) -> None:
     """Daily rollups and the identities of folded readings past the daily retention."""
-    cutoff = rollup_cutoff(ctx.now, ctx.policy.daily_retention_days)
-    if ctx.dry_run:
-        ctx.report.daily_rows_removed = int(
-            await ctx.conn.fetchval("SELECT count(*) FROM vehicle_telemetry_daily WHERE bucket < $1", cutoff)
-        )
-        return
     async with ctx.conn.transaction():
-        status = await ctx.conn.execute("DELETE FROM vehicle_telemetry_daily WHERE bucket < $1", cutoff)
+        status = await ctx.conn.execute(f"DELETE FROM {DAILY} WHERE bucket < $1", cutoff)
         await ctx.conn.execute("DELETE FROM telemetry_folded_readings WHERE time < $1", cutoff)
     ctx.report.daily_rows_removed = _rows(status)
