@@ -47,9 +47,10 @@ from fleet_telemetry.consumers.sink import TelemetrySink, create_pool
 from fleet_telemetry.core.logs import configure_logging
 from fleet_telemetry.core.reading import Reading, Source
 from fleet_telemetry.core.settings import Settings
-from fleet_telemetry.lifecycle.maintain import LifecyclePolicy, run_pass
-from fleet_telemetry.schema.migrate import apply_migrations
+from fleet_telemetry.lifecycle.policy import LifecyclePolicy
 from fleet_telemetry.lifecycle.rollups import refresh_dirty_rollups
+from fleet_telemetry.lifecycle.run import run_pass
+from fleet_telemetry.schema.migrate import apply_migrations
 
 DATABASE = "fleet_bench_maintain"
 CHUNK = 500_000

@@ -20,38 +20,25 @@ How the rollups stay equal to the raw rows they cover (schema/README.md, "Lifecy
   final in the rollups. Readings that still land there (a backfill, a consumer whose
   clock lags) are folded into the rollups like :func:`fold_into_rollups` does and their
   stray raw rows deleted, instead of recomputing the hour from what little raw is left.
-- Every writer of one day's rollups holds a transaction-level advisory lock on that day,
-  so recomputes, folds and retention never interleave on the same day.
+- Every writer of one day's rollups holds a transaction-level advisory lock on that day
+  (:func:`fleet_telemetry.lifecycle.locks.lock_day`), so recomputes, folds and retention
+  never interleave on the same day.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import date, datetime, timedelta, timezone
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import asyncpg
 import orjson
 
 from fleet_telemetry.core.reading import Reading
-
-T = TypeVar("T")
-
-HOUR = timedelta(hours=1)
-DAY = timedelta(days=1)
-EPOCH_DAY = date(1970, 1, 1)
-
-# First key of the per-day advisory lock held by every writer of one day's rollups
-# ("flrd" in ASCII); the second key is the day's number since 1970-01-01.
-DAY_LOCK_KEY = 0x666C7264
-DEFAULT_LOCK_TIMEOUT_SECONDS = 0.5
-LOCK_ATTEMPTS = 3
-LOCK_PATIENCE_SECONDS = 5.0
-QUICK_LOCK_WAIT_SECONDS = 0.02
+from fleet_telemetry.lifecycle.locks import in_lock_timeout, lock_day
+from fleet_telemetry.lifecycle.policy import DEFAULT_LOCK_TIMEOUT_SECONDS, LOCK_PATIENCE_SECONDS, utc_day
 
 HOURLY = "vehicle_telemetry_hourly"
 DAILY = "vehicle_telemetry_daily"
@@ -324,69 +311,10 @@ class _Point:
 # --- helpers ---------------------------------------------------------------------------
 
 
-def utc_day(moment: datetime) -> datetime:
-    """Start of the UTC day of ``moment`` (aware)."""
-    moment = moment.astimezone(timezone.utc)
-    return datetime(moment.year, moment.month, moment.day, tzinfo=timezone.utc)
-
-
-def day_lock_number(day: datetime | date) -> int:
-    """Second key of a day's advisory lock: days since 1970-01-01."""
-    as_date = day.astimezone(timezone.utc).date() if isinstance(day, datetime) else day
-    return (as_date - EPOCH_DAY).days
-
-
-async def lock_day(conn: asyncpg.Connection, day: datetime | date) -> None:
-    """Takes the day's rollup lock until the end of the current transaction (blocks)."""
-    await conn.execute("SELECT pg_advisory_xact_lock($1::int, $2::int)", DAY_LOCK_KEY, day_lock_number(day))
-
-
 async def read_horizons(conn: asyncpg.Connection) -> Horizons:
     row = await conn.fetchrow(_HORIZONS)
     assert row is not None, "telemetry_lifecycle has no row: run fleet migrate"
     return Horizons(raw=row["raw_horizon"], hourly=row["hourly_horizon"])
-
-
-async def in_lock_timeout(
-    conn: asyncpg.Connection,
-    work: Callable[[asyncpg.Connection], Awaitable[T]],
-    *,
-    timeout: float = DEFAULT_LOCK_TIMEOUT_SECONDS,
-    attempts: int = LOCK_ATTEMPTS,
-    patience: float = LOCK_PATIENCE_SECONDS,
-) -> tuple[bool, T | None]:
-    """Runs ``work(conn)`` in a transaction whose lock waits are kept short; retries.
-
-    For every statement whose lock also holds up ingestion (creating and detaching
-    partitions, claiming dirty hours): while it waits in the lock queue, the writers
-    queued behind it wait too. So it first tries for up to ``patience`` seconds with
-    lock waits of 20 ms (a long query holding the table then holds up no writer), then
-    ``attempts`` times with waits of ``timeout``, pausing between tries. A try whose
-    lock wait runs out is rolled back. Returns ``(True, result)``, or ``(False, None)``
-    when every try ran out.
-    """
-
-    async def attempt(wait: float) -> tuple[bool, T | None]:
-        try:
-            async with conn.transaction():
-                await conn.execute("SELECT set_config('lock_timeout', $1, true)", f"{max(1, int(wait * 1000))}ms")
-                return True, await work(conn)
-        except asyncpg.exceptions.LockNotAvailableError:
-            return False, None
-
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        done, result = await attempt(QUICK_LOCK_WAIT_SECONDS)
-        if done:
-            return done, result
-        await asyncio.sleep(0.05)
-    for n in range(attempts):
-        done, result = await attempt(timeout)
-        if done:
-            return done, result
-        if n + 1 < attempts:
-            await asyncio.sleep(0.1 * 2**n)
-    return False, None
 
 
 def _require_autocommit(conn: asyncpg.Connection) -> None:

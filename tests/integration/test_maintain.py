@@ -29,10 +29,12 @@ import pytest_asyncio
 
 from fleet_telemetry.consumers.sink import TelemetrySink, create_pool
 from fleet_telemetry.core.reading import Reading, Source
-from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.core.metrics import MaintainMetrics
-from fleet_telemetry.lifecycle.maintain import LifecyclePolicy, Maintainer, PassReport, run_pass
+from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.lifecycle.policy import LifecyclePolicy
+from fleet_telemetry.lifecycle.report import PassReport
 from fleet_telemetry.lifecycle.rollups import fold_into_rollups, refresh_dirty_rollups
+from fleet_telemetry.lifecycle.run import Maintainer, run_pass
 from tests.databases import create_database, drop_database
 
 pytestmark = pytest.mark.integration

@@ -11,19 +11,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.metrics import MaintainMetrics
 from fleet_telemetry.core.settings import Settings
-from fleet_telemetry.lifecycle.maintain import (
+from fleet_telemetry.lifecycle.locks import day_lock_number
+from fleet_telemetry.lifecycle.policy import (
     LifecyclePolicy,
-    PassReport,
     add_months,
     expired_raw_days,
     last_stats_refresh_slot,
     parse_every,
-    record_pass,
     rollup_cutoff,
     stats_refresh_due,
     telemetry_partition_day,
+    utc_day,
 )
-from fleet_telemetry.lifecycle.rollups import MERGE_INTO_DAILY, MERGE_INTO_HOURLY, Horizons, RollupReport, day_lock_number, utc_day
+from fleet_telemetry.lifecycle.report import PassReport, record_pass
+from fleet_telemetry.lifecycle.rollups import MERGE_INTO_DAILY, MERGE_INTO_HOURLY, Horizons, RollupReport
 
 
 def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:

@@ -1,0 +1,200 @@
+"""``fleet maintain``: partitions, rollups, retention and reports, one idempotent pass at a time.
+
+A pass (schema/README.md, "Lifecycle: partitions, rollups, retention"), in this order:
+
+1. moves rows that fell into a default partition into partitions of their own
+   (telemetry days, audit months); rows of telemetry days whose raw data was already
+   dropped are instead marked for folding into the rollups
+   (:mod:`fleet_telemetry.lifecycle.partitions`);
+2. creates the telemetry partitions for today and ``partitions_ahead_days`` ahead, and
+   the audit partitions for this month and ``audit_partitions_ahead_months`` ahead;
+3. recomputes the rollups of the hours the sink marked dirty (:mod:`fleet_telemetry.lifecycle.rollups`);
+4. detaches and drops raw partitions whose whole day is older than the raw retention,
+   oldest first, each only once none of its hours waits for a rollup; removes hourly
+   rollups past their retention (whole days) and, if configured, daily ones
+   (:mod:`fleet_telemetry.lifecycle.retention`);
+5. refreshes ``monthly_vehicle_stats`` concurrently when its nightly run is due
+   (:mod:`fleet_telemetry.lifecycle.stats`).
+
+Passes from several hosts serialise on a session advisory lock, and every step is safe
+on its own as well. Each statement that takes a lock ingestion also needs (creating or
+detaching a partition, claiming dirty hours) first retries with 20 ms lock waits for a
+couple of seconds, then waits at most ``maintain_lock_timeout_seconds`` a few times
+(:func:`fleet_telemetry.lifecycle.locks.in_lock_timeout`); a step that still cannot get
+its lock is reported as deferred and left to the next pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import asyncpg
+import structlog
+
+from fleet_telemetry.core.errors import FleetError, unavailable
+from fleet_telemetry.core.metrics import MaintainMetrics
+from fleet_telemetry.core.retry import is_transient
+from fleet_telemetry.lifecycle.context import PassContext
+from fleet_telemetry.lifecycle.locks import pass_lock
+from fleet_telemetry.lifecycle.partitions import ensure_ahead, move_default_rows
+from fleet_telemetry.lifecycle.policy import LifecyclePolicy, utc_now
+from fleet_telemetry.lifecycle.report import PassReport, record_pass
+from fleet_telemetry.lifecycle.retention import drop_expired_raw, remove_old_rollups
+from fleet_telemetry.lifecycle.rollups import RollupReport, refresh_dirty_rollups, rollup_backlog
+from fleet_telemetry.lifecycle.stats import refresh_stats
+
+if TYPE_CHECKING:
+    from fleet_telemetry.core.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], datetime]
+Step = Callable[[PassContext], Awaitable[None]]
+
+CONNECT_TIMEOUT_SECONDS = 10.0
+
+_SCHEMA_OF_TELEMETRY = (
+    "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE c.oid = 'vehicle_telemetry'::regclass"
+)
+_RECORD_PASS = (
+    "INSERT INTO maintenance_runs (task, last_success_at) VALUES ('pass', $1)"
+    " ON CONFLICT (task) DO UPDATE SET last_success_at = excluded.last_success_at"
+)
+
+
+async def roll_up(ctx: PassContext) -> None:
+    """Recomputes the rollups of the dirty hours (with ``dry_run``: counts them)."""
+    if ctx.dry_run:
+        pending, lag = await rollup_backlog(ctx.conn)
+        ctx.report.rollups = RollupReport(pending_hours=pending, lag_seconds=lag)
+        return
+    ctx.report.rollups = await refresh_dirty_rollups(
+        ctx.conn, lock_timeout=ctx.policy.lock_timeout_seconds, lock_patience=ctx.policy.lock_patience_seconds
+    )
+    if ctx.report.rollups.claim_deferred:
+        ctx.report.deferred.append("claiming dirty hours")
+
+
+# The steps of a pass, in order; each commits what it did.
+STEPS: tuple[Step, ...] = (move_default_rows, ensure_ahead, roll_up, drop_expired_raw, remove_old_rollups, refresh_stats)
+
+
+async def run_pass(
+    conn: asyncpg.Connection,
+    policy: LifecyclePolicy,
+    *,
+    now: datetime,
+    dry_run: bool = False,
+    force_stats: bool = False,
+) -> PassReport:
+    """One maintenance pass at the moment ``now`` (the injectable clock's reading).
+
+    Call outside a transaction: every step commits on its own, so a failure keeps what
+    the earlier steps did and the next pass carries on. Blocks while another pass holds
+    the pass lock. With ``dry_run`` it only reads (no lock, no change) and reports what a
+    pass would do. Raises asyncpg errors (connection lost, ...) to the caller.
+    """
+    started = time.perf_counter()
+    ctx = PassContext(conn, policy, now, dry_run=dry_run, force_stats=force_stats)
+    if dry_run:
+        await _run_steps(ctx)
+    else:
+        async with pass_lock(conn):
+            await _run_steps(ctx)
+            await conn.execute(_RECORD_PASS, now)
+    ctx.report.duration_seconds = time.perf_counter() - started
+    return ctx.report
+
+
+async def _run_steps(ctx: PassContext) -> None:
+    ctx.schema = await ctx.conn.fetchval(_SCHEMA_OF_TELEMETRY)
+    for step in STEPS:
+        await step(ctx)
+
+
+# --- passes against the configured database -----------------------------------------------
+
+
+async def connect(settings: "Settings") -> asyncpg.Connection:
+    """A connection for one pass. Raises :class:`ServiceUnavailable` when PostgreSQL does
+    not answer and :class:`FleetError` when the database does not exist."""
+    try:
+        return await asyncpg.connect(
+            settings.database_url,
+            timeout=CONNECT_TIMEOUT_SECONDS,
+            server_settings={"application_name": "fleet maintain"},
+        )
+    except asyncpg.exceptions.InvalidCatalogNameError:
+        raise FleetError(
+            f"database at {settings.database_url_masked} does not exist: run fleet migrate first"
+        ) from None
+    except (OSError, asyncio.TimeoutError, asyncpg.exceptions.PostgresConnectionError,
+            asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.TooManyConnectionsError) as exc:
+        raise unavailable("PostgreSQL", settings.database_url_masked, exc) from None
+
+
+def _pass_failure(exc: Exception, address: str) -> FleetError:
+    """The error a command reports for a pass that raised ``exc``."""
+    if isinstance(exc, asyncpg.exceptions.UndefinedTableError):
+        return FleetError(f"the schema is missing a table ({exc}): run fleet migrate")
+    if is_transient(exc):
+        return unavailable(
+            "PostgreSQL", address, exc,
+            hint="the pass stopped part-way: what was committed stays, run fleet maintain again",
+        )
+    sqlstate = getattr(exc, "sqlstate", None)
+    return FleetError(f"maintenance pass failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                      + (f" (SQLSTATE {sqlstate})" if sqlstate else ""))
+
+
+class Maintainer:
+    """Runs passes against ``settings.database_url`` with a clock and metrics of its own."""
+
+    def __init__(self, settings: "Settings", *, clock: Clock = utc_now, metrics: MaintainMetrics | None = None) -> None:
+        self.settings = settings
+        self.policy = LifecyclePolicy.from_settings(settings)
+        self.clock = clock
+        self.metrics = metrics if metrics is not None else MaintainMetrics()
+
+    async def run_once(self, *, dry_run: bool = False, force_stats: bool = False) -> PassReport:
+        """One pass on a fresh connection. Raises :class:`ServiceUnavailable` when
+        PostgreSQL cannot be reached and :class:`FleetError` when a step fails (the
+        failure is counted in the metrics)."""
+        conn = await connect(self.settings)
+        try:
+            report = await run_pass(conn, self.policy, now=self.clock(), dry_run=dry_run, force_stats=force_stats)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            self.metrics.passes.labels(outcome="failure").inc()
+            raise _pass_failure(exc, self.settings.database_url_masked) from None
+        finally:
+            if not conn.is_closed():
+                await conn.close()
+        if not dry_run:
+            record_pass(self.metrics, report, time.time())
+        return report
+
+    async def run_every(self, interval: float, stop: asyncio.Event, *, force_stats: bool = False) -> int:
+        """Passes every ``interval`` seconds (start to start) until ``stop`` is set.
+
+        A failed pass is logged and counted and the loop carries on; the pass in progress
+        when ``stop`` is set finishes first. Returns 0.
+        """
+        first = True
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                report = await self.run_once(force_stats=force_stats and first)
+                log.info("maintenance pass", summary=report.lines()[-1], **report.log_fields())
+            except FleetError as exc:
+                log.error("maintenance pass failed", error=str(exc))
+            first = False
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=max(0.0, interval - (time.monotonic() - started)))
+            except asyncio.TimeoutError:
+                pass
+        return 0
