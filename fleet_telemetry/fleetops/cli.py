@@ -32,7 +32,7 @@ from fleet_telemetry.fleetops import (
 )
 from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.errors import InvalidInput
-from fleet_telemetry.fleetops.validation import parse_date, parse_month, parse_number, parse_point, parse_time
+from fleet_telemetry.fleetops.values import parse_date, parse_month, parse_number, parse_point, parse_time
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.settings import Settings
 

@@ -25,11 +25,10 @@ from fleet_telemetry.fleetops.validation import (
     Route,
     Shipment,
     check_job_transition,
-    check_period,
     job_fields,
-    parse_choice,
     shipment,
 )
+from fleet_telemetry.fleetops.values import check_period, parse_choice
 
 _JOB_COLUMNS = ("customer_id", "agreed_price", "currency", "pickup_at", "deliver_by")
 

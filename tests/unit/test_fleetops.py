@@ -19,18 +19,14 @@ from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.errors import DoubleBooking, InvalidInput
 from fleet_telemetry.fleetops.validation import (
     JOB_TRANSITIONS,
-    Point,
     add_months,
     check_job_transition,
-    check_period,
     job_fields,
     next_due,
-    parse_money,
-    parse_point,
-    parse_time,
     schedule_fields,
     vehicle_fields,
 )
+from fleet_telemetry.fleetops.values import Point, check_period, parse_money, parse_point, parse_time
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.reading import Source
 
