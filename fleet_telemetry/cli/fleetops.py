@@ -144,7 +144,8 @@ async def _send_command(args: argparse.Namespace, settings: Settings) -> int:
     value = commands.command_value(args.type, args.data, command_id=command_id, actor=args.actor)
     producer = await start_producer(settings)
     try:
-        await producer.send_and_wait(settings.commands_topic, value, key=args.key.encode() if args.key else None)
+        key = args.key.encode() if args.key else None
+        await producer.send_and_wait(settings.commands_topic, value, key=key)
     finally:
         await producer.stop()
     _print({"command_id": str(command_id), "topic": settings.commands_topic}, args.json)

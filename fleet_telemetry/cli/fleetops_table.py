@@ -183,14 +183,14 @@ class Entity:
 
     name: str
     fields: tuple[Option, ...]
+    list_columns: tuple[str, ...]
+    list_help: str
+    delete_help: str
     register: Callable[..., Awaitable[Any]]
     update: Callable[..., Awaitable[Any]]
     delete: Callable[..., Awaitable[Any]]
     get: Callable[..., Awaitable[Any]]
     listing: Callable[..., Awaitable[Any]]
-    delete_help: str
-    list_help: str
-    list_columns: tuple[str, ...]
     list_options: tuple[Option, ...] = ()
 
 
@@ -217,7 +217,8 @@ def entity_actions(entity: Entity) -> tuple[Action, ...]:
                gather="changes"),
         Action("delete", entity.delete_help, entity.delete, (key(name),), writes=True),
         Action("show", f"one {name}", entity.get, (key(name),)),
-        Action("list", entity.list_help, entity.listing, (*entity.list_options, LIMIT), columns=entity.list_columns),
+        Action("list", entity.list_help, entity.listing, (*entity.list_options, LIMIT),
+               columns=entity.list_columns),
     )
 
 
@@ -241,12 +242,12 @@ VEHICLES = Entity(
         Option("--status", field="status", help="active, maintenance, inactive or retired"),
         Option("--specs", field="specs", type=json_object_arg, help='JSON object, e.g. \'{"fuel": "diesel"}\''),
     ),
-    register=vehicles.register_vehicle, update=vehicles.update_vehicle, delete=vehicles.delete_vehicle,
-    get=vehicles.get_vehicle, listing=vehicles.list_vehicles,
-    delete_help="soft-delete a vehicle (refused while it has open bookings)",
-    list_help="live vehicles, newest first",
     list_options=(Option("--status"), Option("--type")),
     list_columns=("id", "license_plate", "vin", "type", "status", "make", "model"),
+    list_help="live vehicles, newest first",
+    delete_help="soft-delete a vehicle (refused while it has open bookings)",
+    register=vehicles.register_vehicle, update=vehicles.update_vehicle, delete=vehicles.delete_vehicle,
+    get=vehicles.get_vehicle, listing=vehicles.list_vehicles,
 )
 
 VEHICLES_AVAILABLE = Action(
@@ -263,12 +264,12 @@ DRIVERS = Entity(
         Option("--status", field="status", help="active, inactive or suspended"),
         Option("--user-id", field="user_id", type=uuid_arg, help="the driver's login (users.id)"),
     ),
-    register=drivers.register_driver, update=drivers.update_driver, delete=drivers.delete_driver,
-    get=drivers.get_driver, listing=drivers.list_drivers,
-    delete_help="soft-delete a driver (refused while they have open bookings)",
-    list_help="live drivers, newest first",
     list_options=(Option("--status"),),
     list_columns=("id", "name", "license_number", "status"),
+    list_help="live drivers, newest first",
+    delete_help="soft-delete a driver (refused while they have open bookings)",
+    register=drivers.register_driver, update=drivers.update_driver, delete=drivers.delete_driver,
+    get=drivers.get_driver, listing=drivers.list_drivers,
 )
 
 DRIVERS_AVAILABLE = Action(
@@ -300,11 +301,11 @@ CUSTOMERS = Entity(
                help='JSON object, e.g. \'{"email": "a@b.c"}\''),
         Option("--billing-address", field="billing_address"),
     ),
+    list_columns=("id", "name", "billing_address"),
+    list_help="live customers by name",
+    delete_help="soft-delete a customer (refused while they have open jobs)",
     register=customers.register_customer, update=customers.update_customer, delete=customers.delete_customer,
     get=customers.get_customer, listing=customers.list_customers,
-    delete_help="soft-delete a customer (refused while they have open jobs)",
-    list_help="live customers by name",
-    list_columns=("id", "name", "billing_address"),
 )
 
 # --- assignments --------------------------------------------------------------------------------
@@ -376,7 +377,8 @@ JOBS = (
            writes=True),
     Action("add-shipment", "add cargo to an open job", jobs.add_shipment, (
         key("job"),
-        Option("shipment", to="data", type=json_object_arg, help='JSON, e.g. \'{"type": "pallet", "weight_kg": 400}\''),
+        Option("shipment", to="data", type=json_object_arg,
+               help='JSON, e.g. \'{"type": "pallet", "weight_kg": 400}\''),
     ), writes=True),
     Action("delete", "soft-delete a pending or cancelled job", jobs.delete_job, (key("job"),), writes=True),
     Action("show", "one job with route and cargo", jobs.job_view, (key("job"),)),
@@ -435,7 +437,8 @@ MAINTENANCE = (
            (key("schedule"), *INTERVALS), writes=True, gather="changes"),
     Action("due", "triggers due before --before (default: overdue today)", maintenance.due_triggers, (
         Option("--before", type=date_arg, convert=_or_today, help="YYYY-MM-DD"), LIMIT,
-    ), columns=("vehicle_id", "license_plate", "schedule", "next_due_date", "next_due_km", "last_service_date")),
+    ), columns=("vehicle_id", "license_plate", "schedule", "next_due_date", "next_due_km",
+                "last_service_date")),
     Action("history", "a vehicle's services and triggers", vehicle_history, (key("vehicle"), LIMIT)),
     Action("profitability", "revenue minus maintenance cost per vehicle and month", profitability, (
         Option("--from", dest="start", type=month_arg, required=True, help="YYYY-MM"),
