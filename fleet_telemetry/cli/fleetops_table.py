@@ -138,7 +138,9 @@ class Action:
     """One command, e.g. ``fleet vehicles add``: ``call`` gets a connection (the primary's
     when ``writes``, else a read-only one, a replica's when one answers) or, with
     ``takes_database``, the :class:`Database`; then the keyword arguments of
-    :meth:`arguments`. Writers also get ``actor`` (option ``--actor``)."""
+    :meth:`arguments`: writers get ``actor`` (option ``--actor``), and the field options
+    are passed as one mapping under the keyword ``gather``. ``columns`` are the columns a
+    list prints as text; ``description`` is the longer help, if any."""
 
     name: str
     help: str
@@ -197,7 +199,7 @@ class Entity:
 LIMIT = Option("--limit", type=count_arg, default=100)
 
 
-def key(name: str) -> Option:
+def row_id(name: str) -> Option:
     """The positional id of the row an action works on, e.g. ``vehicle_id``."""
     return Option(f"{name}_id", type=uuid_arg)
 
@@ -213,10 +215,10 @@ def entity_actions(entity: Entity) -> tuple[Action, ...]:
     return (
         Action("add", f"register a {name}", entity.register, (*entity.fields, new_id(name, f"{name}_id")),
                writes=True, gather="data"),
-        Action("update", f"change a {name}'s fields", entity.update, (key(name), *optional), writes=True,
+        Action("update", f"change a {name}'s fields", entity.update, (row_id(name), *optional), writes=True,
                gather="changes"),
-        Action("delete", entity.delete_help, entity.delete, (key(name),), writes=True),
-        Action("show", f"one {name}", entity.get, (key(name),)),
+        Action("delete", entity.delete_help, entity.delete, (row_id(name),), writes=True),
+        Action("show", f"one {name}", entity.get, (row_id(name),)),
         Action("list", entity.list_help, entity.listing, (*entity.list_options, LIMIT),
                columns=entity.list_columns),
     )
@@ -233,7 +235,8 @@ PERIOD = (
 VEHICLES = Entity(
     name="vehicle",
     fields=(
-        Option("--vin", field="vin", required=True, help="vehicle identification number (up to 17 letters/digits)"),
+        Option("--vin", field="vin", required=True,
+               help="vehicle identification number (up to 17 letters/digits)"),
         Option("--plate", field="license_plate", required=True, help="licence plate"),
         Option("--make", field="make"),
         Option("--model", field="model"),
@@ -319,10 +322,10 @@ ASSIGNMENTS = (
         new_id("assignment", "assignment_id"),
     ), writes=True),
     Action("end", "end an ACTIVE assignment (now, or at --at in the past)", assignments.end_assignment,
-           (key("assignment"), Option("--at", type=time_arg)), writes=True),
-    Action("cancel", "cancel an ACTIVE assignment", assignments.cancel_assignment, (key("assignment"),),
+           (row_id("assignment"), Option("--at", type=time_arg)), writes=True),
+    Action("cancel", "cancel an ACTIVE assignment", assignments.cancel_assignment, (row_id("assignment"),),
            writes=True),
-    Action("show", "one assignment", assignments.get_assignment, (key("assignment"),)),
+    Action("show", "one assignment", assignments.get_assignment, (row_id("assignment"),)),
     Action("list", "assignments, newest first", assignments.list_assignments, (
         Option("--vehicle", to="vehicle_id", type=uuid_arg),
         Option("--driver", to="driver_id", type=uuid_arg),
@@ -369,19 +372,20 @@ JOBS = (
         new_id("job", "job_id"),
     ), writes=True, gather="data", takes_database=True),
     Action("update", "change price, currency or window of an open job", jobs.update_job,
-           (key("job"), *JOB_TERMS), writes=True, gather="changes"),
+           (row_id("job"), *JOB_TERMS), writes=True, gather="changes"),
     Action("assign", "dispatch a job to an ACTIVE assignment (vehicle and driver)", jobs.assign_job,
-           (key("job"), Option("--assignment", to="assignment_id", type=uuid_arg, required=True)), writes=True),
+           (row_id("job"), Option("--assignment", to="assignment_id", type=uuid_arg, required=True)),
+           writes=True),
     Action("status", "move a job to in_transit, delivered, cancelled or pending", jobs.set_job_status,
-           (key("job"), Option("status"), Option("--at", type=time_arg, help="delivery time (default now)")),
+           (row_id("job"), Option("status"), Option("--at", type=time_arg, help="delivery time (default now)")),
            writes=True),
     Action("add-shipment", "add cargo to an open job", jobs.add_shipment, (
-        key("job"),
+        row_id("job"),
         Option("shipment", to="data", type=json_object_arg,
                help='JSON, e.g. \'{"type": "pallet", "weight_kg": 400}\''),
     ), writes=True),
-    Action("delete", "soft-delete a pending or cancelled job", jobs.delete_job, (key("job"),), writes=True),
-    Action("show", "one job with route and cargo", jobs.job_view, (key("job"),)),
+    Action("delete", "soft-delete a pending or cancelled job", jobs.delete_job, (row_id("job"),), writes=True),
+    Action("show", "one job with route and cargo", jobs.job_view, (row_id("job"),)),
     Action("list", "live jobs, newest first", jobs.list_jobs, (
         Option("--customer", to="customer_id", type=uuid_arg), Option("--status"), LIMIT,
     ), columns=("id", "customer_id", "status", "agreed_price", "currency", "assignment_id", "created_at")),
@@ -434,12 +438,12 @@ MAINTENANCE = (
         new_id("schedule", "schedule_id"),
     ), writes=True, gather="data"),
     Action("schedule-update", "change a rule's intervals; due dates follow", maintenance.update_schedule,
-           (key("schedule"), *INTERVALS), writes=True, gather="changes"),
+           (row_id("schedule"), *INTERVALS), writes=True, gather="changes"),
     Action("due", "triggers due before --before (default: overdue today)", maintenance.due_triggers, (
         Option("--before", type=date_arg, convert=_or_today, help="YYYY-MM-DD"), LIMIT,
     ), columns=("vehicle_id", "license_plate", "schedule", "next_due_date", "next_due_km",
                 "last_service_date")),
-    Action("history", "a vehicle's services and triggers", vehicle_history, (key("vehicle"), LIMIT)),
+    Action("history", "a vehicle's services and triggers", vehicle_history, (row_id("vehicle"), LIMIT)),
     Action("profitability", "revenue minus maintenance cost per vehicle and month", profitability, (
         Option("--from", dest="start", type=month_arg, required=True, help="YYYY-MM"),
         Option("--to", type=month_arg, help="YYYY-MM (default: --from)"),
