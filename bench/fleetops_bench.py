@@ -50,7 +50,7 @@ import asyncpg
 
 from fleet_telemetry.fleetops import queries
 from fleet_telemetry.fleetops.db import Database, init_connection
-from fleet_telemetry.fleetops.validation import Point
+from fleet_telemetry.fleetops.values import Point
 from fleet_telemetry.core.logs import configure_logging
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.schema.migrate import apply_migrations

@@ -1,7 +1,173 @@
-"""``fleet vehicles|drivers|...``: the fleet-operations writers and queries."""
+"""``fleet vehicles|drivers|customers|assignments|jobs|maintenance|dashboard|commands``.
+
+The entity commands are built from the table in :mod:`fleet_telemetry.cli.fleetops_table`.
+Each opens the database (writes on the primary, read-only queries on a replica when
+``FLEET_DATABASE_REPLICA_URLS`` names one that answers), prints the result as text or,
+with ``--json``, as one JSON document, and exits 0. Bad input (an unknown id, an end
+before its start, coordinates out of range, a double booking, ...) ends with one line
+on stderr and exit status 2; an unreachable service with exit status 1.
+"""
 
 from __future__ import annotations
 
-from fleet_telemetry.fleetops.cli import register
+import argparse
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+from uuid import uuid4
 
-__all__ = ["register"]
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from fleet_telemetry.cli.fleetops_table import GROUPS, Action, json_object_arg, uuid_arg
+from fleet_telemetry.core.errors import UsageError
+from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.fleetops import commands, dashboard
+from fleet_telemetry.fleetops.db import Database
+
+Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+
+
+def register(sub: Any) -> None:
+    """Adds ``fleet vehicles|drivers|customers|assignments|jobs|maintenance|dashboard|commands``."""
+    for group in GROUPS:
+        actions = _subcommands(sub, group.name, group.help)
+        for action in group.actions:
+            _add_action(actions, action)
+    _register_dashboard(sub)
+    _register_commands(sub)
+
+
+def _subcommands(sub: Any, name: str, help: str) -> Any:
+    parser = sub.add_parser(name, help=help, description=help)
+    inner = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION", parser_class=type(parser))
+    inner.required = True
+    return inner
+
+
+def _add_action(sub: Any, action: Action) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(action.name, help=action.help,
+                                                     description=action.description or action.help)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    if action.writes:
+        parser.add_argument("--actor", default="fleet-cli", help="who is doing this, for the audit log")
+    for option in action.options:
+        option.add_to(parser)
+    parser.set_defaults(handler=_handler(action))
+
+
+def _handler(action: Action) -> Handler:
+    async def run(args: argparse.Namespace, settings: Settings) -> int:
+        try:
+            async with Database.from_settings(settings, max_size=2) as database:
+                result = await _call(action, database, action.arguments(args))
+        except (asyncpg.exceptions.DataError, asyncpg.exceptions.IntegrityConstraintViolationError) as exc:
+            # SQLSTATE classes 22 and 23: input that broke a rule the writers do not check first.
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"refused by PostgreSQL: {message}") from None
+        _print(result, args.json, action.columns)
+        return 0
+
+    return run
+
+
+async def _call(action: Action, database: Database, kwargs: dict[str, Any]) -> Any:
+    if action.takes_database:
+        return await action.call(database, **kwargs)
+    async with (database.write() if action.writes else database.read()) as conn:
+        return await action.call(conn, **kwargs)
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def _print(result: Any, as_json: bool, columns: Sequence[str] = ()) -> None:
+    if as_json:
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        return
+    if isinstance(result, list):
+        if not result:
+            print("(none)")
+        for row in result:
+            shown = columns or list(row)
+            print("  ".join(f"{c}={_text(row.get(c))}" for c in shown))
+        return
+    if isinstance(result, Mapping):
+        for key, value in result.items():
+            print(f"{key}: {_text(value)}")
+        return
+    print(result)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (dict, list)):
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+# --- dashboard and commands ---------------------------------------------------------------------
+
+
+async def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    try:
+        async with Database.from_settings(settings, max_size=2) as database:
+            cache = dashboard.DashboardCache(redis, dashboard.database_compute(database),
+                                             settings.dashboard_cache_seconds)
+            if args.refresh:
+                stats, cached = await cache.refresh(), False
+            else:
+                stats, cached = await cache.get()
+    finally:
+        await redis.aclose()
+    _print(stats, args.json)
+    if not args.json:
+        print(f"(from the cache {dashboard.DASHBOARD_KEY})" if cached else "(computed now)")
+    return 0
+
+
+def _register_dashboard(sub: Any) -> None:
+    parser = sub.add_parser("dashboard", help="dashboard aggregates, cached in Redis",
+                            description="Revenue, active vehicles, maintenance costs and open jobs, served from"
+                            f" Redis key {dashboard.DASHBOARD_KEY} for FLEET_DASHBOARD_CACHE_SECONDS.")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--refresh", action="store_true", help="recompute now and replace the cached value")
+    parser.set_defaults(handler=_dashboard)
+
+
+async def _send_command(args: argparse.Namespace, settings: Settings) -> int:
+    from fleet_telemetry.ingest.producer import start_producer
+
+    command_id = args.id or uuid4()
+    value = commands.command_value(args.type, args.data, command_id=command_id, actor=args.actor)
+    producer = await start_producer(settings)
+    try:
+        key = args.key.encode() if args.key else None
+        await producer.send_and_wait(settings.commands_topic, value, key=key)
+    finally:
+        await producer.stop()
+    _print({"command_id": str(command_id), "topic": settings.commands_topic}, args.json)
+    return 0
+
+
+def _register_commands(sub: Any) -> None:
+    group = _subcommands(sub, "commands", "the command topic of the small writers (docs/commands.md)")
+    p = group.add_parser("consume", help="apply commands from FLEET_COMMANDS_TOPIC",
+                         description="Apply command events with the small writers, once per command_id;"
+                         " rejected commands go to FLEET_COMMANDS_DLQ_TOPIC. SIGTERM or Ctrl-C stops cleanly.")
+    p.add_argument("--stop-when-idle", type=float, metavar="SECONDS",
+                   help="exit 0 once no command arrived for SECONDS")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port (default off)")
+    p.set_defaults(handler=commands.run_consumer)
+
+    p = group.add_parser("send", help="publish one command", description="Publish one command to"
+                         " FLEET_COMMANDS_TOPIC (the consumer applies it).")
+    p.add_argument("type", choices=sorted(commands.HANDLERS))
+    p.add_argument("--data", type=json_object_arg, required=True, help="the command's data as a JSON object")
+    p.add_argument("--id", type=uuid_arg, help="command id (default: generated)")
+    p.add_argument("--key", help="record key (default none; use the entity id to keep its commands ordered)")
+    p.add_argument("--actor", default="fleet-cli")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_send_command)

@@ -22,7 +22,8 @@ import asyncpg
 from fleet_telemetry.fleetops import audit
 from fleet_telemetry.fleetops.audit import snapshot
 from fleet_telemetry.fleetops.errors import Conflict, DoubleBooking, InvalidInput, NotFound
-from fleet_telemetry.fleetops.validation import OPEN_JOB_STATUSES, check_period
+from fleet_telemetry.fleetops.validation import OPEN_JOB_STATUSES
+from fleet_telemetry.fleetops.values import check_period
 
 _CONSTRAINT_RESOURCE = {
     "vehicle_assignments_no_vehicle_overlap": "vehicle",

@@ -27,8 +27,8 @@ import asyncpg
 import orjson
 import structlog
 
+from fleet_telemetry.core.errors import unavailable
 from fleet_telemetry.core.retry import is_transient
-from fleet_telemetry.core.errors import ServiceUnavailable
 from fleet_telemetry.core.settings import Settings, mask_url
 
 log = structlog.get_logger("fleet.fleetops")
@@ -120,7 +120,8 @@ class Database:
     async def write(self) -> AsyncIterator[asyncpg.Connection]:
         """A primary connection, no transaction open (the writers open their own).
 
-        Raises :class:`ServiceUnavailable` if the primary cannot be reached.
+        Raises :class:`~fleet_telemetry.core.errors.ServiceUnavailable` if the primary cannot
+        be reached.
         """
         try:
             pool = await self._pool(self.primary_url)
@@ -128,10 +129,7 @@ class Database:
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            raise ServiceUnavailable(
-                f"PostgreSQL is not reachable at {mask_url(self.primary_url)} ({type(exc).__name__}):"
-                " start it (fleet services up) or set FLEET_DATABASE_URL"
-            ) from None
+            raise unavailable("PostgreSQL", mask_url(self.primary_url), exc) from None
         try:
             yield conn
         finally:
@@ -162,7 +160,8 @@ class Database:
         """A connection inside a READ ONLY transaction: a replica's if one answers, else the
         primary's. The transaction ends (rolled back: nothing to keep) when the block exits.
 
-        Raises :class:`ServiceUnavailable` if neither a replica nor the primary answers.
+        Raises :class:`~fleet_telemetry.core.errors.ServiceUnavailable` if neither a replica
+        nor the primary answers.
         """
         for url in self.replicas_in_turn():
             acquired = await self._try_begin(url)

@@ -1,9 +1,11 @@
-"""The life cycle shared by vehicles, drivers and customers: register, update, soft-delete.
+"""Rows of the writers' tables: one-row inserts and updates, and the life cycle shared by
+vehicles, drivers and customers (register, update, soft-delete).
 
-Each function runs in a transaction of its own on the given primary connection (a
-savepoint inside a caller's transaction), writes one ``audit_logs`` row with the row
-before and after, and returns the row after as a JSON-ready dict. Column names come
-from the :class:`Kind`'s whitelist only; values are always parameters.
+The life-cycle functions run in a transaction of their own on the given primary
+connection (a savepoint inside a caller's transaction), write one ``audit_logs`` row
+with the row before and after, and return the rows. Column names come from a
+whitelist only (the :class:`Kind`'s, or the checked fields of ``validation``); values
+are always parameters.
 """
 
 from __future__ import annotations
@@ -33,6 +35,32 @@ class Kind:
     unique: Mapping[str, str] = field(default_factory=dict)
 
 
+async def insert_row(conn: asyncpg.Connection, table: str, values: Mapping[str, Any], *,
+                     row_id: UUID | None = None) -> asyncpg.Record:
+    """Inserts one row of ``values`` into ``table``, with id ``row_id`` when given (else the
+    table's default, a new UUID), and returns it. Runs in the caller's transaction;
+    raises what PostgreSQL raises (``UniqueViolationError`` for an id or value taken)."""
+    columns = list(values)
+    params = list(values.values())
+    if row_id is not None:
+        columns.insert(0, "id")
+        params.insert(0, row_id)
+    placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+    return await conn.fetchrow(
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders}) RETURNING *", *params
+    )
+
+
+async def update_row(conn: asyncpg.Connection, table: str, row_id: UUID,
+                     values: Mapping[str, Any]) -> asyncpg.Record:
+    """Sets ``values`` (at least one) on the row ``row_id`` of ``table``; returns the row
+    after. Runs in the caller's transaction."""
+    sets = ", ".join(f"{column} = ${i}" for i, column in enumerate(values, start=2))
+    return await conn.fetchrow(
+        f"UPDATE {table} SET {sets} WHERE id = $1 RETURNING *", row_id, *values.values()
+    )
+
+
 async def fetch_live(conn: asyncpg.Connection, kind: Kind, entity_id: UUID, *,
                      lock: bool = False) -> asyncpg.Record:
     """The live (not soft-deleted) row; raises :class:`NotFound` otherwise."""
@@ -50,16 +78,10 @@ async def register(conn: asyncpg.Connection, kind: Kind, *, actor: str,
 
     Raises :class:`Conflict` when a unique value (VIN, plate, licence) is taken by a live row.
     """
-    columns = [c for c in values if c in kind.columns]
-    params = [values[c] for c in columns]
-    if entity_id is not None:
-        columns.insert(0, "id")
-        params.insert(0, entity_id)
-    placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
-    sql = f"INSERT INTO {kind.table} ({', '.join(columns)}) VALUES ({placeholders}) RETURNING *"
+    columns = {c: v for c, v in values.items() if c in kind.columns}
     try:
         async with conn.transaction():
-            row = await conn.fetchrow(sql, *params)
+            row = await insert_row(conn, kind.table, columns, row_id=entity_id)
             await audit.record(conn, actor=actor, action=f"{kind.name}.register", entity_type=kind.name,
                                entity_id=row["id"], before=None, after=audit.snapshot(row))
             return row
@@ -81,9 +103,7 @@ async def update(conn: asyncpg.Connection, kind: Kind, *, actor: str, entity_id:
             changed = [c for c in columns if before[c] != values[c]]
             if not changed:
                 return before, before
-            sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(changed, start=2))
-            after = await conn.fetchrow(f"UPDATE {kind.table} SET {sets} WHERE id = $1 RETURNING *",
-                                        entity_id, *[values[c] for c in changed])
+            after = await update_row(conn, kind.table, entity_id, {c: values[c] for c in changed})
             await audit.record(conn, actor=actor, action=f"{kind.name}.update", entity_type=kind.name,
                                entity_id=entity_id, before=audit.snapshot(before),
                                after=audit.snapshot(after))

@@ -19,17 +19,17 @@ import asyncpg
 
 from fleet_telemetry.fleetops import audit
 from fleet_telemetry.fleetops.audit import snapshot
+from fleet_telemetry.fleetops.entities import insert_row, update_row
 from fleet_telemetry.fleetops.errors import Conflict, InvalidInput, NotFound
 from fleet_telemetry.fleetops.validation import (
     JOB_STATUSES,
     Route,
     Shipment,
     check_job_transition,
-    check_period,
     job_fields,
-    parse_choice,
     shipment,
 )
+from fleet_telemetry.fleetops.values import check_period, parse_choice
 
 _JOB_COLUMNS = ("customer_id", "agreed_price", "currency", "pickup_at", "deliver_by")
 
@@ -100,16 +100,10 @@ async def create_job(conn: asyncpg.Connection, *, actor: str, data: Mapping[str,
         )
         if customer is None:
             raise NotFound(f"no customer with id {values['customer_id']} (unknown, or deleted)")
-        columns = [c for c in _JOB_COLUMNS if c in values]
-        params = [values[c] for c in columns]
-        placeholders = ", ".join(f"${i}" for i in range(2, len(columns) + 2))
+        columns = {c: values[c] for c in _JOB_COLUMNS if c in values}
         try:
             async with conn.transaction():
-                new_id = await conn.fetchval(
-                    f"INSERT INTO transport_jobs (id, {', '.join(columns)})"
-                    f" VALUES (coalesce($1, gen_random_uuid()), {placeholders}) RETURNING id",
-                    job_id, *params,
-                )
+                new_id = (await insert_row(conn, "transport_jobs", columns, row_id=job_id))["id"]
         except asyncpg.exceptions.UniqueViolationError:
             raise Conflict(f"a job with id {job_id} exists already") from None
         route: Route | None = values.get("route")
@@ -157,8 +151,7 @@ async def update_job(conn: asyncpg.Connection, *, actor: str, job_id: UUID,
                              before["deliver_by"] and datetime.fromisoformat(before["deliver_by"]))
         if pickup is not None and deliver is not None:
             check_period(pickup, deliver, start_field="pickup_at", end_field="deliver_by")
-        sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(values, start=2))
-        await conn.execute(f"UPDATE transport_jobs SET {sets} WHERE id = $1", job_id, *values.values())
+        await update_row(conn, "transport_jobs", job_id, values)
         after = await job_view(conn, job_id)
         await audit.record(conn, actor=actor, action="job.update", entity_type="job", entity_id=job_id,
                            before=before, after=after)

@@ -22,6 +22,7 @@ import asyncpg
 
 from fleet_telemetry.fleetops import audit
 from fleet_telemetry.fleetops.audit import snapshot
+from fleet_telemetry.fleetops.entities import insert_row, update_row
 from fleet_telemetry.fleetops.errors import Conflict, InvalidInput, NotFound
 from fleet_telemetry.fleetops.validation import next_due, schedule_fields, service_fields
 
@@ -116,14 +117,9 @@ async def record_service(conn: asyncpg.Connection, *, actor: str, data: Mapping[
                                vehicle_id) is None:
             raise NotFound(f"no vehicle with id {vehicle_id} (unknown, or deleted)")
         await sync_triggers(conn, actor=actor, vehicle_id=vehicle_id)
-        columns = list(values)
         try:
             async with conn.transaction():
-                row = await conn.fetchrow(
-                    f"INSERT INTO maintenance_records (id, {', '.join(columns)}) VALUES"
-                    f" (coalesce($1, gen_random_uuid()), {', '.join(f'${i}' for i in range(2, len(columns) + 2))})"
-                    " RETURNING *", record_id, *values.values(),
-                )
+                row = await insert_row(conn, "maintenance_records", values, row_id=record_id)
         except asyncpg.exceptions.UniqueViolationError:
             raise Conflict(f"a service record with id {record_id} exists already") from None
         await audit.record(conn, actor=actor, action="maintenance_record.create",
@@ -161,14 +157,9 @@ async def create_schedule(conn: asyncpg.Connection, *, actor: str, data: Mapping
     commits them with their audit rows. Raises InvalidInput, Conflict (name taken for
     the type)."""
     values = schedule_fields(data)
-    columns = list(values)
     try:
         async with conn.transaction():
-            row = await conn.fetchrow(
-                f"INSERT INTO maintenance_schedules (id, {', '.join(columns)}) VALUES"
-                f" (coalesce($1, gen_random_uuid()), {', '.join(f'${i}' for i in range(2, len(columns) + 2))})"
-                " RETURNING *", schedule_id, *values.values(),
-            )
+            row = await insert_row(conn, "maintenance_schedules", values, row_id=schedule_id)
             await audit.record(conn, actor=actor, action="maintenance_schedule.create",
                                entity_type="maintenance_schedule", entity_id=row["id"], before=None,
                                after=snapshot(row))
@@ -192,13 +183,9 @@ async def update_schedule(conn: asyncpg.Connection, *, actor: str, schedule_id: 
                                      schedule_id)
         if before is None:
             raise NotFound(f"no maintenance schedule with id {schedule_id}")
-        sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(values, start=2))
         try:
             async with conn.transaction():
-                after = await conn.fetchrow(
-                    f"UPDATE maintenance_schedules SET {sets} WHERE id = $1 RETURNING *",
-                    schedule_id, *values.values(),
-                )
+                after = await update_row(conn, "maintenance_schedules", schedule_id, values)
         except asyncpg.exceptions.CheckViolationError:
             raise InvalidInput("a schedule needs 'interval_km', 'interval_months' or both") from None
         await audit.record(conn, actor=actor, action="maintenance_schedule.update",

@@ -23,7 +23,7 @@ from uuid import UUID
 import asyncpg
 
 from fleet_telemetry.fleetops.audit import snapshot
-from fleet_telemetry.fleetops.validation import Point, check_period
+from fleet_telemetry.fleetops.values import Point, check_period
 
 # Live, active vehicles without an ACTIVE booking overlapping [$1, $2), in plate order.
 # The plate index (live rows) gives the order, the exclusion constraint's GiST index

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaProducer
 from fleet_telemetry.fleetops import assignments, customers, dashboard, drivers, jobs, maintenance, queries, vehicles
 from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.errors import DoubleBooking
-from fleet_telemetry.fleetops.validation import Point
+from fleet_telemetry.fleetops.values import Point
 from fleet_telemetry.core.settings import Settings
 from tests.integration.streams import publish, run_worker
 

@@ -3,7 +3,9 @@ envelope, dead-letter headers and the replica rotation. No service runs here."""
 
 from __future__ import annotations
 
+import argparse
 import calendar
+import inspect
 import uuid
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -13,24 +15,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fleet_telemetry.cli.fleetops_table import GROUPS, Action, create_job
 from fleet_telemetry.fleetops import commands
 from fleet_telemetry.fleetops.audit import jsonable
 from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.errors import DoubleBooking, InvalidInput
 from fleet_telemetry.fleetops.validation import (
     JOB_TRANSITIONS,
-    Point,
     add_months,
     check_job_transition,
-    check_period,
     job_fields,
     next_due,
-    parse_money,
-    parse_point,
-    parse_time,
     schedule_fields,
     vehicle_fields,
 )
+from fleet_telemetry.fleetops.values import Point, check_period, parse_money, parse_point, parse_time
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.reading import Source
 
@@ -257,3 +256,55 @@ def test_replicas_take_turns_and_a_failed_one_is_skipped_until_its_retry_time() 
     db.mark_down("postgresql://r1/db", now=200)
     assert db.replicas_in_turn(now=210) == []  # the primary serves
     assert Database("postgresql://p/db").replicas_in_turn() == []
+
+
+# --- the command table --------------------------------------------------------------------------------
+
+
+def _action(group: str, name: str) -> Action:
+    return next(a for g in GROUPS if g.name == group for a in g.actions if a.name == name)
+
+
+def _parsed(*argv: str) -> argparse.Namespace:
+    from fleet_telemetry.cli.main import build_parser
+
+    return build_parser().parse_args(list(argv))
+
+
+def test_every_action_of_the_table_calls_its_function_with_keywords_it_takes() -> None:
+    for group in GROUPS:
+        for action in group.actions:
+            keywords = {option.to or option.destination for option in action.options if option.field is None}
+            keywords |= {action.gather} if action.gather else set()
+            keywords |= {"actor"} if action.writes else set()
+            inspect.signature(action.call).bind(None, **dict.fromkeys(keywords))  # raises TypeError if not
+
+
+def test_given_field_options_are_gathered_for_the_writer_and_the_rest_passed_as_keywords() -> None:
+    args = _parsed("vehicles", "add", "--vin", "V1", "--plate", "P1", "--year", "2020", "--actor", "ops")
+    assert _action("vehicles", "add").arguments(args) == {
+        "actor": "ops", "vehicle_id": None, "data": {"vin": "V1", "license_plate": "P1", "year": 2020}}
+    vehicle_id = uuid.uuid4()
+    args = _parsed("vehicles", "update", str(vehicle_id), "--status", "retired")
+    assert _action("vehicles", "update").arguments(args) == {
+        "actor": "fleet-cli", "vehicle_id": vehicle_id, "changes": {"status": "retired"}}
+    args = _parsed("assignments", "list", "--driver", str(vehicle_id), "--limit", "3")
+    assert _action("assignments", "list").arguments(args) == {
+        "vehicle_id": None, "driver_id": vehicle_id, "status": None, "limit": 3}
+
+
+def test_options_checked_when_the_command_runs_refuse_with_the_option_named() -> None:
+    nearest = _action("drivers", "nearest")
+    kwargs = nearest.arguments(_parsed("drivers", "nearest", "--at", "52.5,13.4", "--radius-km", "2"))
+    assert (kwargs["pickup"], kwargs["radius_m"], kwargs["max_age_seconds"]) == (Point(52.5, 13.4), 2000.0, 900.0)
+    with pytest.raises(InvalidInput, match="field '--at.lon' must be 180 or less, got 190"):
+        nearest.arguments(_parsed("drivers", "nearest", "--at", "52.5,190"))
+    record = _action("maintenance", "record").arguments(
+        _parsed("maintenance", "record", "--vehicle", str(uuid.uuid4()), "--type", "oil_change"))
+    assert record["data"]["date"] == datetime.now(timezone.utc).date() and record["data"]["cost"] == "0"
+
+
+async def test_a_job_route_needs_both_ends_before_any_connection() -> None:
+    with pytest.raises(UsageError, match="a route needs both --origin and --destination"):
+        await create_job(None, actor="a", data={}, origin="52.5,13.4", destination=None,  # type: ignore[arg-type]
+                         via=None, distance_km=None, shipment=None, job_id=None)
