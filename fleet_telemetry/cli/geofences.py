@@ -76,7 +76,8 @@ async def _add(conn: asyncpg.Connection, args: argparse.Namespace, settings: Set
             raise UsageError(f"--geojson holds {len(found)} features; use 'fleet geofences import' for several")
         fence = await from_feature(conn, found[0], "--geojson", defaults)
     (fid,) = await insert(conn, [fence], active=not args.inactive)
-    _print(args, {"id": fid, "name": fence.name, "kind": fence.kind}, f"geofence {fid} added ({fence.kind} {fence.name!r})")
+    _print(args, {"id": fid, "name": fence.name, "kind": fence.kind},
+           f"geofence {fid} added ({fence.kind} {fence.name!r})")
     return 0
 
 
@@ -136,7 +137,8 @@ def register(sub: Any) -> None:
     add.add_argument("name")
     add.add_argument("--wkt", help="POLYGON or MULTIPOLYGON in WKT, longitude first")
     add.add_argument("--geojson", metavar="FILE|JSON|-", help="a GeoJSON geometry or Feature (file, inline, or -)")
-    add.add_argument("--circle", metavar="LAT,LON,RADIUS_M", help="a circle: centre and radius in metres (write --circle=-33.9,151.2,500 when LAT is negative)")
+    add.add_argument("--circle", metavar="LAT,LON,RADIUS_M",
+                     help="a circle: centre and radius in metres (write --circle=-33.9,151.2,500 when LAT is negative)")
     _shape_options(add)
     imp = actions.add_parser("import", help="import GeoJSON features",
                              description="Import every feature of a GeoJSON FeatureCollection (or one Feature), "
