@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 import pytest
 
-from fleet_telemetry.consumers.alerts import RuleEngine
+from fleet_telemetry.consumers.rules import RuleEngine
 from fleet_telemetry.core.metrics import PipelineMetrics
 from fleet_telemetry.consumers.sink import TelemetrySink, create_pool
 from fleet_telemetry.core.reading import Reading, Source

@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from fleet_telemetry.consumers.alerts import RuleEngine
+from fleet_telemetry.consumers.rules import RuleEngine
 from fleet_telemetry.core.metrics import PipelineMetrics
 from fleet_telemetry.consumers.sink import create_pool
 from fleet_telemetry.consumers.worker import Worker

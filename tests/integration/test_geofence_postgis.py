@@ -10,7 +10,9 @@ import random
 import asyncpg
 import pytest
 
-from fleet_telemetry.consumers.geofence import GeofenceIndex, make_geofence, polygons_from_wkb
+from fleet_telemetry.consumers.rules.geometry import make_geofence
+from fleet_telemetry.consumers.rules.index import GeofenceIndex
+from fleet_telemetry.consumers.rules.wkb import polygons_from_wkb
 
 pytestmark = pytest.mark.integration
 

@@ -6,15 +6,11 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from fleet_telemetry.consumers.alerts import (
-    AlertAction,
-    Thresholds,
-    VehicleState,
-    by_vehicle,
-    evaluate,
-    plan_alert_rows,
-)
-from fleet_telemetry.consumers.geofence import GeofenceIndex, make_geofence
+from fleet_telemetry.consumers.rules.alert_rows import plan_alert_rows
+from fleet_telemetry.consumers.rules.evaluate import by_vehicle, evaluate
+from fleet_telemetry.consumers.rules.geometry import make_geofence
+from fleet_telemetry.consumers.rules.index import GeofenceIndex
+from fleet_telemetry.consumers.rules.model import AlertAction, Thresholds, VehicleState
 from fleet_telemetry.core.reading import Reading, Source
 
 T0 = datetime(2026, 11, 25, 8, 0, tzinfo=timezone.utc)

@@ -8,19 +8,16 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from fleet_telemetry.consumers.geofence import (
-    FenceState,
-    GeofenceIndex,
-    Position,
-    Transition,
-    advance,
+from fleet_telemetry.consumers.rules.geometry import (
     circle_covers,
     make_geofence,
     polygons_cover,
-    polygons_from_wkb,
     ring_locate,
     spheroid_distance_m,
 )
+from fleet_telemetry.consumers.rules.index import GeofenceIndex
+from fleet_telemetry.consumers.rules.transitions import FenceState, Position, Transition, advance
+from fleet_telemetry.consumers.rules.wkb import polygons_from_wkb
 
 T0 = datetime(2026, 11, 25, 8, 0, tzinfo=timezone.utc)
 SQUARE = ((0.0, 1.0, 1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 1.0, 0.0))

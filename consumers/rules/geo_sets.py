@@ -1,0 +1,61 @@
+"""The Redis GEO sets ``geofence:{id}``: the vehicles inside each active geofence.
+
+Best effort: PostgreSQL holds the truth (``vehicle_geofence_state``). A Redis that does
+not answer leaves the sets behind, never fails a batch; any other Redis error is raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from uuid import UUID
+
+import redis.asyncio as aioredis
+import structlog
+
+from fleet_telemetry.consumers.rules.transitions import Transition
+from fleet_telemetry.core.retry import is_transient
+
+log = structlog.get_logger("fleet.rules")
+
+
+def geofence_key(geofence_id: int) -> str:
+    """The Redis GEO set of the vehicles inside a geofence (schema/README.md)."""
+    return f"geofence:{geofence_id}"
+
+
+async def update_members(redis: aioredis.Redis, transitions: Iterable[Transition]) -> None:
+    """GEOADD on a confirmed enter, ZREM on a confirmed exit (interpolated crossings are
+    not memberships); the last transition per vehicle and fence wins. A Redis that does
+    not answer is logged and skipped."""
+    final: dict[tuple[int, UUID], Transition] = {}
+    for t in transitions:
+        if not t.crossing:
+            final[(t.geofence_id, t.vehicle_id)] = t
+    if not final:
+        return
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            for (fid, vid), t in final.items():
+                if t.kind == "enter":
+                    pipe.geoadd(geofence_key(fid), (t.lon, t.lat, str(vid)))
+                else:
+                    pipe.zrem(geofence_key(fid), str(vid))
+            await pipe.execute()
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("redis unreachable, geofence members not updated", error=type(exc).__name__)
+
+
+async def drop_sets(redis: aioredis.Redis, geofence_ids: Iterable[int]) -> bool:
+    """Deletes the sets of geofences no longer active; False if Redis did not answer."""
+    keys = [geofence_key(fid) for fid in geofence_ids]
+    if not keys:
+        return True
+    try:
+        await redis.delete(*keys)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        return False
+    return True

@@ -1,0 +1,175 @@
+"""The spatial index of a worker's geofences: a uniform grid over longitude/latitude.
+
+Pure code: rebuilt from the ``geofences`` rows whenever they change
+(:mod:`fleet_telemetry.consumers.rules.timers` polls for that).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterable
+from typing import NamedTuple
+
+from fleet_telemetry.consumers.rules.geometry import M_PER_DEGREE, Geofence, polygons_cover
+
+# A fence whose bounding box spans more grid cells than this is tested by bounding box.
+_MAX_CELLS_PER_FENCE = 4096
+
+NOWHERE: frozenset[int] = frozenset()
+"""No fence at all."""
+
+
+class Cell(NamedTuple):
+    """What one grid cell knows: fences that cover all of it, and fences whose boundary
+    may cross it (those need the exact test)."""
+
+    inside: frozenset[int]
+    boundary: tuple[Geofence, ...]
+
+
+_EMPTY_CELL = Cell(NOWHERE, ())
+
+
+class GeofenceIndex:
+    """A uniform grid over longitude/latitude, built once per set of fences.
+
+    Each cell lists the fences that surely cover the whole cell and the fences whose
+    boundary may pass through it. A point in a cell without boundary fences is decided
+    by one dictionary look-up; only points in boundary cells get the exact test. Fences
+    too large for the grid are tested by bounding box, then exactly.
+    """
+
+    def __init__(self, fences: Iterable[Geofence]) -> None:
+        self.fences: dict[int, Geofence] = {f.id: f for f in fences}
+        spans = sorted(max(f.bbox[2] - f.bbox[0], f.bbox[3] - f.bbox[1]) for f in self.fences.values())
+        median = spans[len(spans) // 2] if spans else 0.01
+        # About six cells across a typical fence, so most cells are wholly in or out.
+        self.cell = min(1.0, max(0.0005, median / 6))
+        inside: dict[int, set[int]] = {}
+        boundary: dict[int, list[Geofence]] = {}
+        large: list[Geofence] = []
+        for fence in self.fences.values():
+            x0, y0, x1, y1 = (int(v // self.cell) for v in fence.bbox)
+            if (x1 - x0 + 1) * (y1 - y0 + 1) > _MAX_CELLS_PER_FENCE:
+                large.append(fence)
+                continue
+            for key, full in _classify(fence, self.cell, x0, y0, x1, y1):
+                if full:
+                    inside.setdefault(key, set()).add(fence.id)
+                else:
+                    boundary.setdefault(key, []).append(fence)
+        self.large: tuple[Geofence, ...] = tuple(large)
+        limits = [f.speed_limit_kmh for f in self.fences.values() if f.speed_limit_kmh is not None]
+        self.lowest_speed_limit = min(limits, default=math.inf)
+        dwells = [f.dwell_seconds for f in self.fences.values() if f.dwell_seconds is not None]
+        self.shortest_dwell = min(dwells, default=math.inf)
+        shared: dict[frozenset[int], frozenset[int]] = {}
+        self._cells: dict[int, Cell] = {}
+        for key in inside.keys() | boundary.keys():
+            ids = frozenset(inside.get(key, ()))
+            self._cells[key] = Cell(shared.setdefault(ids, ids), tuple(boundary.get(key, ())))
+
+    def __len__(self) -> int:
+        return len(self.fences)
+
+    def key(self, lon: float, lat: float) -> int:
+        cell = self.cell
+        return (int(lon // cell) << 20) + int(lat // cell)
+
+    def containing(self, lon: float, lat: float) -> frozenset[int]:
+        """Ids of the fences that cover the point."""
+        return self.locate(self.key(lon, lat), lon, lat)[0]
+
+    def locate(self, key: int, lon: float, lat: float) -> tuple[frozenset[int], bool]:
+        """(fences covering the point, whether its cell is free of fence boundaries)."""
+        cell = self._cells.get(key, _EMPTY_CELL)
+        found = cell.inside
+        clear = not cell.boundary and not self.large
+        if cell.boundary:
+            hits = [f.id for f in cell.boundary if f.covers(lon, lat)]
+            if hits:
+                found = found.union(hits)
+        if self.large:
+            hits = [f.id for f in self.large if f.covers(lon, lat)]
+            if hits:
+                found = found.union(hits)
+        return found, clear
+
+    def near_segment(self, lon1: float, lat1: float, lon2: float, lat2: float) -> Collection[Geofence]:
+        """Fences whose boundary may meet the segment's bounding box."""
+        cell = self.cell
+        x0, x1 = int(lon1 // cell), int(lon2 // cell)
+        y0, y1 = int(lat1 // cell), int(lat2 // cell)
+        if x0 > x1:
+            x0, x1 = x1, x0
+        if y0 > y1:
+            y0, y1 = y1, y0
+        if (x1 - x0 + 1) * (y1 - y0 + 1) > 4 * _MAX_CELLS_PER_FENCE:
+            bx0, bx1 = sorted((lon1, lon2))
+            by0, by1 = sorted((lat1, lat2))
+            return [f for f in self.fences.values()
+                    if f.bbox[0] <= bx1 and f.bbox[2] >= bx0 and f.bbox[1] <= by1 and f.bbox[3] >= by0]
+        get = self._cells.get
+        found: set[Geofence] = set(self.large)
+        for ix in range(x0, x1 + 1):
+            for iy in range(y0, y1 + 1):
+                hit = get((ix << 20) + iy)
+                if hit is not None and hit.boundary:
+                    found.update(hit.boundary)
+        return found
+
+
+def _classify(fence: Geofence, cell: float, x0: int, y0: int, x1: int, y1: int) -> list[tuple[int, bool]]:
+    """The cells of a fence's bounding box that it touches: (key, covers the whole cell).
+
+    Conservative: a cell is "whole" only when no boundary can pass through it; a cell the
+    fence may touch but not surely cover is a boundary cell (exact test per point).
+    """
+    out: list[tuple[int, bool]] = []
+    if fence.center is not None:
+        assert fence.radius_m is not None
+        lon0, lat0 = fence.center
+        r = fence.radius_m
+        if r > 50_000:  # far from flat: every cell is a boundary cell
+            return [((ix << 20) + iy, False) for ix in range(x0, x1 + 1) for iy in range(y0, y1 + 1)]
+        kx = M_PER_DEGREE * math.cos(math.radians(lat0))
+        for ix in range(x0, x1 + 1):
+            cx0, cx1 = (ix * cell - lon0) * kx, ((ix + 1) * cell - lon0) * kx
+            for iy in range(y0, y1 + 1):
+                cy0, cy1 = (iy * cell - lat0) * M_PER_DEGREE, ((iy + 1) * cell - lat0) * M_PER_DEGREE
+                near_x = 0.0 if cx0 <= 0 <= cx1 else min(abs(cx0), abs(cx1))
+                near_y = 0.0 if cy0 <= 0 <= cy1 else min(abs(cy0), abs(cy1))
+                if math.hypot(near_x, near_y) > r * 1.02:
+                    continue
+                far = math.hypot(max(abs(cx0), abs(cx1)), max(abs(cy0), abs(cy1)))
+                out.append(((ix << 20) + iy, far < r * 0.98))
+        return out
+    crossed: set[int] = set()
+    for rings in fence.polygons:
+        for xs, ys in rings:
+            for i in range(1, len(xs)):
+                ax, ay, bx, by = xs[i - 1], ys[i - 1], xs[i], ys[i]
+                for ix in range(int(min(ax, bx) // cell), int(max(ax, bx) // cell) + 1):
+                    for iy in range(int(min(ay, by) // cell), int(max(ay, by) // cell) + 1):
+                        key = (ix << 20) + iy
+                        if key not in crossed and _edge_meets_cell(ax, ay, bx, by, ix * cell, iy * cell, cell):
+                            crossed.add(key)
+    for ix in range(x0, x1 + 1):
+        for iy in range(y0, y1 + 1):
+            key = (ix << 20) + iy
+            if key in crossed:
+                out.append((key, False))
+            elif polygons_cover(fence.polygons, (ix + 0.5) * cell, (iy + 0.5) * cell):
+                out.append((key, True))
+    return out
+
+
+def _edge_meets_cell(ax: float, ay: float, bx: float, by: float, x0: float, y0: float, size: float) -> bool:
+    """Whether a segment may touch a cell (conservative: true when in doubt)."""
+    pad = size * 1e-6
+    x0, y0, x1, y1 = x0 - pad, y0 - pad, x0 + size + pad, y0 + size + pad
+    if max(ax, bx) < x0 or min(ax, bx) > x1 or max(ay, by) < y0 or min(ay, by) > y1:
+        return False
+    dx, dy = bx - ax, by - ay
+    sides = [dx * (cy - ay) - dy * (cx - ax) for cx, cy in ((x0, y0), (x1, y0), (x0, y1), (x1, y1))]
+    return not (all(v > 0 for v in sides) or all(v < 0 for v in sides))
