@@ -168,21 +168,7 @@ async def _apply_locked(
             asyncpg.exceptions.FeatureNotSupportedError,
             asyncpg.exceptions.UndefinedFileError,
         ) as exc:
-            missing = await _missing_extensions(conn)
-            if "postgis" in missing:
-                version_num = int(await conn.fetchval("SHOW server_version_num"))
-                raise FleetError(
-                    f"PostgreSQL at {mask_url(database_url)} has no PostGIS extension:"
-                    f" install it with `{postgis_install_hint(version_num)}`"
-                    " or run `fleet services up`, then run fleet migrate again"
-                ) from None
-            if missing:
-                raise FleetError(
-                    f"PostgreSQL at {mask_url(database_url)} lacks the extension(s)"
-                    f" {', '.join(missing)} needed by {migration.filename}:"
-                    " install the server's contrib modules, then run fleet migrate again"
-                ) from None
-            raise _migration_failed(migration, exc) from None
+            raise await _extension_failure(conn, migration, database_url, exc) from None
         except asyncpg.PostgresError as exc:
             raise _migration_failed(migration, exc) from None
         applied.append(migration.version)
@@ -190,6 +176,28 @@ async def _apply_locked(
         if on_applied is not None:
             on_applied(migration.version)
     return applied
+
+
+async def _extension_failure(
+    conn: asyncpg.Connection, migration: Migration, database_url: str, exc: asyncpg.PostgresError
+) -> FleetError:
+    """Why a migration failed for want of a server extension: PostGIS (with the package
+    to install), another extension, or the migration's own error."""
+    missing = await _missing_extensions(conn)
+    if "postgis" in missing:
+        version_num = int(await conn.fetchval("SHOW server_version_num"))
+        return FleetError(
+            f"PostgreSQL at {mask_url(database_url)} has no PostGIS extension:"
+            f" install it with `{postgis_install_hint(version_num)}`"
+            " or run `fleet services up`, then run fleet migrate again"
+        )
+    if missing:
+        return FleetError(
+            f"PostgreSQL at {mask_url(database_url)} lacks the extension(s)"
+            f" {', '.join(missing)} needed by {migration.filename}:"
+            " install the server's contrib modules, then run fleet migrate again"
+        )
+    return _migration_failed(migration, exc)
 
 
 async def _missing_extensions(conn: asyncpg.Connection) -> list[str]:

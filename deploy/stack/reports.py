@@ -26,11 +26,11 @@ def say(message: str) -> None:
     sys.stderr.flush()
 
 
-def not_answering(label: str, address: str) -> str:
+def not_answering_at(label: str, address: str) -> str:
     return f"{label} is not answering at {address}"
 
 
-def answers(label: str, address: str, note: str = "") -> str:
+def answers_at(label: str, address: str, note: str = "") -> str:
     return f"{label} answers at {address}" + (f"; {note}" if note else "")
 
 
@@ -39,7 +39,7 @@ def waiting_for(label: str, address: str, timeout: float) -> str:
 
 
 def using_as_is(label: str, address: str) -> str:
-    return answers(label, address, "using it as is")
+    return answers_at(label, address, "using it as is")
 
 
 # --- the status of each service ---------------------------------------------------------
@@ -89,7 +89,7 @@ def problem_summary(reports: Sequence[Report]) -> str:
     parts = []
     for r in reports:
         if not r.answers:
-            parts.append(not_answering(r.label, r.address))
+            parts.append(not_answering_at(r.label, r.address))
         elif not r.ok:
             parts.append(f"{r.label} at {r.address}: {r.detail}")
     return "; ".join(parts) + "; run 'fleet services up' to start what is missing"

@@ -57,8 +57,8 @@ from fleet_telemetry.deploy.stack.processes import (
 )
 from fleet_telemetry.deploy.stack.reports import (
     TANSU_MEMORY_NOTE,
-    answers,
-    not_answering,
+    answers_at,
+    not_answering_at,
     print_reports,
     say,
     using_as_is,
@@ -107,7 +107,7 @@ async def ensure_postgres(settings: Settings, stack: Stack, machine: Machine, ti
     if not probe.database_exists:
         await create_database(url)
         say(f"created database {database_name(url)!r}")
-    say(answers(target.label, target.address) + f", PostGIS {probe.postgis} available")
+    say(answers_at(target.label, target.address) + f", PostGIS {probe.postgis} available")
 
 
 async def _start_postgres(
@@ -117,7 +117,7 @@ async def _start_postgres(
     serving the port and waits until it answers."""
     if not target.is_local:
         raise _elsewhere(target, probe)
-    say(not_answering(target.label, target.address) + "; starting it")
+    say(not_answering_at(target.label, target.address) + "; starting it")
     installed_now = install_postgres(machine, target)
     version = pick_cluster(postgres_clusters(), target.endpoint.port)
     if version is None:
@@ -189,7 +189,7 @@ async def ensure_redis(settings: Settings, stack: Stack, machine: Machine, timeo
         binary = install_redis_server(machine, target)
         probe = await probe_redis(url)  # the package may have started one itself
         if probe.answers and not probe.error:
-            say(answers(target.label, target.address, "started by its package"))
+            say(answers_at(target.label, target.address, "started by its package"))
             return
     stack.redis_dir.mkdir(parents=True, exist_ok=True)
     say(f"starting redis-server at {target.endpoint}")
@@ -203,7 +203,7 @@ async def ensure_redis(settings: Settings, stack: Stack, machine: Machine, timeo
     probe = await _wait_for(target, lambda: probe_redis(url), timeout)
     if not probe.answers:
         raise _silent(target, probe, "redis-server", timeout, f"see {stack.redis_log}")
-    say(answers(target.label, target.address))
+    say(answers_at(target.label, target.address))
 
 
 async def ensure_broker(settings: Settings, stack: Stack, machine: Machine, timeout: float) -> None:
@@ -240,7 +240,7 @@ async def ensure_broker(settings: Settings, stack: Stack, machine: Machine, time
             (f"its log ends with: {tail}; " if tail else "")
             + f"see {stack.tansu_log} and check that the port is free",
         )
-    say(answers(target.label, target.address) + f" (Tansu, pid {pid}); {TANSU_MEMORY_NOTE}")
+    say(answers_at(target.label, target.address) + f" (Tansu, pid {pid}); {TANSU_MEMORY_NOTE}")
 
 
 async def _wait_for(
