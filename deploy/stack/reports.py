@@ -1,7 +1,8 @@
 """What ``fleet services`` tells its user: the status table (or JSON), the one-line
 summary of what is unusable, and the progress lines of ``up`` and ``down`` on stderr.
 
-Each sentence about a service is built here, once.
+The sentences that recur (a service answers, is not answering, is waited for) are built
+here, once.
 """
 
 from __future__ import annotations
