@@ -1,4 +1,4 @@
-"""``fleet simulate``: a fleet of vehicles driving plausible tracks, published to Kafka.
+"""A simulated fleet of vehicles driving plausible tracks, published to Kafka (``fleet simulate``).
 
 Each vehicle keeps a position, heading, speed, fuel level and odometer and advances
 them by the real time between two of its readings: positions are continuous, speeds
@@ -13,11 +13,9 @@ derived from ``--seed``), so their readings are accepted.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import math
 import random
-import signal
 import sys
 import time
 import uuid
@@ -28,9 +26,9 @@ from typing import Any
 
 import asyncpg
 
-from fleet_telemetry.core.errors import ServiceUnavailable, UsageError
-from fleet_telemetry.ingest.producer import TelemetryProducer
+from fleet_telemetry.core.errors import unavailable
 from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.ingest.producer import TelemetryProducer
 from fleet_telemetry.ingest.topics import ensure_topics
 
 _NAMESPACE = uuid.UUID("5f0c63c8-3b0e-4d55-9a8e-0f1e2d3c4b5a")
@@ -134,10 +132,7 @@ async def register_vehicles(database_url: str, ids: list[uuid.UUID], masked_url:
     try:
         conn = await asyncpg.connect(database_url)
     except (OSError, asyncpg.exceptions.PostgresError) as exc:
-        raise ServiceUnavailable(
-            f"PostgreSQL at {masked_url} is not answering ({type(exc).__name__}); "
-            "start it (fleet services up) or set FLEET_DATABASE_URL"
-        ) from None
+        raise unavailable("PostgreSQL", masked_url, exc) from None
     try:
         await conn.executemany(
             "INSERT INTO vehicles (id, vin, license_plate, make, model, year, type, status)"
@@ -206,44 +201,3 @@ async def simulate(
                 pass
         await producer.flush()
     return stats
-
-
-def run(args: argparse.Namespace, settings: Settings) -> int:
-    if args.vehicles < 1:
-        raise UsageError("--vehicles must be 1 or more")
-    if args.rate <= 0:
-        raise UsageError("--rate must be above 0 readings per second")
-    if not 0 <= args.bad_ratio <= 1:
-        raise UsageError("--bad-ratio must be between 0 and 1")
-    if args.duration is not None and args.duration <= 0:
-        raise UsageError("--duration must be above 0 seconds")
-
-    async def main() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        stats = await simulate(settings, vehicles=args.vehicles, rate=args.rate, duration=args.duration,
-                               bad_ratio=args.bad_ratio, seed=args.seed, stop=stop, progress=True)
-        bad = ", ".join(f"{kind} {n}" for kind, n in sorted(stats.bad.items())) or "none"
-        print(f"simulate: sent {stats.sent} readings from {args.vehicles} vehicles to "
-              f"{settings.telemetry_topic}; bad: {bad}", file=sys.stderr)
-        return 0
-
-    return asyncio.run(main())
-
-
-def register(sub: Any) -> None:
-    parser = sub.add_parser(
-        "simulate", help="publish a simulated fleet's telemetry",
-        description="Publish plausible telemetry from a simulated fleet to FLEET_TELEMETRY_TOPIC. "
-        "The vehicles are registered in PostgreSQL first. Ctrl-C stops it.",
-    )
-    parser.add_argument("--vehicles", type=int, default=100, help="fleet size (default 100)")
-    parser.add_argument("--rate", type=float, default=200.0, help="readings per second in total (default 200)")
-    parser.add_argument("--duration", type=float, default=None, metavar="SECONDS",
-                        help="stop after this long (default: until Ctrl-C)")
-    parser.add_argument("--bad-ratio", type=float, default=0.0, metavar="SHARE",
-                        help="share of malformed or invalid messages, 0 to 1 (default 0)")
-    parser.add_argument("--seed", type=int, default=1, help="fleet seed; the same seed gives the same vehicles")
-    parser.set_defaults(handler=run)

@@ -1,4 +1,4 @@
-"""``fleet migrate``: applies the numbered SQL files in ``schema/migrations`` in order.
+"""Applying the numbered SQL files in ``schema/migrations`` in order (``fleet migrate``).
 
 Rules (schema/README.md, "Migrations"): files are named ``NNNN_what.sql`` and applied in
 number order, each in a transaction of its own, and recorded with the SHA-256 of their
@@ -9,25 +9,19 @@ concurrent runs, so two ``fleet migrate`` started at once apply each file exactl
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 import structlog
 
-from fleet_telemetry.core.errors import FleetError, ServiceUnavailable, UsageError
+from fleet_telemetry.core.errors import FleetError, UsageError, unavailable
 from fleet_telemetry.core.settings import mask_url
-
-if TYPE_CHECKING:
-    from fleet_telemetry.core.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -124,9 +118,11 @@ async def apply_migrations(
             if not conn.is_closed():
                 await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
     except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as exc:
-        raise ServiceUnavailable(
-            f"lost the connection to PostgreSQL at {mask_url(database_url)} ({_reason(exc)});"
-            " the migration in progress was rolled back, run fleet migrate again"
+        raise unavailable(
+            "PostgreSQL",
+            mask_url(database_url),
+            exc,
+            hint="the migration in progress was rolled back; run fleet migrate again",
         ) from None
     finally:
         if not conn.is_closed():
@@ -172,21 +168,7 @@ async def _apply_locked(
             asyncpg.exceptions.FeatureNotSupportedError,
             asyncpg.exceptions.UndefinedFileError,
         ) as exc:
-            missing = await _missing_extensions(conn)
-            if "postgis" in missing:
-                version_num = int(await conn.fetchval("SHOW server_version_num"))
-                raise FleetError(
-                    f"PostgreSQL at {mask_url(database_url)} has no PostGIS extension:"
-                    f" install it with `{postgis_install_hint(version_num)}`"
-                    " or run `fleet services up`, then run fleet migrate again"
-                ) from None
-            if missing:
-                raise FleetError(
-                    f"PostgreSQL at {mask_url(database_url)} lacks the extension(s)"
-                    f" {', '.join(missing)} needed by {migration.filename}:"
-                    " install the server's contrib modules, then run fleet migrate again"
-                ) from None
-            raise _migration_failed(migration, exc) from None
+            raise await _extension_failure(conn, migration, database_url, exc) from None
         except asyncpg.PostgresError as exc:
             raise _migration_failed(migration, exc) from None
         applied.append(migration.version)
@@ -194,6 +176,28 @@ async def _apply_locked(
         if on_applied is not None:
             on_applied(migration.version)
     return applied
+
+
+async def _extension_failure(
+    conn: asyncpg.Connection, migration: Migration, database_url: str, exc: asyncpg.PostgresError
+) -> FleetError:
+    """Why a migration failed for want of a server extension: PostGIS (with the package
+    to install), another extension, or the migration's own error."""
+    missing = await _missing_extensions(conn)
+    if "postgis" in missing:
+        version_num = int(await conn.fetchval("SHOW server_version_num"))
+        return FleetError(
+            f"PostgreSQL at {mask_url(database_url)} has no PostGIS extension:"
+            f" install it with `{postgis_install_hint(version_num)}`"
+            " or run `fleet services up`, then run fleet migrate again"
+        )
+    if missing:
+        return FleetError(
+            f"PostgreSQL at {mask_url(database_url)} lacks the extension(s)"
+            f" {', '.join(missing)} needed by {migration.filename}:"
+            " install the server's contrib modules, then run fleet migrate again"
+        )
+    return _migration_failed(migration, exc)
 
 
 async def _missing_extensions(conn: asyncpg.Connection) -> list[str]:
@@ -206,10 +210,9 @@ async def _missing_extensions(conn: asyncpg.Connection) -> list[str]:
 
 
 def _migration_failed(migration: Migration, exc: asyncpg.PostgresError) -> FleetError:
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return FleetError(
         f"migration {migration.filename} failed and was rolled back:"
-        f" {message} (SQLSTATE {exc.sqlstate})"
+        f" {_first_line(exc)} (SQLSTATE {exc.sqlstate})"
     )
 
 
@@ -218,21 +221,38 @@ async def _connect_creating_database(database_url: str) -> asyncpg.Connection:
         return await _connect(database_url)
     except asyncpg.exceptions.InvalidCatalogNameError:
         pass
-    await _create_database(database_url)
+    if await create_database(database_url):
+        log.info("database created", database=database_name(database_url))
     return await _connect(database_url)
 
 
-async def _create_database(database_url: str) -> None:
-    parts = urlsplit(database_url)
-    name = unquote(parts.path.lstrip("/")) or unquote(parts.username or "") or "postgres"
-    maintenance_url = urlunsplit(parts._replace(path="/postgres"))
-    conn = await _connect(maintenance_url)
+def database_name(url: str) -> str:
+    """The database a PostgreSQL URL names: its path, else its user, else ``postgres``."""
+    parts = urlsplit(url)
+    return unquote(parts.path.lstrip("/")) or unquote(parts.username or "") or "postgres"
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` pointing at database ``name`` instead, options kept."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def create_database(database_url: str) -> bool:
+    """Creates the database ``database_url`` names, connecting to the server's
+    ``postgres`` database. Returns False when it exists already (created meanwhile by a
+    concurrent run). Raises :class:`ServiceUnavailable` if the server cannot be reached
+    and :class:`FleetError` if this user may not create databases."""
+    name = database_name(database_url)
+    conn = await _connect(with_database(database_url, "postgres"))
     try:
-        quoted = '"' + name.replace('"', '""') + '"'
-        await conn.execute(f"CREATE DATABASE {quoted}")
-        log.info("database created", database=name)
+        await conn.execute(f"CREATE DATABASE {quote_identifier(name)}")
+        return True
     except asyncpg.exceptions.DuplicateDatabaseError:
-        pass  # created meanwhile by a concurrent run
+        return False
     except asyncpg.exceptions.InsufficientPrivilegeError:
         raise FleetError(
             f"database {name} does not exist at {mask_url(database_url)} and this user may"
@@ -255,11 +275,11 @@ async def _connect(url: str) -> asyncpg.Connection:
         raise
     except asyncpg.exceptions.InvalidAuthorizationSpecificationError as exc:
         raise FleetError(
-            f"PostgreSQL at {masked} refused the login ({_reason(exc)}):"
+            f"PostgreSQL at {masked} refused the login ({_first_line(exc)}):"
             " check the user and password in FLEET_DATABASE_URL"
         ) from None
     except asyncpg.exceptions.ClientConfigurationError as exc:
-        raise UsageError(f"FLEET_DATABASE_URL {masked} is not usable: {_reason(exc)}") from None
+        raise UsageError(f"FLEET_DATABASE_URL {masked} is not usable: {_first_line(exc)}") from None
     except (
         OSError,
         asyncio.TimeoutError,
@@ -267,58 +287,11 @@ async def _connect(url: str) -> asyncpg.Connection:
         asyncpg.exceptions.TooManyConnectionsError,
         asyncpg.exceptions.ConnectionDoesNotExistError,
     ) as exc:
-        raise ServiceUnavailable(
-            f"PostgreSQL is not reachable at {masked} ({_reason(exc)}):"
-            " start it with `fleet services up` or set FLEET_DATABASE_URL"
-        ) from None
+        raise unavailable("PostgreSQL", masked, exc) from None
 
 
-def _reason(exc: BaseException) -> str:
-    """A one-line, secret-free description of a connection failure."""
-    if isinstance(exc, asyncio.TimeoutError):
-        return f"no answer within {CONNECT_TIMEOUT_SECONDS:g} s"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+def _first_line(exc: BaseException) -> str:
+    """The first line of a server's error: a login, configuration or SQL error, which
+    holds no password."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-# --- command line ------------------------------------------------------------------------
-
-
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Adds ``fleet migrate`` to the ``fleet`` command line."""
-    parser = sub.add_parser(
-        "migrate",
-        help="apply the schema migrations to FLEET_DATABASE_URL",
-        description="Create the database if needed and apply the numbered SQL migrations"
-        " not yet applied, each in its own transaction. Safe to run again and to run"
-        " concurrently; an applied migration that was edited is refused.",
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print the versions applied by this run as a JSON list",
-    )
-    parser.set_defaults(handler=run)
-
-
-async def run(args: argparse.Namespace, settings: "Settings") -> int:
-    """``fleet migrate``: one line per applied migration, then a summary line."""
-
-    def announce(version: str) -> None:
-        print(f"applied {version}", flush=True)
-
-    applied = await apply_migrations(
-        settings.database_url, on_applied=None if args.json else announce
-    )
-    if args.json:
-        print(json.dumps(applied))
-    elif not applied:
-        print("schema is up to date")
-    else:
-        noun = "migration" if len(applied) == 1 else "migrations"
-        print(f"{len(applied)} {noun} applied")
-    return 0

@@ -1,7 +1,60 @@
-"""``fleet simulate``: a simulated fleet publishing telemetry."""
+"""``fleet simulate``: publishes a simulated fleet's telemetry until Ctrl-C or ``--duration``."""
 
 from __future__ import annotations
 
-from fleet_telemetry.ingest.simulate import register
+import argparse
+import asyncio
+import signal
+import sys
 
-__all__ = ["register"]
+from fleet_telemetry.core.errors import UsageError
+from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.ingest.simulate import simulate
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Adds ``fleet simulate`` to the ``fleet`` command line."""
+    parser = sub.add_parser(
+        "simulate", help="publish a simulated fleet's telemetry",
+        description="Publish plausible telemetry from a simulated fleet to FLEET_TELEMETRY_TOPIC. "
+        "The vehicles are registered in PostgreSQL first. Ctrl-C stops it.",
+    )
+    parser.add_argument("--vehicles", type=int, default=100, help="fleet size (default 100)")
+    parser.add_argument("--rate", type=float, default=200.0, help="readings per second in total (default 200)")
+    parser.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                        help="stop after this long (default: until Ctrl-C)")
+    parser.add_argument("--bad-ratio", type=float, default=0.0, metavar="SHARE",
+                        help="share of malformed or invalid messages, 0 to 1 (default 0)")
+    parser.add_argument("--seed", type=int, default=1, help="fleet seed; the same seed gives the same vehicles")
+    parser.set_defaults(handler=run)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Raises :class:`UsageError` for an option out of its range."""
+    if args.vehicles < 1:
+        raise UsageError("--vehicles must be 1 or more")
+    if args.rate <= 0:
+        raise UsageError("--rate must be above 0 readings per second")
+    if not 0 <= args.bad_ratio <= 1:
+        raise UsageError("--bad-ratio must be between 0 and 1")
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError("--duration must be above 0 seconds")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Publishes until ``--duration`` has passed or SIGINT/SIGTERM, then prints a summary."""
+    check(args)
+    return asyncio.run(_simulate_until_stopped(args, settings))
+
+
+async def _simulate_until_stopped(args: argparse.Namespace, settings: Settings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stats = await simulate(settings, vehicles=args.vehicles, rate=args.rate, duration=args.duration,
+                           bad_ratio=args.bad_ratio, seed=args.seed, stop=stop, progress=True)
+    bad = ", ".join(f"{kind} {n}" for kind, n in sorted(stats.bad.items())) or "none"
+    print(f"simulate: sent {stats.sent} readings from {args.vehicles} vehicles to "
+          f"{settings.telemetry_topic}; bad: {bad}", file=sys.stderr)
+    return 0

@@ -9,7 +9,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -18,40 +18,29 @@ import pytest_asyncio
 from fleet_telemetry.cli.main import main
 from fleet_telemetry.core.errors import FleetError
 from fleet_telemetry.core.settings import Settings
-import fleet_telemetry.schema.migrate
+from fleet_telemetry.schema import migrate
 from fleet_telemetry.schema.migrate import Migration, apply_migrations, load_migrations
+from tests.databases import drop_database, with_database
 
 pytestmark = pytest.mark.integration
 
 ALL_VERSIONS = [migration.version for migration in load_migrations()]
 
 
-def _url_for(base_url: str, name: str) -> str:
-    return urlunsplit(urlsplit(base_url)._replace(path=f"/{name}"))
-
-
-async def _drop_database(base_url: str, name: str) -> None:
-    admin = await asyncpg.connect(_url_for(base_url, "postgres"))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 @pytest_asyncio.fixture
 async def fresh_url(base_settings: Settings) -> AsyncIterator[str]:
     """The URL of a database that does not exist yet; dropped after the test."""
     name = f"fleet_migrate_{uuid.uuid4().hex[:10]}"
-    yield _url_for(base_settings.database_url, name)
-    await _drop_database(base_settings.database_url, name)
+    yield with_database(base_settings.database_url, name)
+    await drop_database(base_settings.database_url, name)
 
 
 @pytest.fixture
 def fresh_url_sync(base_settings: Settings) -> Iterator[str]:
     """Like ``fresh_url`` for tests that run the CLI (which starts its own event loop)."""
     name = f"fleet_migrate_{uuid.uuid4().hex[:10]}"
-    yield _url_for(base_settings.database_url, name)
-    asyncio.run(_drop_database(base_settings.database_url, name))
+    yield with_database(base_settings.database_url, name)
+    asyncio.run(drop_database(base_settings.database_url, name))
 
 
 async def test_creates_the_database_applies_everything_then_is_a_no_op(fresh_url: str) -> None:
@@ -74,7 +63,7 @@ async def test_creates_the_database_applies_everything_then_is_a_no_op(fresh_url
 
 async def test_concurrent_runs_apply_each_migration_once(fresh_url: str, base_settings: Settings) -> None:
     # The database must exist before two runs race (creating it is not what is tested).
-    admin = await asyncpg.connect(_url_for(base_settings.database_url, "postgres"))
+    admin = await asyncpg.connect(with_database(base_settings.database_url, "postgres"))
     try:
         await admin.execute(f'CREATE DATABASE "{urlsplit(fresh_url).path.lstrip("/")}"')
     finally:
@@ -112,7 +101,7 @@ async def test_a_server_without_postgis_gets_the_install_command(
     # the availability check reports PostGIS missing, as on a server without the package.
     sql = "CREATE EXTENSION fleet_no_such_extension"
     monkeypatch.setattr(
-        schema.migrate,
+        migrate,
         "load_migrations",
         lambda: [Migration("0001_extensions", "0001_extensions.sql", sql, "0" * 64)],
     )
@@ -120,7 +109,7 @@ async def test_a_server_without_postgis_gets_the_install_command(
     async def postgis_missing(conn: asyncpg.Connection) -> list[str]:
         return ["postgis"]
 
-    monkeypatch.setattr(schema.migrate, "_missing_extensions", postgis_missing)
+    monkeypatch.setattr(migrate, "_missing_extensions", postgis_missing)
 
     with pytest.raises(FleetError) as caught:
         await apply_migrations(fresh_url)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import shutil
 import socket
 import subprocess
@@ -38,9 +39,17 @@ def fleet(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port below Linux's default ephemeral range (32768 and up), so that
+    no outgoing connection of a concurrent test takes it before the service started here
+    binds it."""
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def test_status_reports_all_three_answering(fleet, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,25 +6,24 @@ from pathlib import Path
 
 import pytest
 
-from fleet_telemetry.deploy.services import (
+from fleet_telemetry.deploy.stack.addresses import (
     Endpoint,
     bind_address,
     bootstrap_endpoints,
-    conf_port,
-    database_name,
-    default_postgres_major,
     is_loopback,
+    scrub,
+    url_endpoint,
+)
+from fleet_telemetry.deploy.stack.install import (
+    conf_port,
+    default_postgres_major,
     pick_cluster,
     postgis_package,
     postgres_major,
     privileged,
-    quote_identifier,
-    redis_command,
-    scrub,
-    tansu_command,
-    url_endpoint,
-    with_database,
 )
+from fleet_telemetry.deploy.stack.processes import redis_command, tansu_command
+from fleet_telemetry.schema.migrate import database_name, quote_identifier, with_database
 
 
 @pytest.mark.parametrize(

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
-from fleet_telemetry.deploy.services import (
-    BROKER,
-    POSTGRESQL,
-    REDIS,
-    PostgresProbe,
-    Probe,
-    Stack,
-    broker_report,
-    down,
-    format_table,
-    postgres_report,
-    problem_summary,
-    redis_report,
-    register,
-)
 from fleet_telemetry.cli.main import Parser
+from fleet_telemetry.cli.services import register
 from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.deploy.stack.addresses import BROKER, POSTGRESQL, REDIS
+from fleet_telemetry.deploy.stack.probe import PostgresProbe, Probe
+from fleet_telemetry.deploy.stack.reports import format_table, problem_summary
+from fleet_telemetry.deploy.stack.stack import down
+from fleet_telemetry.deploy.stack.state import Stack
+from fleet_telemetry.deploy.stack.status import broker_report, postgres_report, redis_report
 
 
 @pytest.fixture
@@ -59,8 +52,8 @@ def test_a_stale_pid_file_does_not_count_as_running(tmp_path: Path) -> None:
 
 
 def test_down_with_nothing_started_stops_nothing(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
-    assert down(settings) == 0
-    assert down(settings) == 0
+    assert asyncio.run(down(settings)) == 0
+    assert asyncio.run(down(settings)) == 0
     assert "nothing to stop" in capsys.readouterr().err
     assert not Path(settings.stack_dir).exists()
 

