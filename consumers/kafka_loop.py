@@ -180,7 +180,7 @@ def _names(partitions: Collection[TopicPartition]) -> list[str]:
     return sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, loop: "KafkaLoop") -> None:
         self._loop = loop
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from fleet_telemetry.consumers.alerts import RuleEngine
 from fleet_telemetry.consumers.batch import Batch, BatchingStep, BatchLimits
 from fleet_telemetry.consumers.chain import InTask, Retrier, Step
 from fleet_telemetry.consumers.deadletter import DeadLetters
 from fleet_telemetry.consumers.kafka_loop import Committable, Records
 from fleet_telemetry.consumers.sink import TelemetrySink
-from fleet_telemetry.consumers.stages import CommitStep, DecodeStep, RulesStep, StatusStep, Stored, StoreStep
+from fleet_telemetry.consumers.stages import (
+    CommitStep, DecodeStep, RuleEvaluator, RulesStep, StatusStep, Stored, StoreStep,
+)
 from fleet_telemetry.consumers.status import StatusWriter
 from fleet_telemetry.core.metrics import PipelineMetrics
 from fleet_telemetry.core.retry import Backoff
@@ -36,7 +37,7 @@ class Outputs:
     sink: TelemetrySink
     dead_letters: DeadLetters
     status: StatusWriter | None
-    rules: RuleEngine | None
+    rules: RuleEvaluator | None
 
 
 class TelemetryPipeline:

@@ -14,14 +14,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import redis.exceptions
 import structlog
 from aiokafka.structs import TopicPartition
 
-from fleet_telemetry.consumers.alerts import RuleEngine
 from fleet_telemetry.consumers.batch import Batch
 from fleet_telemetry.consumers.chain import Retrier, Step
 from fleet_telemetry.consumers.deadletter import DeadLetters, refused, unknown_vehicle
@@ -191,6 +190,14 @@ def _keep_newest(positions: dict[UUID, Reading], newer: Mapping[UUID, Reading]) 
             positions[vehicle_id] = reading
 
 
+class RuleEvaluator(Protocol):
+    """What the rules step needs of the rule engine (``RuleEngine``)."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def after_write(self, readings: list[Reading]) -> None: ...
+
+
 class RulesStep:
     """Geofences and alert rules over the batch's stored readings (the rule engine).
 
@@ -199,7 +206,7 @@ class RulesStep:
     failure, so a retry is safe). :meth:`start` and :meth:`stop` run the engine's timers.
     """
 
-    def __init__(self, next_step: Step[Stored], engine: RuleEngine, retrier: Retrier) -> None:
+    def __init__(self, next_step: Step[Stored], engine: RuleEvaluator, retrier: Retrier) -> None:
         self.next_step = next_step
         self.engine = engine
         self._retry = retrier
