@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 from uuid import UUID
@@ -52,7 +53,7 @@ class Stored:
     started: float
     """``time.perf_counter()`` when the batch's first write began."""
 
-    @property
+    @cached_property
     def live(self) -> list[Reading]:
         """The readings now in PostgreSQL: stored by this batch or before (duplicates)."""
         return self.written.stored + self.written.duplicates
@@ -70,12 +71,12 @@ class DecodeStep:
         self._retention = retention
 
     async def submit(self, item: Mapping[TopicPartition, Sequence[Any]]) -> None:
-        rules = Rules(datetime.now(timezone.utc), self._max_future, self._retention)
+        time_rules = Rules(datetime.now(timezone.utc), self._max_future, self._retention)
         batch = Batch()
         for tp, messages in item.items():
             for msg in messages:
                 out = decode_message(msg.value, key=msg.key, source=Source(tp.topic, tp.partition, msg.offset),
-                                     rules=rules)
+                                     rules=time_rules)
                 batch.readings.extend(out.readings)
                 batch.rejections.extend(out.rejections)
                 batch.note_offset(tp, msg.offset)
