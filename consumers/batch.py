@@ -1,37 +1,23 @@
-"""Batches: decoded readings and rejections, with the offsets they make committable.
+"""Batching: decoded readings and rejections, with the offsets they make committable.
 
 A :class:`Batch` carries, per partition, the next offset to commit once the batch is
-durable; offsets travel with the data. :class:`BatchProcessor` takes a batch through
-the sink, the dead-letter topic and Redis, retrying transient failures, and is driven
-by the worker (or by a test) without knowing about the Kafka consumer.
+durable; offsets travel with the data. :func:`batch_ready` is the one decision of when
+the open batch goes on (pure). :class:`BatchingStep` keeps the open batch and hands it
+to its next step when it is ready and the next step has room.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import TypeVar
+from typing import Protocol
 
-import redis.exceptions
-import structlog
 from aiokafka.structs import TopicPartition
 
-from fleet_telemetry.consumers.deadletter import DeadLetters, refused, unknown_vehicle
-from fleet_telemetry.core.metrics import PipelineMetrics, observe_many
-from fleet_telemetry.core.retry import Backoff, is_transient
-from fleet_telemetry.consumers.sink import TelemetrySink, WriteOutcome
-from fleet_telemetry.consumers.status import StatusWriter, newest_per_vehicle
 from fleet_telemetry.core.reading import Reading, Rejection
 
-log = structlog.get_logger("fleet.consumer")
-T = TypeVar("T")
-
-
-class Abandoned(Exception):
-    """Shutdown's deadline passed while a batch was still failing; nothing was committed."""
+BACKLOG_AGE_FACTOR = 10
+"""While a backlog is read, a batch waits this many age limits at most before it goes."""
 
 
 @dataclass
@@ -55,152 +41,88 @@ class Batch:
         self.offsets[tp] = offset + 1
         self.messages += 1
 
-
-@dataclass
-class BatchResult:
-    stored: int
-    duplicates: int
-    dead_lettered: int
-
-
-@dataclass
-class Stored:
-    """A batch that is durable in PostgreSQL, with its dead letters acknowledged."""
-
-    written: WriteOutcome
-    result: BatchResult
+    def extend(self, other: "Batch") -> None:
+        """Appends ``other``'s readings, rejections and offsets (records read after this batch's)."""
+        self.readings.extend(other.readings)
+        self.rejections.extend(other.rejections)
+        for tp, first in other.first_offsets.items():
+            self.first_offsets.setdefault(tp, first)
+        self.offsets.update(other.offsets)
+        self.messages += other.messages
 
 
-class BatchProcessor:
-    """Writes one batch everywhere it must go; returns when the offsets may be committed.
+@dataclass(frozen=True)
+class BatchLimits:
+    max_readings: int
+    """A batch of this many readings and rejections goes at once."""
+    max_age: float
+    """Seconds a batch may stay open while the worker keeps up."""
 
-    Two steps, so a worker can overlap one batch's second step with the next batch's
-    first: :meth:`store` writes PostgreSQL (the readings, exactly once), then the
-    dead-letter topic (every rejection acknowledged by the broker); :meth:`publish`
-    writes what derives from them: Redis statuses (best effort: when Redis is down the
-    skipped updates are counted and telemetry keeps flowing), last-known positions and
-    the ``after_write`` hook (geofences and alerts). Transient
-    PostgreSQL and Kafka failures are retried with backoff until they succeed or
-    :meth:`abandon` is called; anything else is raised.
+
+def batch_ready(*, size: int, messages: int, age: float, fetched: int, room: int, limits: BatchLimits) -> bool:
+    """Whether the open batch goes on now.
+
+    ``size`` readings and rejections from ``messages`` records, open for ``age``
+    seconds; the last fetch brought ``fetched`` records where ``room`` were asked for. A
+    full batch goes. The age limit bounds latency when the worker keeps up; while a
+    backlog is read (the fetch filled all the room asked for) batches fill up to their
+    size instead, which is what throughput needs, within :data:`BACKLOG_AGE_FACTOR` ages.
     """
+    if size >= limits.max_readings:
+        return True
+    if messages == 0:
+        return False
+    backlog = fetched >= room > 0
+    return age >= BACKLOG_AGE_FACTOR * limits.max_age or (age >= limits.max_age and not backlog)
 
-    def __init__(
-        self,
-        sink: TelemetrySink,
-        dead_letters: DeadLetters,
-        status: StatusWriter | None,
-        metrics: PipelineMetrics,
-        *,
-        backoff: Callable[[], Backoff] = Backoff,
-        positions_interval: float = 5.0,
-        after_write: Callable[[list[Reading]], Awaitable[None]] | None = None,
-    ) -> None:
-        self._sink = sink
-        self._dead_letters = dead_letters
-        self._status = status
-        self._metrics = metrics
-        self._backoff = backoff
-        self._abandoned = asyncio.Event()
-        self._positions: dict = {}
-        self._positions_interval = positions_interval
-        self._positions_flushed = time.monotonic()
-        self._after_write = after_write
 
-    def abandon(self) -> None:
-        """Stop retrying: the batch under retry raises :class:`Abandoned`."""
-        self._abandoned.set()
+class BoundedStep(Protocol):
+    """A next step that may be full; while it is, ready batches wait."""
 
-    async def _retry(self, dependency: str, operation: Callable[[], Awaitable[T]]) -> T:
-        backoff = self._backoff()
-        while True:
-            try:
-                return await operation()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                if self._abandoned.is_set():
-                    raise Abandoned(f"{dependency} still failing at shutdown: {type(exc).__name__}") from exc
-                delay = backoff.next_delay()
-                self._metrics.retries.labels(dependency=dependency).inc()
-                log.warning("retrying after a transient failure", dependency=dependency,
-                            error=type(exc).__name__, detail=str(exc)[:200], retry_in_s=round(delay, 2),
-                            attempt=backoff.attempts)
-                try:
-                    await asyncio.wait_for(self._abandoned.wait(), timeout=delay)
-                except asyncio.TimeoutError:
-                    pass
+    @property
+    def full(self) -> bool: ...
 
-    async def store(self, batch: Batch) -> Stored:
-        """PostgreSQL and the dead-letter topic: after this, no reading of the batch can be lost."""
-        started = time.perf_counter()
-        written: WriteOutcome = await self._retry("postgresql", lambda: self._sink.write(batch.readings))
-        copy_seconds = time.perf_counter() - started
-        committed_at = datetime.now(timezone.utc)
-        rejections = batch.rejections + [unknown_vehicle(r) for r in written.unknown] + [
-            refused(r, reason) for r, reason in written.refused]
-        await self._retry("kafka", lambda: self._dead_letters.publish(rejections))
+    async def submit(self, item: Batch) -> None: ...
 
-        m = self._metrics
-        if written.stored:
-            m.copy_duration.observe(copy_seconds)
-            m.batch_size.observe(len(written.stored))
-            observe_many(m.ingest_latency, [(committed_at - r.time).total_seconds() for r in written.stored])
-        m.readings.labels(outcome="stored").inc(len(written.stored))
-        m.readings.labels(outcome="duplicate").inc(len(written.duplicates))
-        m.readings.labels(outcome="dead_lettered").inc(len(rejections))
-        for rejection in rejections:
-            m.dead_letters.labels(reason=rejection.reason).inc()
-        return Stored(written, BatchResult(len(written.stored), len(written.duplicates), len(rejections)))
 
-    async def publish(self, stored: Stored) -> None:
-        """What is derived from the stored readings: statuses, positions, geofences and alerts."""
-        written = stored.written
-        live = written.stored + written.duplicates
-        if live:
-            newest = newest_per_vehicle(live)
-            await self._update_status(newest)
-            await self._update_positions(newest)
-            after_write = self._after_write
-            if after_write is not None:
-                # The hook re-reads what it needs after a failure, so a retry is safe.
-                await self._retry("postgresql", lambda: after_write(written.stored))
+class BatchingStep:
+    """Collects decoded records into the open batch; hands it on when :func:`batch_ready`."""
 
-    async def _update_status(self, newest: dict) -> None:
-        if self._status is None:
+    def __init__(self, next_step: BoundedStep, limits: BatchLimits) -> None:
+        self.next_step = next_step
+        self.limits = limits
+        self.open = Batch()
+        self._fetched = 0
+        self._room = 0
+
+    def room(self) -> int:
+        """Records the next fetch may bring (at least one)."""
+        return max(self.limits.max_readings - len(self.open), 1)
+
+    @property
+    def pending(self) -> int:
+        """1 while the open batch holds records, else 0."""
+        return 1 if self.open.messages else 0
+
+    async def submit(self, item: Batch) -> None:
+        """Adds one fetch's decoded records to the open batch (never blocks)."""
+        self._room = self.limits.max_readings - len(self.open)
+        self._fetched = item.messages
+        self.open.extend(item)
+
+    async def poll(self) -> None:
+        """After each fetch: hands the open batch on if it is ready and the next step has room."""
+        open_batch = self.open
+        ready = batch_ready(size=len(open_batch), messages=open_batch.messages,
+                            age=open_batch.age() if open_batch.messages else 0.0,
+                            fetched=self._fetched, room=self._room, limits=self.limits)
+        self._fetched = 0
+        if ready and not self.next_step.full:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Hands the open batch on now, whatever its size; blocks while the next step is full."""
+        if self.open.messages == 0:
             return
-        started = time.perf_counter()
-        try:
-            await self._status.update(newest)
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            self._metrics.status_updates_skipped.inc(len(newest))
-            dependency = "redis" if isinstance(exc, redis.exceptions.RedisError) else "postgresql"
-            log.warning("status updates skipped; statuses catch up with the next readings",
-                        vehicles=len(newest), dependency=dependency, error=type(exc).__name__)
-            return
-        self._metrics.status_duration.observe(time.perf_counter() - started)
-
-    async def _update_positions(self, newest: dict) -> None:
-        """Last-known positions in PostgreSQL, flushed every few seconds (derived data)."""
-        for vehicle_id, reading in newest.items():
-            current = self._positions.get(vehicle_id)
-            if current is None or reading.time > current.time:
-                self._positions[vehicle_id] = reading
-        if time.monotonic() - self._positions_flushed < self._positions_interval:
-            return
-        await self.flush_positions()
-
-    async def flush_positions(self) -> None:
-        pending, self._positions = self._positions, {}
-        self._positions_flushed = time.monotonic()
-        try:
-            await self._sink.update_positions(pending)
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            log.warning("vehicle positions not updated, will retry", error=type(exc).__name__)
-            for vehicle_id, reading in pending.items():  # keep them for the next flush
-                current = self._positions.get(vehicle_id)
-                if current is None or reading.time > current.time:
-                    self._positions[vehicle_id] = reading
+        batch, self.open = self.open, Batch()
+        await self.next_step.submit(batch)

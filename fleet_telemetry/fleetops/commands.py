@@ -6,9 +6,10 @@ applies one command exactly once: its ``command_id`` goes into ``processed_comma
 in the same transaction as the writer's effect, so a redelivered or replayed command
 finds its row and changes nothing. A command the writer refuses (bad input, unknown id,
 double booking, ...) is dead-lettered with its reason, then recorded as rejected, so a
-replay does not dead-letter it twice. :class:`CommandConsumer` is the one place that
-owns the Kafka consumer of the command topic: it applies each fetched record in
-partition order and commits the offsets after the batch is applied.
+replay does not dead-letter it twice. :class:`CommandConsumer` runs
+:class:`CommandStrategy` in the shared Kafka loop
+(:class:`~fleet_telemetry.consumers.kafka_loop.KafkaLoop`): each fetched record is
+applied in partition order and the offsets are committed after the fetch is applied.
 
 Failure handling follows the telemetry consumer: invalid input -> dead letter, never
 retried; transient trouble (PostgreSQL or the broker away) -> retried with backoff,
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,18 +30,18 @@ from uuid import UUID
 import asyncpg
 import orjson
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import CommitFailedError, IllegalStateError
-from aiokafka.structs import OffsetAndMetadata, TopicPartition
+from aiokafka import AIOKafkaProducer
 from prometheus_client import start_http_server
 
+from fleet_telemetry.consumers.chain import Abandoned, Retrier
+from fleet_telemetry.consumers.kafka_loop import Committable, KafkaLoop, LoopMetrics, LoopOptions, Records, start_with_retry
 from fleet_telemetry.fleetops import assignments, customers, drivers, jobs, maintenance, vehicles
 from fleet_telemetry.fleetops.audit import jsonable
 from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.errors import FleetOpsError, InvalidInput
 from fleet_telemetry.fleetops.validation import parse_time, parse_uuid
 from fleet_telemetry.core.metrics import CommandMetrics
-from fleet_telemetry.core.retry import Backoff, is_transient
+from fleet_telemetry.core.retry import Backoff
 from fleet_telemetry.core.errors import ServiceUnavailable, UsageError
 from fleet_telemetry.ingest.producer import start_producer
 from fleet_telemetry.core.reading import Source
@@ -321,7 +321,59 @@ def dead_letter_headers(rejection: CommandRejection, failed_at: datetime) -> lis
     return headers
 
 
-# --- the consumer loop -------------------------------------------------------------------------
+# --- the consumer -------------------------------------------------------------------------------
+
+FETCH_RECORDS = 200
+"""Commands fetched at most at once; the offsets are committed after each applied fetch."""
+
+
+class CommandStrategy:
+    """Applies each fetched record, in partition order, before the next fetch (the Kafka
+    loop's :class:`~fleet_telemetry.consumers.kafka_loop.Strategy`).
+
+    A transient failure is retried by ``retrier`` until it succeeds or the consumer is
+    asked to stop (then :class:`~fleet_telemetry.consumers.chain.Abandoned` is raised and
+    nothing more is committed); each applied record's offset becomes committable.
+    """
+
+    backpressure = False
+    in_flight = 0
+
+    def __init__(self, applier: CommandApplier, metrics: CommandMetrics, retrier: Retrier) -> None:
+        self.offsets = Committable()
+        self._applier = applier
+        self._metrics = metrics
+        self._retry = retrier
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def room(self) -> int:
+        return FETCH_RECORDS
+
+    async def submit(self, records: Records) -> None:
+        for tp, fetched in records.items():
+            for record in fetched:
+                item = decode_command(record.value or b"", key=record.key,
+                                      source=Source(tp.topic, tp.partition, record.offset))
+                outcome = await self._retry("postgresql", lambda: self._applier.apply(item))
+                self._metrics.commands.labels(outcome=outcome).inc()
+                self.offsets.mark({tp: record.offset + 1})
+
+    async def poll(self) -> None:
+        pass
+
+    async def handover(self) -> None:
+        pass  # every fetched record was applied before the next fetch
+
+    def abandon(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
 
 class CommandConsumer:
@@ -340,27 +392,32 @@ class CommandConsumer:
         self._stopping.set()
 
     async def run(self) -> int:
+        """Blocks until stopped; raises ``ServiceUnavailable`` when asked to stop while
+        PostgreSQL or the broker is still away (the uncommitted commands are redelivered)."""
         s = self.settings
         database = Database.from_settings(s, max_size=2)
         producer: AIOKafkaProducer | None = None
-        consumer: AIOKafkaConsumer | None = None
         try:
-            producer = await self._retrying("kafka", lambda: start_producer(s))
-            applier = CommandApplier(database, self._dead_letter_to(producer))
-            consumer = AIOKafkaConsumer(
-                s.commands_topic, group_id=s.commands_group, enable_auto_commit=False,
-                auto_offset_reset="earliest", **s.kafka_client_options(),  # type: ignore[arg-type]
-            )
-            await self._retrying("kafka", consumer.start)
-            log.info("command consumer started", topic=s.commands_topic, group=s.commands_group)
-            await self._loop(consumer, applier)
-            return 0
+            producer = await start_with_retry(lambda: start_producer(s), bootstrap=s.kafka_bootstrap,
+                                              retries=self.metrics.retries, backoff=self._backoff(),
+                                              give_up=self._stopping)
+            retrier = Retrier(self.metrics.retries, self._backoff, give_up=self._stopping)
+            strategy = CommandStrategy(CommandApplier(database, self._dead_letter_to(producer)),
+                                       self.metrics, retrier)
+            options = LoopOptions.from_settings(
+                s, topics=[s.commands_topic], group=s.commands_group, stop_when_idle=self.stop_when_idle,
+                what="commands", started_event="command consumer started")
+            return await KafkaLoop(strategy, options, LoopMetrics(self.metrics.retries),
+                                   stopping=self._stopping).run()
+        except Abandoned as exc:
+            raise ServiceUnavailable(f"{exc}; the uncommitted commands will be redelivered") from None
         finally:
-            if consumer is not None:
-                await consumer.stop()
             if producer is not None:
                 await producer.stop()
             await database.close()
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self.settings.retry_initial_seconds, self.settings.retry_max_seconds)
 
     def _dead_letter_to(self, producer: AIOKafkaProducer) -> Callable[[CommandRejection], Awaitable[None]]:
         topic = self.settings.commands_dlq_topic
@@ -372,50 +429,6 @@ class CommandConsumer:
             self.metrics.rejections.labels(reason=rejection.reason).inc()
 
         return send
-
-    async def _retrying(self, dependency: str, operation: Callable[[], Awaitable[Any]]) -> Any:
-        backoff = Backoff(self.settings.retry_initial_seconds, self.settings.retry_max_seconds)
-        while True:
-            try:
-                return await operation()
-            except Exception as exc:
-                if not is_transient(exc) or self._stopping.is_set():
-                    if is_transient(exc):
-                        raise ServiceUnavailable(
-                            f"{dependency} still failing at shutdown ({type(exc).__name__});"
-                            " the uncommitted commands will be redelivered") from None
-                    raise
-                delay = backoff.next_delay()
-                self.metrics.retries.labels(dependency=dependency).inc()
-                log.warning("retrying after a transient failure", dependency=dependency,
-                            error=type(exc).__name__, retry_in_s=round(delay, 2))
-                await asyncio.sleep(delay)
-
-    async def _loop(self, consumer: AIOKafkaConsumer, applier: CommandApplier) -> None:
-        last_record = time.monotonic()
-        while not self._stopping.is_set():
-            batch = await consumer.getmany(timeout_ms=200, max_records=200)
-            if batch or not consumer.assignment():  # idle counts only once partitions are ours
-                last_record = time.monotonic()
-            offsets: dict[TopicPartition, int] = {}
-            for tp, records in batch.items():
-                for record in records:
-                    item = decode_command(record.value or b"", key=record.key,
-                                          source=Source(tp.topic, tp.partition, record.offset))
-                    outcome = await self._retrying("postgresql", lambda: applier.apply(item))
-                    self.metrics.commands.labels(outcome=outcome).inc()
-                    offsets[tp] = record.offset + 1
-            if offsets:
-                try:
-                    await self._retrying("kafka", lambda: consumer.commit(
-                        {tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()}))
-                except (CommitFailedError, IllegalStateError) as exc:
-                    # The group rebalanced: these partitions are someone else's now and will
-                    # be read again from the last commit; command ids make that a no-op.
-                    log.warning("offset commit refused by the group", error=type(exc).__name__)
-            if self.stop_when_idle is not None and time.monotonic() - last_record >= self.stop_when_idle:
-                log.info("no commands for a while, stopping", idle_s=self.stop_when_idle)
-                return
 
 
 def run_consumer(args: argparse.Namespace, settings: Settings) -> int:

@@ -84,7 +84,7 @@ async def test_two_workers_share_the_partitions_and_store_every_reading_once(top
     tasks = [asyncio.create_task(one.run()), asyncio.create_task(two.run())]
 
     async def both_assigned() -> bool:
-        return all(w._consumer is not None and len(w._consumer.assignment()) == 2 for w in (one, two))
+        return all(len(w.assignment()) == 2 for w in (one, two))
 
     await wait_for(both_assigned, timeout=60, what="both workers to own two partitions each")
     messages = readings_for(vehicles, 250)  # 10,000 readings

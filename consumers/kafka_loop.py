@@ -1,0 +1,391 @@
+"""The one Kafka consumer loop: the only place that touches an ``AIOKafkaConsumer``.
+
+Lifecycle of one loop::
+
+    start:   the strategy starts, the consumer joins the group (retried while the broker
+             is away)
+    loop:    fetch (as many records as the strategy has room for) -> strategy.submit ->
+             strategy.poll -> commit the offsets the strategy has finished -> lag gauge;
+             partitions are paused while the strategy reports backpressure
+    revoke:  the strategy hands over everything fetched so far and waits for it (within
+             the shutdown deadline), the finished offsets are committed, then the revoked
+             partitions' state goes
+    stop:    (:meth:`KafkaLoop.stop`, or idle with ``stop_when_idle``) stop fetching, hand
+             over within the deadline, close the strategy, commit, leave the group
+
+What to do with the records is the :class:`Strategy`'s business (the telemetry pipeline,
+the command consumer). Offsets travel with the data: the strategy marks in its
+:class:`Committable` the offsets its last step has finished, and only those are
+committed, so a crash at any point means redelivery, never loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram
+
+from fleet_telemetry.core.errors import unavailable
+from fleet_telemetry.core.retry import Backoff, GaveUp, retry
+from fleet_telemetry.core.settings import Settings
+
+log = structlog.get_logger("fleet.consumer")
+T = TypeVar("T")
+
+Records = Mapping[TopicPartition, Sequence[Any]]
+"""One fetch: per partition, the records in offset order (aiokafka ``ConsumerRecord``)."""
+
+
+class Committable:
+    """Per partition, the next offset to commit: what the strategy's last step has finished."""
+
+    def __init__(self) -> None:
+        self._offsets: dict[TopicPartition, int] = {}
+
+    def mark(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Records finished work; an offset never moves back."""
+        for tp, offset in offsets.items():
+            if offset > self._offsets.get(tp, -1):
+                self._offsets[tp] = offset
+
+    def forget(self, partitions: Collection[TopicPartition]) -> None:
+        for tp in partitions:
+            self._offsets.pop(tp, None)
+
+    def items(self) -> Iterator[tuple[TopicPartition, int]]:
+        return iter(list(self._offsets.items()))
+
+
+class Strategy(Protocol):
+    """What the loop drives: the steps after the fetch."""
+
+    offsets: Committable
+    """Offsets the strategy has finished; the loop commits them."""
+
+    @property
+    def backpressure(self) -> bool:
+        """True while the strategy cannot take more: the loop pauses its partitions."""
+
+    @property
+    def in_flight(self) -> int:
+        """Units of work open or under way; 0 means idle (nothing uncommitted in hand)."""
+
+    async def start(self) -> None:
+        """Before the consumer joins the group."""
+
+    async def stop(self) -> None:
+        """On every way out, before the consumer leaves the group: release tasks and timers."""
+
+    def room(self) -> int:
+        """How many records the next fetch may bring (at least one)."""
+
+    async def submit(self, records: Records) -> None:
+        """Takes one non-empty fetch. May block (that is backpressure too); raises what it cannot handle."""
+
+    async def poll(self) -> None:
+        """After every fetch, empty or not: moves work on, raises a downstream failure."""
+
+    async def handover(self) -> None:
+        """Hands on everything fetched so far and blocks until it is finished (committable)."""
+
+    def abandon(self) -> None:
+        """The handover's deadline passed: stop retrying; unfinished work is redelivered."""
+
+    async def close(self) -> None:
+        """After a complete handover at shutdown: last writes; raises downstream failures."""
+
+
+class KafkaConsumer(Protocol):
+    """The part of ``AIOKafkaConsumer`` the loop uses (a test passes a fake)."""
+
+    def subscribe(self, topics: list[str], *, listener: ConsumerRebalanceListener) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> Records: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    async def commit(self, offsets: Mapping[TopicPartition, OffsetAndMetadata]) -> None: ...
+    def pause(self, *partitions: TopicPartition) -> None: ...
+    def resume(self, *partitions: TopicPartition) -> None: ...
+    def paused(self) -> set[TopicPartition]: ...
+    def highwater(self, partition: TopicPartition) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    topics: tuple[str, ...]
+    group: str
+    bootstrap: str
+    """For messages only (no secrets)."""
+    consumer_options: Mapping[str, Any] = field(default_factory=dict)
+    """``AIOKafkaConsumer`` keyword arguments besides the group and the commit mode."""
+    backoff: Callable[[], Backoff] = Backoff
+    fetch_timeout_ms: int = 200
+    shutdown_timeout: float = 30.0
+    stop_when_idle: float | None = None
+    """Stop once this many seconds passed with partitions assigned, no record and nothing in flight."""
+    what: str = "records"
+    """What the records are, for the log ("no records for a while, stopping")."""
+    started_event: str = "consumer started"
+    log_fields: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, topics: Sequence[str], group: str,
+                      consumer_options: Mapping[str, Any] | None = None, **options: Any) -> "LoopOptions":
+        """Connection, backoff and shutdown deadline from ``settings``; the rest as given."""
+        return cls(
+            topics=tuple(topics), group=group, bootstrap=settings.kafka_bootstrap,
+            consumer_options={**(consumer_options or {}), **settings.kafka_client_options()},
+            backoff=lambda: Backoff(settings.retry_initial_seconds, settings.retry_max_seconds),
+            shutdown_timeout=settings.shutdown_timeout_seconds, **options,
+        )
+
+
+@dataclass(frozen=True)
+class LoopMetrics:
+    retries: Counter
+    """By ``dependency``; the loop counts ``kafka``."""
+    commit_duration: Histogram | None = None
+    consumer_lag: Gauge | None = None
+    """By ``topic`` and ``partition``: records between the committed offset and the end."""
+    paused_partitions: Gauge | None = None
+
+
+async def start_with_retry(start: Callable[[], Awaitable[T]], *, bootstrap: str, retries: Counter,
+                           backoff: Backoff, give_up: asyncio.Event) -> T:
+    """Starts a Kafka client, retrying while the broker is not reachable.
+
+    Raises :class:`~fleet_telemetry.core.errors.ServiceUnavailable` when ``give_up`` is
+    set while it still fails, and any non-transient failure at once.
+    """
+    def count(exc: BaseException, delay: float, attempt: int) -> None:
+        retries.labels(dependency="kafka").inc()
+        log.warning("kafka not reachable, retrying", bootstrap=bootstrap, error=type(exc).__name__,
+                    retry_in_s=round(delay, 2))
+
+    try:
+        return await retry(start, what="kafka", backoff=backoff, on_retry=count, give_up=give_up)
+    except GaveUp as exc:
+        raise unavailable("Kafka", bootstrap, exc.cause) from None
+
+
+def _names(partitions: Collection[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, loop: "KafkaLoop") -> None:
+        self._loop = loop
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked:
+            await self._loop.handover(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._loop.assigned(assigned)
+
+
+class KafkaLoop:
+    """Feeds one consumer group member's records to a :class:`Strategy` and commits what it finished.
+
+    :meth:`run` returns the exit status: 0 after a clean stop, 1 when the shutdown
+    deadline passed with work unfinished (it will be redelivered).
+    """
+
+    def __init__(self, strategy: Strategy, options: LoopOptions, metrics: LoopMetrics, *,
+                 stopping: asyncio.Event | None = None,
+                 consumer_factory: Callable[[], KafkaConsumer] | None = None) -> None:
+        self.strategy = strategy
+        self.options = options
+        self.metrics = metrics
+        self._stopping = stopping if stopping is not None else asyncio.Event()
+        self._factory = consumer_factory or self._aiokafka_consumer
+        self._consumer: KafkaConsumer | None = None
+        self._committed: dict[TopicPartition, int] = {}
+        self._paused = False
+        self._last_activity = time.monotonic()
+
+    def stop(self) -> None:
+        """Ask the loop to finish its in-flight work, commit and leave (signal-safe)."""
+        self._stopping.set()
+
+    def assignment(self) -> set[TopicPartition]:
+        """The partitions this member owns now (none before it joined)."""
+        return set() if self._consumer is None else set(self._consumer.assignment())
+
+    @property
+    def committed(self) -> dict[TopicPartition, int]:
+        """Per partition, the offset this member last committed."""
+        return dict(self._committed)
+
+    def _aiokafka_consumer(self) -> KafkaConsumer:
+        consumer: KafkaConsumer = AIOKafkaConsumer(
+            group_id=self.options.group, enable_auto_commit=False, auto_offset_reset="earliest",
+            **self.options.consumer_options,
+        )
+        return consumer
+
+    async def run(self) -> int:
+        """Blocks until stopped (or idle); returns the exit status. Raises what the strategy
+        raises (nothing more is committed then) and ``ServiceUnavailable`` when asked to
+        stop while the broker was still away."""
+        o = self.options
+        consumer = self._factory()
+        consumer.subscribe(list(o.topics), listener=_Rebalance(self))
+        self._consumer = consumer
+        try:
+            await self.strategy.start()
+            await start_with_retry(consumer.start, bootstrap=o.bootstrap, retries=self.metrics.retries,
+                                   backoff=o.backoff(), give_up=self._stopping)
+            log.info(o.started_event, topic=",".join(o.topics), group=o.group, **o.log_fields)
+            self._last_activity = time.monotonic()
+            while not self._stopping.is_set():
+                if await self._iterate(consumer):
+                    break
+            return await self._shutdown()
+        finally:
+            await self.strategy.stop()
+            await consumer.stop()  # leaves the group
+
+    async def _iterate(self, consumer: KafkaConsumer) -> bool:
+        """One fetch and what follows it; True when the loop has been idle long enough to stop."""
+        strategy = self.strategy
+        self._set_paused(strategy.backpressure)
+        records = await consumer.getmany(timeout_ms=self.options.fetch_timeout_ms, max_records=strategy.room())
+        if records:
+            await strategy.submit(records)
+        await strategy.poll()
+        await self.commit()
+        self._update_lag()
+        now = time.monotonic()
+        # Idle counts only while partitions are ours and nothing is open or in flight.
+        if records or not consumer.assignment() or strategy.in_flight:
+            self._last_activity = now
+        idle = self.options.stop_when_idle
+        if idle is not None and now - self._last_activity >= idle:
+            log.info(f"no {self.options.what} for a while, stopping", idle_s=idle)
+            return True
+        return False
+
+    async def _shutdown(self) -> int:
+        deadline = self.options.shutdown_timeout
+        log.info("stopping: flushing in-flight batches", in_flight=self.strategy.in_flight)
+        try:
+            await asyncio.wait_for(self.strategy.handover(), deadline)
+        except asyncio.TimeoutError:
+            self.strategy.abandon()
+            log.error("shutdown deadline passed; uncommitted work will be redelivered", deadline_s=deadline)
+            return 1
+        await self.strategy.close()
+        await self.commit(final=True)
+        log.info("stopped cleanly", committed={f"{tp.topic}[{tp.partition}]": off
+                                                     for tp, off in self._committed.items()})
+        return 0
+
+    # --- the group ------------------------------------------------------------------
+
+    async def handover(self, revoked: set[TopicPartition]) -> None:
+        """Before partitions go: finish everything fetched so far and commit it, then forget them."""
+        deadline = self.options.shutdown_timeout
+        try:
+            await asyncio.wait_for(self.strategy.handover(), deadline)
+        except asyncio.TimeoutError:
+            # Nothing unfinished is committed; the new owner reads it again from the
+            # last commit and the sink drops what was already stored.
+            log.error("partitions revoked before their batches were written; they will be redelivered",
+                            deadline_s=deadline)
+        await self.commit(final=True)
+        self.strategy.offsets.forget(revoked)
+        lag = self.metrics.consumer_lag
+        for tp in revoked:
+            self._committed.pop(tp, None)
+            if lag is not None:
+                try:
+                    lag.remove(tp.topic, str(tp.partition))
+                except KeyError:
+                    pass
+        log.info("partitions revoked after commit", partitions=_names(revoked))
+
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        """New partitions start unpaused; the next fetch pauses them if the strategy is still behind."""
+        self._paused = False
+        if self.metrics.paused_partitions is not None:
+            self.metrics.paused_partitions.set(0)
+        log.info("partitions assigned", partitions=_names(partitions))
+
+    # --- commits, pause and lag ----------------------------------------------------
+
+    async def commit(self, *, final: bool = False) -> None:
+        """Commits the finished offsets of the assigned partitions that moved on.
+
+        Not ``final``: one attempt; a failure is logged and the offsets go with the next
+        commit. ``final``: transient failures are retried until the commit succeeds. A
+        commit the group refuses (it rebalanced) is dropped: the partitions' new owner
+        reads them again from the last commit.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return
+        assigned = consumer.assignment()
+        offsets = {tp: off for tp, off in self.strategy.offsets.items()
+                   if tp in assigned and off > self._committed.get(tp, -1)}
+        if not offsets:
+            return
+        started = time.perf_counter()
+
+        async def send() -> None:
+            await consumer.commit({tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()})
+
+        def count(exc: BaseException, delay: float, attempt: int) -> None:
+            self.metrics.retries.labels(dependency="kafka").inc()
+
+        try:
+            if final:
+                await retry(send, what="offset commit", backoff=self.options.backoff(), on_retry=count)
+            else:
+                await send()
+        except (CommitFailedError, IllegalStateError) as exc:
+            log.warning("offset commit refused by the group", error=type(exc).__name__)
+            return
+        except KafkaError as exc:
+            log.warning("offset commit failed, will retry", error=type(exc).__name__)
+            self.metrics.retries.labels(dependency="kafka").inc()
+            return
+        if self.metrics.commit_duration is not None:
+            self.metrics.commit_duration.observe(time.perf_counter() - started)
+        self._committed.update(offsets)
+
+    def _set_paused(self, paused: bool) -> None:
+        consumer = self._consumer
+        if consumer is None or paused == self._paused:
+            return
+        gauge = self.metrics.paused_partitions
+        if paused:
+            assignment = list(consumer.assignment())
+            consumer.pause(*assignment)
+            if gauge is not None:
+                gauge.set(len(assignment))
+            log.info("writer behind, partitions paused", partitions=len(assignment))
+        else:
+            consumer.resume(*consumer.paused())
+            if gauge is not None:
+                gauge.set(0)
+        self._paused = paused
+
+    def _update_lag(self) -> None:
+        consumer, gauge = self._consumer, self.metrics.consumer_lag
+        if consumer is None or gauge is None:
+            return
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            committed = self._committed.get(tp)
+            if highwater is None or committed is None:
+                continue
+            gauge.labels(tp.topic, str(tp.partition)).set(max(0, highwater - committed))

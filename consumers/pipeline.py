@@ -1,0 +1,111 @@
+"""The telemetry pipeline as the Kafka loop's strategy: the steps of
+:mod:`~fleet_telemetry.consumers.stages` joined in order.
+
+::
+
+    decode -> batching -> [writer task] store -> [publisher task] status -> rules -> commit
+
+The writer task takes at most ``max_batches_in_flight`` batches waiting; while that
+queue is full the loop pauses its partitions. The publisher task takes one, so one
+batch's Redis and rules work overlaps the next batch's COPY. Only the commit step marks
+offsets committable, in batch order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from fleet_telemetry.consumers.batch import Batch, BatchingStep, BatchLimits
+from fleet_telemetry.consumers.chain import InTask, Retrier, Step
+from fleet_telemetry.consumers.deadletter import DeadLetters
+from fleet_telemetry.consumers.kafka_loop import Committable, Records
+from fleet_telemetry.consumers.sink import TelemetrySink
+from fleet_telemetry.consumers.stages import (
+    CommitStep, DecodeStep, RuleEvaluator, RulesStep, StatusStep, Stored, StoreStep,
+)
+from fleet_telemetry.consumers.status import StatusWriter
+from fleet_telemetry.core.metrics import PipelineMetrics
+from fleet_telemetry.core.retry import Backoff
+from fleet_telemetry.core.settings import Settings
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where the pipeline writes; opened and closed by its owner."""
+
+    sink: TelemetrySink
+    dead_letters: DeadLetters
+    status: StatusWriter | None
+    rules: RuleEvaluator | None
+
+
+class TelemetryPipeline:
+    """The :class:`~fleet_telemetry.consumers.kafka_loop.Strategy` of the telemetry worker."""
+
+    def __init__(self, settings: Settings, outputs: Outputs, metrics: PipelineMetrics) -> None:
+        s = settings
+        self.offsets = Committable()
+        self.retrier = Retrier(metrics.retries, lambda: Backoff(s.retry_initial_seconds, s.retry_max_seconds))
+        after_status: Step[Stored] = CommitStep(self.offsets, metrics)
+        self.rules: RulesStep | None = None
+        if outputs.rules is not None:
+            self.rules = RulesStep(after_status, outputs.rules, self.retrier)
+            after_status = self.rules
+        self.status = StatusStep(after_status, outputs.status, outputs.sink, metrics)
+        self.publisher: InTask[Stored] = InTask(self.status, maxsize=1, name="fleet-publisher")
+        self.store = StoreStep(self.publisher, outputs.sink, outputs.dead_letters, metrics, self.retrier)
+        self.writer: InTask[Batch] = InTask(self.store, maxsize=s.max_batches_in_flight, name="fleet-writer")
+        self.batching = BatchingStep(self.writer, BatchLimits(s.batch_max_readings, s.batch_max_age_ms / 1000))
+        self.decode = DecodeStep(self.batching, metrics, max_future=timedelta(seconds=s.max_future_seconds),
+                                 retention=timedelta(days=s.raw_retention_days))
+        metrics.batches_in_flight.set_function(lambda: self.batches_in_flight)
+
+    @property
+    def batches_in_flight(self) -> int:
+        """Batches handed to the writer and not yet committable."""
+        return self.writer.pending + self.publisher.pending
+
+    @property
+    def in_flight(self) -> int:
+        return self.batching.pending + self.batches_in_flight
+
+    @property
+    def backpressure(self) -> bool:
+        return self.writer.full
+
+    async def start(self) -> None:
+        if self.rules is not None:
+            await self.rules.start()
+        self.writer.start()
+        self.publisher.start()
+
+    async def stop(self) -> None:
+        if self.rules is not None:
+            await self.rules.stop()
+        await self.writer.stop()
+        await self.publisher.stop()
+
+    def room(self) -> int:
+        return self.batching.room()
+
+    async def submit(self, records: Records) -> None:
+        await self.decode.submit(records)
+
+    async def poll(self) -> None:
+        self.writer.check()
+        self.publisher.check()
+        await self.batching.poll()
+
+    async def handover(self) -> None:
+        await self.batching.flush()
+        await self.writer.join()
+        await self.publisher.join()
+
+    def abandon(self) -> None:
+        self.retrier.abandon()
+
+    async def close(self) -> None:
+        self.writer.check()
+        self.publisher.check()
+        await self.status.flush_positions()
