@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 import structlog
 from aiokafka.structs import TopicPartition
 
-from fleet_telemetry.consumers.alerts import RuleEngine
+from fleet_telemetry.consumers.rules import RuleEngine
 from fleet_telemetry.consumers.chain import Abandoned
 from fleet_telemetry.consumers.deadletter import DeadLetters
 from fleet_telemetry.consumers.kafka_loop import KafkaLoop, LoopMetrics, LoopOptions, start_with_retry

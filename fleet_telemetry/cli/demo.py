@@ -81,7 +81,7 @@ class LiveView:
 async def demo(settings: Settings, *, vehicles: int, rate: float, bad_ratio: float,
                duration: float | None, interval: float, start_stack: bool) -> int:
     if start_stack:
-        from fleet_telemetry.deploy.services import up
+        from fleet_telemetry.deploy.stack import up
 
         if await up(settings, timeout=120) != 0:
             return 1
