@@ -17,9 +17,10 @@ import sys
 import time
 from typing import Any, TextIO
 
+from fleet_telemetry.cli.parsing import add_command
+from fleet_telemetry.cli.simulate import add_fleet_options, check
 from fleet_telemetry.core.metrics import PipelineMetrics, serve
 from fleet_telemetry.consumers.worker import Worker
-from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.logs import configure_logging
 from fleet_telemetry.core.reading import REASONS
 from fleet_telemetry.core.settings import Settings
@@ -146,25 +147,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not args.verbose:
         # The live view is the demo's output; only problems interrupt it.
         configure_logging(settings.log_format, "warning")
-    if args.vehicles < 1 or args.rate <= 0 or not 0 <= args.bad_ratio <= 1:
-        raise UsageError("--vehicles must be 1 or more, --rate above 0 and --bad-ratio between 0 and 1")
+    check(args)
     return asyncio.run(demo(settings, vehicles=args.vehicles, rate=args.rate, bad_ratio=args.bad_ratio,
                             duration=args.duration, interval=args.interval, start_stack=not args.no_services))
 
 
+SUMMARY = "the whole pipeline on the local stack with a simulated fleet and a live view"
+DESCRIPTION = (
+    "Start the local stack if needed, migrate, then run a simulated fleet and a consumer "
+    "worker with a live view of readings in and stored, dead letters and lag. Ctrl-C stops it cleanly."
+)
+
+
 def register(sub: Any) -> None:
-    parser = sub.add_parser(
-        "demo", help="the whole pipeline on the local stack with a simulated fleet and a live view",
-        description="Start the local stack if needed, migrate, then run a simulated fleet and a consumer "
-        "worker with a live view of readings in and stored, dead letters and lag. Ctrl-C stops it cleanly.",
-    )
-    parser.add_argument("--vehicles", type=int, default=200, help="simulated vehicles (default 200)")
-    parser.add_argument("--rate", type=float, default=1000.0, help="readings per second (default 1000)")
-    parser.add_argument("--bad-ratio", type=float, default=0.01, metavar="SHARE",
-                        help="share of broken messages, to show the dead letters (default 0.01)")
-    parser.add_argument("--duration", type=float, default=None, metavar="SECONDS",
-                        help="stop after this long (default: until Ctrl-C)")
+    parser = add_command(sub, "demo", SUMMARY, DESCRIPTION, run)
+    add_fleet_options(parser, vehicles=200, rate=1000, bad_ratio=0.01)
     parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh of the live view")
     parser.add_argument("--verbose", action="store_true", help="show the workers' info logs under the live view")
     parser.add_argument("--no-services", action="store_true", help="do not run `fleet services up` first")
-    parser.set_defaults(handler=run)

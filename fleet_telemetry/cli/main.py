@@ -7,11 +7,12 @@ import argparse
 import asyncio
 import sys
 from types import ModuleType
-from typing import TYPE_CHECKING, NoReturn, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from pydantic import ValidationError
 
 from fleet_telemetry.cli import consume, demo, fleetops, geofences, maintain, migrate, replay, services, simulate
+from fleet_telemetry.cli.parsing import Parser
 from fleet_telemetry.core.errors import FleetError, UsageError
 
 if TYPE_CHECKING:
@@ -21,14 +22,6 @@ if TYPE_CHECKING:
 COMMAND_MODULES: tuple[ModuleType, ...] = (
     services, migrate, consume, simulate, demo, replay, maintain, geofences, fleetops,
 )
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one readable line and exit status 2 on bad usage."""
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-        raise SystemExit(2)
 
 
 def build_parser() -> Parser:

@@ -5,25 +5,27 @@ from __future__ import annotations
 import argparse
 import json
 
+from fleet_telemetry.cli.parsing import add_command
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.schema.migrate import apply_migrations
 
 
+SUMMARY = "apply the schema migrations to FLEET_DATABASE_URL"
+DESCRIPTION = (
+    "Create the database if needed and apply the numbered SQL migrations"
+    " not yet applied, each in its own transaction. Safe to run again and to run"
+    " concurrently; an applied migration that was edited is refused."
+)
+
+
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Adds ``fleet migrate`` to the ``fleet`` command line."""
-    parser = sub.add_parser(
-        "migrate",
-        help="apply the schema migrations to FLEET_DATABASE_URL",
-        description="Create the database if needed and apply the numbered SQL migrations"
-        " not yet applied, each in its own transaction. Safe to run again and to run"
-        " concurrently; an applied migration that was edited is refused.",
-    )
+    parser = add_command(sub, "migrate", SUMMARY, DESCRIPTION, run)
     parser.add_argument(
         "--json",
         action="store_true",
         help="print the versions applied by this run as a JSON list",
     )
-    parser.set_defaults(handler=run)
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -5,20 +5,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from fleet_telemetry.cli.parsing import add_actions, add_command
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.deploy.stack import down, status, up
 
 
+SUMMARY = "the local stack on loopback: PostgreSQL with PostGIS, Redis, a Kafka broker"
+DESCRIPTION = (
+    "Start, stop or check the local stack: PostgreSQL with PostGIS, Redis "
+    "and a Kafka-protocol broker at the FLEET_* addresses."
+)
+
+
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Adds ``fleet services up|down|status`` to the ``fleet`` command line."""
-    parser = sub.add_parser(
-        "services",
-        help="the local stack on loopback: PostgreSQL with PostGIS, Redis, a Kafka broker",
-        description="Start, stop or check the local stack: PostgreSQL with PostGIS, Redis "
-        "and a Kafka-protocol broker at the FLEET_* addresses.",
-    )
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser))
-    actions.required = True
+    parser = add_command(sub, "services", SUMMARY, DESCRIPTION, run)
+    actions = add_actions(parser)
     up_parser = actions.add_parser(
         "up",
         help="start what does not answer yet (installing it with apt-get if needed)",
@@ -38,7 +40,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "status", help="whether each service answers; exit 1 if one does not"
     )
     status_parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -7,26 +7,35 @@ import asyncio
 import signal
 import sys
 
+from fleet_telemetry.cli.parsing import add_command
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.ingest.simulate import simulate
 
 
+SUMMARY = "publish a simulated fleet's telemetry"
+DESCRIPTION = (
+    "Publish plausible telemetry from a simulated fleet to FLEET_TELEMETRY_TOPIC. "
+    "The vehicles are registered in PostgreSQL first. Ctrl-C stops it."
+)
+
+
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Adds ``fleet simulate`` to the ``fleet`` command line."""
-    parser = sub.add_parser(
-        "simulate", help="publish a simulated fleet's telemetry",
-        description="Publish plausible telemetry from a simulated fleet to FLEET_TELEMETRY_TOPIC. "
-        "The vehicles are registered in PostgreSQL first. Ctrl-C stops it.",
-    )
-    parser.add_argument("--vehicles", type=int, default=100, help="fleet size (default 100)")
-    parser.add_argument("--rate", type=float, default=200.0, help="readings per second in total (default 200)")
+    parser = add_command(sub, "simulate", SUMMARY, DESCRIPTION, run)
+    add_fleet_options(parser, vehicles=100, rate=200, bad_ratio=0)
+    parser.add_argument("--seed", type=int, default=1, help="fleet seed; the same seed gives the same vehicles")
+
+
+def add_fleet_options(parser: argparse.ArgumentParser, *, vehicles: int, rate: float, bad_ratio: float) -> None:
+    """The simulated fleet's options, shared by ``fleet simulate`` and ``fleet demo``."""
+    parser.add_argument("--vehicles", type=int, default=vehicles, help=f"fleet size (default {vehicles})")
+    parser.add_argument("--rate", type=float, default=float(rate),
+                        help=f"readings per second in total (default {rate:g})")
     parser.add_argument("--duration", type=float, default=None, metavar="SECONDS",
                         help="stop after this long (default: until Ctrl-C)")
-    parser.add_argument("--bad-ratio", type=float, default=0.0, metavar="SHARE",
-                        help="share of malformed or invalid messages, 0 to 1 (default 0)")
-    parser.add_argument("--seed", type=int, default=1, help="fleet seed; the same seed gives the same vehicles")
-    parser.set_defaults(handler=run)
+    parser.add_argument("--bad-ratio", type=float, default=float(bad_ratio), metavar="SHARE",
+                        help=f"share of malformed or invalid messages, 0 to 1 (default {bad_ratio:g})")
 
 
 def check(args: argparse.Namespace) -> None:

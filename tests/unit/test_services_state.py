@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet_telemetry.cli.main import Parser
+from fleet_telemetry.cli.parsing import Parser
 from fleet_telemetry.cli.services import register
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.deploy.stack.addresses import BROKER, POSTGRESQL, REDIS
