@@ -19,7 +19,6 @@ DESCRIPTION = (
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Adds ``fleet migrate`` to the ``fleet`` command line."""
     parser = add_command(sub, "migrate", SUMMARY, DESCRIPTION, run)
     parser.add_argument(
         "--json",

@@ -18,7 +18,6 @@ DESCRIPTION = (
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Adds ``fleet services up|down|status`` to the ``fleet`` command line."""
     parser = add_command(sub, "services", SUMMARY, DESCRIPTION, run)
     actions = add_actions(parser)
     up_parser = actions.add_parser(

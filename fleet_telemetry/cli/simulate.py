@@ -21,7 +21,6 @@ DESCRIPTION = (
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Adds ``fleet simulate`` to the ``fleet`` command line."""
     parser = add_command(sub, "simulate", SUMMARY, DESCRIPTION, run)
     add_fleet_options(parser, vehicles=100, rate=200, bad_ratio=0)
     parser.add_argument("--seed", type=int, default=1, help="fleet seed; the same seed gives the same vehicles")
