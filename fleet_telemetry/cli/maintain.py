@@ -12,7 +12,7 @@ import structlog
 from prometheus_client import start_http_server
 
 from fleet_telemetry.core.errors import UsageError
-from fleet_telemetry.lifecycle.policy import STATS_VIEW, parse_every
+from fleet_telemetry.lifecycle.policy import REPORT_VIEWS, parse_every
 from fleet_telemetry.lifecycle.run import Maintainer
 
 if TYPE_CHECKING:
@@ -28,8 +28,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         help="partitions, rollups, retention, materialized views (one pass, or --every)",
         description="One idempotent maintenance pass: move default-partition rows, create partitions"
         " ahead, roll up the hours marked dirty, drop raw partitions past FLEET_RAW_RETENTION_DAYS"
-        " once rolled up, remove rollups past their retention, refresh monthly_vehicle_stats when its"
-        " nightly run is due. Safe to run from several places at once.",
+        " once rolled up, remove rollups past their retention, refresh monthly_vehicle_stats and"
+        " monthly_vehicle_revenue when their nightly run is due. Safe to run from several places at once.",
     )
     parser.add_argument(
         "--every", metavar="DURATION", default=None,
@@ -38,7 +38,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     )
     parser.add_argument("--dry-run", action="store_true", help="show what a pass would do, change nothing")
     parser.add_argument("--refresh-stats", action="store_true",
-                        help=f"refresh {STATS_VIEW} now instead of at its nightly hour")
+                        help=f"refresh {' and '.join(REPORT_VIEWS)} now instead of at their nightly hour")
     parser.add_argument("--json", action="store_true", help="print the pass report as JSON")
     parser.set_defaults(handler=run)
 

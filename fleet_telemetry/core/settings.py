@@ -129,7 +129,8 @@ class Settings(BaseSettings):
     audit_partitions_ahead_months: int = Field(default=2, ge=1)
     """...and monthly audit-log partitions this many months ahead."""
     stats_refresh_hour: int = Field(default=3, ge=0, le=23)
-    """UTC hour of the nightly ``monthly_vehicle_stats`` refresh (the first pass after it)."""
+    """UTC hour of the nightly refresh of ``monthly_vehicle_stats`` and ``monthly_vehicle_revenue``
+    (the first pass after it)."""
     maintain_lock_timeout_seconds: float = Field(default=0.5, gt=0)
     """Longest a maintenance step waits in a lock queue that also holds up ingestion; it retries later."""
     maintain_metrics_port: int = Field(default=9119, ge=0, le=65535)

@@ -13,8 +13,8 @@ A pass (schema/README.md, "Lifecycle: partitions, rollups, retention"), in this 
    oldest first, each only once none of its hours waits for a rollup; removes hourly
    rollups past their retention (whole days) and, if configured, daily ones
    (:mod:`fleet_telemetry.lifecycle.retention`);
-5. refreshes ``monthly_vehicle_stats`` concurrently when its nightly run is due
-   (:mod:`fleet_telemetry.lifecycle.stats`).
+5. refreshes ``monthly_vehicle_stats`` and ``monthly_vehicle_revenue`` concurrently when
+   their nightly run is due (:mod:`fleet_telemetry.lifecycle.stats`).
 
 Passes from several hosts serialise on a session advisory lock, and every step is safe
 on its own as well. Each statement that takes a lock ingestion also needs (creating or

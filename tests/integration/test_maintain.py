@@ -575,6 +575,32 @@ async def test_metrics_and_the_nightly_stats_refresh_follow_the_clock(
     assert last == clock[0]
 
 
+async def test_the_nightly_refresh_brings_the_monthly_revenue_up_to_date_too(
+    conn: asyncpg.Connection, own_url: str, base_settings: Settings, vehicles: Vehicles
+) -> None:
+    [vehicle] = await vehicles(1)
+    delivered = at(today(), 1)
+    customer = await conn.fetchval("INSERT INTO customers (name) VALUES ('Acme') RETURNING id")
+    driver = await conn.fetchval("INSERT INTO drivers (name) VALUES ('Dana') RETURNING id")
+    assignment = await conn.fetchval(
+        "INSERT INTO vehicle_assignments (vehicle_id, driver_id, start_time, end_time, status)"
+        " VALUES ($1, $2, $3, $4, 'COMPLETED') RETURNING id", vehicle, driver, delivered - timedelta(hours=1),
+        delivered + timedelta(hours=1))
+    await conn.executemany(
+        "INSERT INTO transport_jobs (customer_id, status, agreed_price, currency, assignment_id, delivered_at)"
+        " VALUES ($1, 'delivered', $2, 'EUR', $3, $4)",
+        [(customer, 1200, assignment, delivered), (customer, 300, assignment, delivered)])
+    maintainer = Maintainer(base_settings.model_copy(update={"database_url": own_url}), clock=lambda: at(today(), 4))
+
+    report = await maintainer.run_once()
+
+    assert report.stats_refreshed
+    row = await conn.fetchrow("SELECT month, revenue, jobs FROM monthly_vehicle_revenue WHERE vehicle_id = $1",
+                              vehicle)
+    assert dict(row) == {"month": today().replace(day=1), "revenue": 1500, "jobs": 2}
+    assert {"refreshed monthly_vehicle_stats", "refreshed monthly_vehicle_revenue"} <= set(report.lines())
+
+
 async def test_every_runs_passes_serves_metrics_and_stops_on_sigterm(own_url: str) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
