@@ -6,6 +6,8 @@ at the edge and pass it (or the parts they need) to constructors.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -39,6 +41,10 @@ def _checked_url(value: str, schemes: tuple[str, ...], expected: str) -> str:
     return value
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})")
+"""What ``FLEET_METRICS_ADDRESS`` may be when it is not an IP address: a host name."""
+
+
 class Settings(BaseSettings):
     """Every knob of the pipeline. Frozen: read once, passed down."""
 
@@ -62,6 +68,9 @@ class Settings(BaseSettings):
     dlq_topic: str = "fleet.telemetry.dlq.v1"
     consumer_group: str = "fleet-telemetry"
     metrics_port: int = Field(default=9108, ge=0, le=65535)
+    metrics_address: str = "0.0.0.0"
+    """Where every ``/metrics`` endpoint listens: all interfaces by default (containers);
+    ``127.0.0.1`` keeps them on this host."""
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -149,6 +158,16 @@ class Settings(BaseSettings):
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
         return _checked_url(value, ("redis", "rediss", "unix"), "a redis:// URL")
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _check_metrics_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not _HOST_NAME.fullmatch(value):
+                raise ValueError(f"{value!r} is not an IP address or host name") from None
+        return value
 
     @field_validator("database_replica_urls")
     @classmethod

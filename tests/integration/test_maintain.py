@@ -635,3 +635,34 @@ async def test_every_runs_passes_serves_metrics_and_stops_on_sigterm(own_url: st
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 0, err.decode()
+
+
+async def test_every_serves_metrics_only_on_fleet_metrics_address(own_url: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.2", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "FLEET_DATABASE_URL": own_url, "FLEET_MAINTAIN_METRICS_PORT": str(port),
+           "FLEET_METRICS_ADDRESS": "127.0.0.2"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fleet_telemetry.cli", "maintain", "--every", "1h", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+
+    def answers(host: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as answer:
+                return b"fleet_maintain_passes_total" in answer.read()
+        except OSError:
+            return False
+
+    try:
+        for _ in range(120):
+            if await asyncio.to_thread(answers, "127.0.0.2"):
+                break
+            await asyncio.sleep(0.25)
+        assert await asyncio.to_thread(answers, "127.0.0.2")
+        assert not await asyncio.to_thread(answers, "127.0.0.1")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 0, err.decode()
