@@ -122,7 +122,8 @@ async def _run_steps(ctx: PassContext) -> None:
 
 async def connect(settings: "Settings") -> asyncpg.Connection:
     """A connection for one pass. Raises :class:`ServiceUnavailable` when PostgreSQL does
-    not answer and :class:`FleetError` when the database does not exist."""
+    not answer and :class:`FleetError` when the database does not exist or the server
+    refuses the login."""
     try:
         return await asyncpg.connect(
             settings.database_url,
@@ -132,6 +133,12 @@ async def connect(settings: "Settings") -> asyncpg.Connection:
     except asyncpg.exceptions.InvalidCatalogNameError:
         raise FleetError(
             f"database at {settings.database_url_masked} does not exist: run fleet migrate first"
+        ) from None
+    except asyncpg.exceptions.InvalidAuthorizationSpecificationError as exc:
+        # The server's sentence names the user, never the password.
+        raise FleetError(
+            f"PostgreSQL at {settings.database_url_masked} refused the login ({str(exc).splitlines()[0]}):"
+            " check the user and password in FLEET_DATABASE_URL"
         ) from None
     except (OSError, asyncio.TimeoutError, asyncpg.exceptions.PostgresConnectionError,
             asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.TooManyConnectionsError) as exc:
