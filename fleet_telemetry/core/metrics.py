@@ -205,11 +205,11 @@ class HasRegistry(Protocol):
     def registry(self) -> CollectorRegistry: ...
 
 
-def serve(metrics: HasRegistry, port: int, address: str = DEFAULT_ADDRESS) -> WSGIServer | None:
-    """Exposes ``metrics`` on ``http://address:port/metrics`` from a daemon thread; port 0
+def serve(metrics: HasRegistry, port: int, addr: str = DEFAULT_ADDRESS) -> WSGIServer | None:
+    """Exposes ``metrics`` on ``http://addr:port/metrics`` from a daemon thread; port 0
     turns it off (then ``None``). Returns the server (``shutdown()`` stops it); raises
     OSError when the address cannot be bound."""
     if not port:
         return None
-    server, _thread = start_http_server(port, addr=address, registry=metrics.registry)
+    server, _thread = start_http_server(port, addr=addr, registry=metrics.registry)
     return server
