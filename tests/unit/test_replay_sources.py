@@ -356,3 +356,24 @@ async def test_fleet_replay_refuses_a_rejects_file_of_something_else_with_exit_2
         f"fleet replay: --rejects {notes} already holds something other than replay rejects;"
         " name a file that does not exist yet, or move this one away"]
     assert notes.read_text() == "my notes\n"
+
+
+def test_the_checkpoint_of_a_replay_writing_rejects_to_a_pipe_lives_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from fleet_telemetry.core.settings import Settings
+    from fleet_telemetry.replay.results import DIRECT
+    from fleet_telemetry.replay.run import Replay, ReplayOptions
+
+    path = tmp_path / "in.ndjson"
+    path.write_text("{}\n")
+    fifo = tmp_path / "rejects.fifo"
+    os.mkfifo(fifo)
+    monkeypatch.chdir(tmp_path / ".")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    piped = Replay(ReplayOptions(mode=DIRECT, file=str(path), rejects=str(fifo)), settings)
+    assert piped.checkpoint.path == f"fleet-replay-{piped.id}.checkpoint"
+    filed = Replay(ReplayOptions(mode=DIRECT, file=str(path), rejects=str(tmp_path / "r.ndjson")), settings)
+    assert filed.checkpoint.path == str(tmp_path / "r.ndjson") + ".checkpoint"
