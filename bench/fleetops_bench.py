@@ -44,10 +44,10 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from bench.databases import drop, recreate, with_database
 from fleet_telemetry.fleetops import queries
 from fleet_telemetry.fleetops.db import Database, init_connection
 from fleet_telemetry.fleetops.values import Point
@@ -111,23 +111,10 @@ SELECT md5('c' || (abs(hashtext(a.id::text)) % 50))::uuid, 'delivered', 1000 + a
 """
 
 
-def with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
-
-
-async def recreate(admin_url: str, name: str) -> None:
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
 
 
 async def build(conn: asyncpg.Connection, args: argparse.Namespace, anchor: datetime) -> dict[str, Any]:
@@ -271,11 +258,7 @@ async def main(args: argparse.Namespace) -> int:
     finally:
         await conn.close()
         if not args.keep:
-            admin = await asyncpg.connect(admin_url)
-            try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{args.database}" WITH (FORCE)')
-            finally:
-                await admin.close()
+            await drop(admin_url, args.database)
     return 0
 
 

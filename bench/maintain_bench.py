@@ -39,10 +39,10 @@ import sys
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from bench.databases import drop, with_database
 from fleet_telemetry.consumers.sink import TelemetrySink, create_pool
 from fleet_telemetry.core.logs import configure_logging
 from fleet_telemetry.core.reading import Reading, Source
@@ -89,10 +89,6 @@ SELECT $1::timestamptz + make_interval(secs => i * 3600.0 / $2), md5('bench-' ||
 _MARK = "INSERT INTO telemetry_dirty_hours (hour) VALUES ($1) ON CONFLICT DO NOTHING"
 
 
-def _with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
-
-
 def _say(text: str) -> None:
     print(text, flush=True)
 
@@ -109,11 +105,7 @@ def _sizes(text: str) -> list[int]:
 
 async def _prepare(admin_url: str, url: str) -> None:
     """A freshly created and migrated benchmark database."""
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await drop(admin_url, DATABASE)
     await apply_migrations(url)
 
 
@@ -292,8 +284,8 @@ async def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--repeats must be 1 to 4 (the new hours are the last ones of today)")
     settings = Settings()
     configure_logging("console", "warning")
-    admin_url = _with_database(settings.database_url, "postgres")
-    url = _with_database(settings.database_url, DATABASE)
+    admin_url = with_database(settings.database_url, "postgres")
+    url = with_database(settings.database_url, DATABASE)
     admin = await asyncpg.connect(admin_url)
     try:
         _say(f"conditions at the start: {await _conditions(admin)}")
@@ -313,11 +305,7 @@ async def main(argv: list[str] | None = None) -> int:
             await conn.close()
     finally:
         if not args.keep:
-            admin = await asyncpg.connect(admin_url)
-            try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-            finally:
-                await admin.close()
+            await drop(admin_url, DATABASE)
     return 0
 
 

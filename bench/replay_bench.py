@@ -41,11 +41,12 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import IO, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 
+from bench import databases
+from bench.databases import with_database
 from fleet_telemetry.consumers.sink import COLUMNS, init_connection
 from fleet_telemetry.core.logs import configure_logging
 from fleet_telemetry.core.reading import ewkb_point
@@ -53,10 +54,6 @@ from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.schema.migrate import apply_migrations
 
 _NAMESPACE = uuid.UUID("0b7f3e38-52c4-4a8e-9c55-3c1d0f6a9e21")
-
-
-def _with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 def vehicle_ids(count: int) -> list[uuid.UUID]:
@@ -306,11 +303,7 @@ def run_replay(url: str, path: str, workers: int | None, batch_size: int, reject
 
 
 async def prepare(admin_url: str, name: str, url: str, vehicles: list[uuid.UUID]) -> None:
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
+    await databases.create(admin_url, name)
     await apply_migrations(url)
     conn = await asyncpg.connect(url)
     try:
@@ -335,11 +328,7 @@ async def reset(url: str) -> None:
 
 
 async def drop(admin_url: str, name: str) -> None:
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await databases.drop(admin_url, name)
 
 
 def _mb(value: int) -> str:
@@ -361,8 +350,8 @@ async def main(argv: list[str] | None = None) -> int:
     configure_logging("console", "warning")
     settings = Settings()
     name = f"fleet_bench_replay_{uuid.uuid4().hex[:8]}"
-    admin_url = _with_database(settings.database_url, "postgres")
-    url = _with_database(settings.database_url, name)
+    admin_url = with_database(settings.database_url, "postgres")
+    url = with_database(settings.database_url, name)
     vehicles = vehicle_ids(args.vehicles)
     end = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(hours=1)
     load = os.getloadavg()

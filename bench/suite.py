@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import orjson
@@ -33,7 +33,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
-from bench import dataset, report
+from bench import databases, dataset, report
+from bench.databases import with_database
 from bench.measure import BackendCpu, KafkaTarget, ProcessRun, run_contestant, scrape, wait_for_metrics
 from fleet_telemetry.consumers.status import status_key
 from fleet_telemetry.core.errors import ServiceUnavailable
@@ -82,10 +83,6 @@ def peer_missing() -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{package} is not installed (pip install '.[bench]')"
     return None
-
-
-def with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 def free_ports(count: int) -> int:
@@ -202,12 +199,8 @@ class Bench:
     async def copy_database(self, source_url: str, label: str) -> str:
         """A file-level copy of ``source_url``'s database (nobody may be connected to it)."""
         name = f"fleet_bench_{self.tag}_{label}"
-        source = urlsplit(source_url).path.lstrip("/")
-        conn = await asyncpg.connect(self.admin_url)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}" STRATEGY FILE_COPY')
-        finally:
-            await conn.close()
+        source = unquote(urlsplit(source_url).path.lstrip("/"))
+        await databases.create(self.admin_url, name, template=source, strategy="FILE_COPY")
         self.databases.append(name)
         return with_database(self.s.database_url, name)
 
@@ -238,12 +231,7 @@ class Bench:
         if self.o.keep:
             self.say(f"kept databases {', '.join(self.databases)} and topics {', '.join(self.topics)}")
             return
-        conn = await asyncpg.connect(self.admin_url)
-        try:
-            for name in self.databases:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        await databases.drop(self.admin_url, *self.databases)
         try:
             await self.clear_statuses()
         except Exception as exc:  # best effort: the statuses expire anyway
@@ -284,7 +272,7 @@ class Bench:
                       kafka: KafkaTarget | None, expected_rows: int, readings: int,
                       ready_marker: str | None = None, ports: list[int] | None = None,
                       profile: str | None = None, **hooks: Any) -> tuple[dict[str, Any], ProcessRun]:
-        database = urlsplit(url).path.lstrip("/")
+        database = unquote(urlsplit(url).path.lstrip("/"))
         run = await run_contestant(
             cmd, env, kafka=kafka, ready_marker=ready_marker, metrics_ports=ports,
             backend_cpu=BackendCpu(self.admin_url, database), timeout=self.timeout, profile_out=profile, **hooks,

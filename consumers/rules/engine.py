@@ -164,7 +164,7 @@ class RuleEngine:
         groups = by_vehicle(readings)
         for attempt in range(_ATTEMPTS):
             try:
-                result = await self._evaluate_and_commit(groups)
+                result, gone = await self._evaluate_and_commit(groups)
             except StateConflict as conflict:
                 log.info("vehicle states changed by another worker, evaluating again",
                          vehicles=len(conflict.vehicles), attempt=attempt)
@@ -175,13 +175,17 @@ class RuleEngine:
         m = self._metrics
         m.late_readings.inc(result.late)
         m.rule_duration.observe(monotonic_clock.perf_counter() - started)
-        if result.transitions and self._redis is not None:
-            await update_members(self._redis, result.transitions)
+        if gone:  # removed after this worker's last refresh, which comes soon
+            log.info("nothing written for geofences removed meanwhile", geofences=sorted(gone))
+        transitions = [t for t in result.transitions if t.geofence_id not in gone]
+        if transitions and self._redis is not None:
+            await update_members(self._redis, transitions)
 
-    async def _evaluate_and_commit(self, groups: dict[UUID, list[Reading]]) -> Evaluation:
-        """One attempt: evaluate the batch against the cached states and commit it.
-        Raises :class:`StateConflict` and asyncpg errors after forgetting the batch's
-        vehicles (the states were advanced in memory: they are read back next time)."""
+    async def _evaluate_and_commit(self, groups: dict[UUID, list[Reading]]) -> tuple[Evaluation, set[int]]:
+        """One attempt: evaluate the batch against the cached states and commit it; returns
+        what it evaluated and the geofences found removed meanwhile (nothing was written
+        for them). Raises :class:`StateConflict` and asyncpg errors after forgetting the
+        batch's vehicles (the states were advanced in memory: they are read back next time)."""
         store = self._store
         batch = await self._with_catch_up(groups)
         result = evaluate(store.states, batch, self.index, self._th, datetime.now(timezone.utc))
@@ -191,13 +195,13 @@ class RuleEngine:
         else:  # a vehicle's first state is written at once: catching up starts from it
             write = result.urgent | store.unwritten(result.states)
         try:
-            await store.commit(write, result)
+            gone = await store.commit(write, result)
         except Exception:
             store.forget(groups)
             raise  # the caller retries transient failures; the states are read back then
         if flush:
             self._flushed = monotonic_clock.monotonic()
-        return result
+        return result, gone
 
     async def _with_catch_up(self, groups: dict[UUID, list[Reading]]) -> dict[UUID, list[Reading]]:
         """The batch, with the readings stored but never evaluated of vehicles not cached yet."""

@@ -5,14 +5,17 @@ as ``LAT,LON,RADIUS_M`` or as GeoJSON Point features with a ``radius_m`` propert
 PostGIS parses and validates every shape; an invalid one is refused with
 ``ST_IsValidReason`` (:class:`UsageError`) and nothing is written. Workers pick up
 changes within ``FLEET_GEOFENCE_REFRESH_SECONDS``. Removing is a soft delete: the row
-stays for the alerts and transitions that name it.
+stays for the alerts and transitions that name it; what was open for the geofence is
+closed in the same transaction, and a worker that has not reloaded its geofences yet
+cannot open it again (:func:`fleet_telemetry.consumers.rules.outcome.lock_live_geofences`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 import orjson
@@ -46,16 +49,55 @@ SELECT id, name, kind, is_active, speed_limit_kmh, dwell_seconds, radius_m,
 FROM geofences WHERE deleted_at IS NULL AND ($1 OR is_active)
 ORDER BY id
 """
-_REMOVE = """
-UPDATE geofences SET deleted_at = now(), is_active = false
-WHERE id = ANY($1::int8[]) AND deleted_at IS NULL RETURNING id
+# FOR UPDATE waits for the workers' transactions that hold these rows (FOR KEY SHARE,
+# outcome.lock_live_geofences) and makes the later ones find the geofences removed.
+_LOCK = "SELECT id FROM geofences WHERE id = ANY($1::int8[]) AND deleted_at IS NULL ORDER BY id FOR UPDATE"
+_REMOVE = "UPDATE geofences SET deleted_at = now(), is_active = false WHERE id = ANY($1::int8[])"
+# The vehicles inside leave the geofence as it goes: an exit as the rules record one, at
+# the removal (never before the enter), where the vehicle was last seen.
+_EXIT_INSIDE = """
+INSERT INTO geofence_transitions (vehicle_id, geofence_id, kind, time, lat, lon, crossing)
+SELECT fs.vehicle_id, fs.geofence_id, 'exit', greatest(now(), fs.since),
+       coalesce(rs.lat, ST_Y(ST_PointOnSurface(g.shape))), coalesce(rs.lon, ST_X(ST_PointOnSurface(g.shape))), false
+FROM vehicle_geofence_state AS fs
+JOIN geofences AS g ON g.id = fs.geofence_id
+LEFT JOIN vehicle_rule_state AS rs ON rs.vehicle_id = fs.vehicle_id
+WHERE fs.geofence_id = ANY($1::int8[]) AND fs.inside
+ON CONFLICT (vehicle_id, geofence_id, time, kind) DO NOTHING
+RETURNING geofence_id, vehicle_id
 """
 _FORGET = "DELETE FROM vehicle_geofence_state WHERE geofence_id = ANY($1::int8[])"
 _CLOSE_ALERTS = """
 UPDATE alerts SET is_resolved = true, resolved_at = now(),
        details = details || '{"resolved_because": "geofence removed"}'
 WHERE geofence_id = ANY($1::int8[]) AND NOT is_resolved
+RETURNING geofence_id, id
 """
+
+
+@dataclass
+class Closed:
+    """What removing one geofence closed."""
+
+    id: int
+    exits: list[UUID] = field(default_factory=list)
+    """The vehicles that were inside: an exit was recorded for each."""
+    alerts_resolved: list[int] = field(default_factory=list)
+    """The ids of its open alerts, now resolved."""
+
+
+@dataclass
+class Removal:
+    """What ``remove`` did."""
+
+    closed: list[Closed]
+    """Per geofence removed, by id."""
+    redis_answered: bool
+    """False: the ``geofence:{id}`` sets are left to the workers, which drop them when they next refresh."""
+
+    @property
+    def removed(self) -> list[int]:
+        return [c.id for c in self.closed]
 
 
 @dataclass(frozen=True)
@@ -215,24 +257,33 @@ async def list_geofences(conn: asyncpg.Connection, include_inactive: bool) -> li
     } for r in await conn.fetch(_LIST, include_inactive)]
 
 
-async def remove(conn: asyncpg.Connection, ids: list[int], redis_url: str) -> tuple[list[int], bool]:
-    """Soft-deletes the geofences, forgets the vehicles' sides of them and resolves their
-    open alerts, in one transaction; then drops their Redis ``geofence:{id}`` sets.
+async def remove(conn: asyncpg.Connection, ids: list[int], redis_url: str) -> Removal:
+    """Soft-deletes the geofences and closes what was open for them, in one transaction:
+    an exit for each vehicle inside, the vehicles' sides of them forgotten, their open
+    alerts resolved. Then drops their Redis ``geofence:{id}`` sets.
 
-    Returns (the ids removed, whether Redis answered; if not, the workers drop the sets
-    when they next refresh). Raises :class:`UsageError`, writing nothing, when an id is
-    unknown or removed already.
+    Blocks until the workers' transactions that hold these geofences commit; the ones
+    after it write nothing more for them. Raises :class:`UsageError`, writing nothing,
+    when an id is unknown or removed already.
     """
     async with conn.transaction():
-        removed = [r["id"] for r in await conn.fetch(_REMOVE, ids)]
-        missing = sorted(set(ids) - set(removed))
+        found = [r["id"] for r in await conn.fetch(_LOCK, ids)]
+        missing = sorted(set(ids) - set(found))
         if missing:
             raise UsageError(f"no geofence with id {', '.join(map(str, missing))}; see 'fleet geofences list'")
-        await conn.execute(_FORGET, removed)
-        await conn.execute(_CLOSE_ALERTS, removed)
+        await conn.execute(_REMOVE, found)
+        closed = {fid: Closed(fid) for fid in found}
+        for row in await conn.fetch(_EXIT_INSIDE, found):
+            closed[row["geofence_id"]].exits.append(row["vehicle_id"])
+        await conn.execute(_FORGET, found)
+        for row in await conn.fetch(_CLOSE_ALERTS, found):
+            closed[row["geofence_id"]].alerts_resolved.append(row["id"])
     redis = aioredis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
-        dropped = await drop_sets(redis, removed)
+        dropped = await drop_sets(redis, found)
     finally:
         await redis.aclose()
-    return removed, dropped
+    for c in closed.values():
+        c.exits.sort()
+        c.alerts_resolved.sort()
+    return Removal(list(closed.values()), dropped)

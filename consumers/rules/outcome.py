@@ -3,7 +3,9 @@
 - **No spam by construction.** An alert is raised with ``INSERT ... ON CONFLICT DO
   NOTHING`` against ``alerts_one_open``: at most one open alert per vehicle, type and
   geofence, whoever raises it. Transitions have a unique identity too.
-- Rows naming a geofence that no longer exists are not written.
+- **Nothing for a removed geofence.** A transaction that names geofences first holds
+  the active ones (:func:`lock_live_geofences`); no state, transition, raise or update
+  is written for the others, whatever a worker's index still holds.
 """
 
 from __future__ import annotations
@@ -18,11 +20,19 @@ from fleet_telemetry.consumers.rules.model import SEVERITY, AlertAction, Evaluat
 from fleet_telemetry.consumers.rules.transitions import Transition
 from fleet_telemetry.core.metrics import PipelineMetrics
 
+# FOR KEY SHARE: a removal (rules/geofences.py, FOR UPDATE) waits for the transaction that
+# holds these rows; one that committed first leaves them out (READ COMMITTED re-checks the
+# row it waited for). The fence states, transitions and raises after it are written only
+# for the rows returned. Locking in id order keeps two such transactions from deadlocking.
+_LOCK_LIVE = """
+SELECT id FROM geofences WHERE id = ANY($1::int8[]) AND is_active AND deleted_at IS NULL
+ORDER BY id FOR KEY SHARE
+"""
 _INSERT_TRANSITIONS = """
 INSERT INTO geofence_transitions (vehicle_id, geofence_id, kind, time, lat, lon, crossing)
 SELECT u.* FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::timestamptz[], $5::float8[], $6::float8[],
                        $7::bool[]) AS u(v, f, kind, t, lat, lon, crossing)
-WHERE EXISTS (SELECT 1 FROM geofences g WHERE g.id = u.f)
+WHERE EXISTS (SELECT 1 FROM geofences g WHERE g.id = u.f AND g.is_active AND g.deleted_at IS NULL)
 ON CONFLICT (vehicle_id, geofence_id, time, kind) DO NOTHING
 RETURNING kind
 """
@@ -44,7 +54,7 @@ INSERT INTO alerts (entity_id, type, severity, geofence_id, reading_time, detail
 SELECT v, type, severity, f, t, details, closed, CASE WHEN closed THEN now() END
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::timestamptz[], $6::jsonb[], $7::bool[])
      AS u(v, type, severity, f, t, details, closed)
-WHERE f IS NULL OR EXISTS (SELECT 1 FROM geofences g WHERE g.id = u.f)
+WHERE f IS NULL OR EXISTS (SELECT 1 FROM geofences g WHERE g.id = u.f AND g.is_active AND g.deleted_at IS NULL)
 ON CONFLICT (entity_id, type, coalesce(geofence_id, 0)) WHERE NOT is_resolved DO NOTHING
 RETURNING type, is_resolved
 """
@@ -74,13 +84,32 @@ class Written:
             metrics.geofence_transitions.labels(kind=kind).inc()
 
 
-async def write_outcome(conn: asyncpg.Connection, result: Evaluation) -> Written:
+async def lock_live_geofences(conn: asyncpg.Connection, ids: set[int]) -> set[int]:
+    """Those of ``ids`` still active, held until the caller's transaction ends (see
+    :data:`_LOCK_LIVE`): call it before any other statement of the transaction. Blocks
+    while a removal of one of them is in progress; raises asyncpg errors."""
+    if not ids:
+        return set()
+    return {r["id"] for r in await conn.fetch(_LOCK_LIVE, sorted(ids))}
+
+
+def geofences_named(result: Evaluation) -> set[int]:
+    """The geofences a batch's transitions and alert actions name."""
+    ids = {t.geofence_id for t in result.transitions}
+    ids.update(a.geofence_id for a in result.actions if a.geofence_id is not None)
+    return ids
+
+
+async def write_outcome(conn: asyncpg.Connection, result: Evaluation, gone: set[int]) -> Written:
     """Writes a batch's transitions and alert rows on ``conn`` (inside the caller's
-    transaction, which commits them); raises asyncpg errors."""
+    transaction, which commits them), leaving out the transitions, raises and updates of
+    the geofences ``gone`` (removed: their alerts are resolved already). Raises asyncpg errors."""
     written = Written()
-    if result.transitions:
-        written.transitions = await _write_transitions(conn, result.transitions)
-    await _write_alerts(conn, result.actions, written)
+    transitions = [t for t in result.transitions if t.geofence_id not in gone]
+    if transitions:
+        written.transitions = await _write_transitions(conn, transitions)
+    actions = [a for a in result.actions if a.action == "resolve" or a.geofence_id not in gone]
+    await _write_alerts(conn, actions, written)
     if result.back_online:
         newest = {vid: result.states[vid].last_time for vid in result.back_online}
         rows = await conn.fetch(_RESOLVE_BACK_ONLINE, list(newest), list(newest.values()))

@@ -5,6 +5,8 @@
   still holds the ``last_time`` this worker read; otherwise :class:`StateConflict` is
   raised, the transaction rolls back and the vehicles concerned are forgotten, to be
   read again.
+- **Nothing for a removed geofence.** Every transaction that names geofences holds the
+  active ones first and writes nothing for the others (:mod:`.outcome`).
 - **Nothing stored goes unevaluated.** Readings stored but never evaluated (a crash
   between the two commits, or states not written yet) are picked up from
   ``vehicle_telemetry`` when the vehicle's state is next loaded.
@@ -22,7 +24,7 @@ import structlog
 
 from fleet_telemetry.consumers.rules.index import GeofenceIndex
 from fleet_telemetry.consumers.rules.model import Evaluation, VehicleState
-from fleet_telemetry.consumers.rules.outcome import Written, write_outcome
+from fleet_telemetry.consumers.rules.outcome import Written, geofences_named, lock_live_geofences, write_outcome
 from fleet_telemetry.consumers.rules.transitions import FenceState, Position
 from fleet_telemetry.core.metrics import PipelineMetrics
 from fleet_telemetry.core.reading import Reading, Source
@@ -72,7 +74,7 @@ INSERT INTO vehicle_geofence_state (vehicle_id, geofence_id, inside, since, pend
 SELECT u.* FROM unnest($1::uuid[], $2::int8[], $3::bool[], $4::timestamptz[], $5::timestamptz[], $6::float8[],
                        $7::float8[], $8::timestamptz[], $9::float8[], $10::bool[])
        AS u(v, f, inside, since, ps, plat, plon, ss, smax, sopen)
-WHERE EXISTS (SELECT 1 FROM geofences g WHERE g.id = u.f)
+WHERE EXISTS (SELECT 1 FROM geofences g WHERE g.id = u.f AND g.is_active AND g.deleted_at IS NULL)
 """
 
 
@@ -143,9 +145,10 @@ class StateStore:
         return [Reading(r["vehicle_id"], r["time"], r["lat"], r["lon"], r["speed"], r["fuel_level"], r["heading"],
                         r["odometer_km"], r["engine_status"], source, None, b"") for r in caught]
 
-    async def commit(self, vehicles: set[UUID], result: Evaluation | None) -> None:
+    async def commit(self, vehicles: set[UUID], result: Evaluation | None) -> set[int]:
         """Writes the states of ``vehicles`` and, with ``result``, the batch's transitions
-        and alerts, in one transaction; the batch's other states stay ``dirty``.
+        and alerts, in one transaction; the batch's other states stay ``dirty``. Returns
+        the geofences they named that turned out removed: nothing was written for those.
 
         Raises :class:`StateConflict` (after forgetting the vehicles concerned) when
         another worker changed a state row meanwhile, and asyncpg errors; either way
@@ -153,7 +156,7 @@ class StateStore:
         """
         fences_changed = self._fences_dirty if result is None else result.fences_changed | self._fences_dirty
         try:
-            await self._write({vid: self.states[vid] for vid in vehicles}, fences_changed, result)
+            gone = await self._write({vid: self.states[vid] for vid in vehicles}, fences_changed, result)
         except StateConflict as conflict:
             self.forget(conflict.vehicles)
             raise
@@ -164,19 +167,26 @@ class StateStore:
             self._persisted[vid] = self.states[vid].last_time
         self.dirty -= vehicles
         self._fences_dirty -= vehicles
+        return gone
 
     async def _write(
         self, states: dict[UUID, VehicleState], fences_changed: set[UUID], result: Evaluation | None
-    ) -> None:
+    ) -> set[int]:
         if not states and result is None:
-            return
+            return set()
         written = Written()
+        changed = [vid for vid in states if vid in fences_changed]
+        named = {fid for vid in changed for fid in states[vid].fences}
+        if result is not None:
+            named |= geofences_named(result)
         async with self._pool.acquire() as conn, conn.transaction():
+            gone = named - await lock_live_geofences(conn, named)
             await self._write_states(conn, states)
-            await _write_fence_states(conn, states, [vid for vid in states if vid in fences_changed])
+            await _write_fence_states(conn, states, changed, gone)
             if result is not None:
-                written = await write_outcome(conn, result)
+                written = await write_outcome(conn, result, gone)
         written.count(self._metrics)
+        return gone
 
     async def _write_states(self, conn: asyncpg.Connection, states: dict[UUID, VehicleState]) -> None:
         """Updates the rows still at the version this worker knows, inserts the new ones;
@@ -203,8 +213,11 @@ class StateStore:
             raise StateConflict(conflicts)
 
 
-async def _write_fence_states(conn: asyncpg.Connection, states: dict[UUID, VehicleState], changed: list[UUID]) -> None:
-    """Replaces the geofence rows of the ``changed`` vehicles (default sides are not stored)."""
+async def _write_fence_states(
+    conn: asyncpg.Connection, states: dict[UUID, VehicleState], changed: list[UUID], gone: set[int]
+) -> None:
+    """Replaces the geofence rows of the ``changed`` vehicles (default sides, and the
+    geofences ``gone``, are not stored)."""
     if not changed:
         return
     await conn.execute(_DELETE_FENCE_STATES, changed)
@@ -212,7 +225,7 @@ async def _write_fence_states(conn: asyncpg.Connection, states: dict[UUID, Vehic
     for vid in changed:
         vs = states[vid]
         for fid, f in vs.fences.items():
-            if f.is_default():
+            if f.is_default() or fid in gone:
                 continue
             for col, value in zip(cols, (vid, fid, f.inside, f.since or vs.last_time,
                                          f.pending_since, f.pending_lat, f.pending_lon,

@@ -13,6 +13,7 @@ import asyncpg
 import orjson
 
 from fleet_telemetry.consumers.rules.geofences import (
+    Closed,
     NewGeofence,
     connect,
     from_feature,
@@ -105,11 +106,22 @@ async def _list(conn: asyncpg.Connection, args: argparse.Namespace, settings: Se
 
 
 async def _remove(conn: asyncpg.Connection, args: argparse.Namespace, settings: Settings) -> int:
-    removed, redis_answered = await remove(conn, args.ids, settings.redis_url)
-    if not redis_answered:
+    removal = await remove(conn, args.ids, settings.redis_url)
+    if not removal.redis_answered:
         sys.stderr.write("fleet geofences: Redis not reachable; the workers drop the geofence:{id} keys\n")
-    _print(args, {"removed": removed}, f"removed geofence {', '.join(map(str, removed))}")
+    data = {"removed": removal.removed, "closed": [
+        {"id": c.id, "exits": [str(v) for v in c.exits], "alerts_resolved": c.alerts_resolved} for c in removal.closed]}
+    lines = [f"removed geofence {', '.join(map(str, removal.removed))}", *map(_closed_line, removal.closed)]
+    _print(args, data, "\n".join(lines))
     return 0
+
+
+def _closed_line(closed: Closed) -> str:
+    """``geofence 7: exit recorded for 2 vehicles inside, 1 open alert resolved``."""
+    n, m = len(closed.exits), len(closed.alerts_resolved)
+    exits = f"exit recorded for {n} vehicle{'' if n == 1 else 's'} inside" if n else "no vehicle inside"
+    alerts = f"{m} open alert{'' if m == 1 else 's'} resolved" if m else "no open alert"
+    return f"geofence {closed.id}: {exits}, {alerts}"
 
 
 _COMMANDS = {"add": _add, "import": _import, "list": _list, "remove": _remove}
@@ -150,8 +162,9 @@ def register(sub: Any) -> None:
     lst.add_argument("--all", action="store_true", help="include inactive geofences")
     lst.add_argument("--json", action="store_true", help="print JSON")
     rm = actions.add_parser("remove", help="remove geofences (soft delete)",
-                            description="Remove geofences: workers stop evaluating them, their open alerts are "
-                            "resolved and their Redis geofence:{id} keys dropped; history stays.")
+                            description="Remove geofences: workers stop evaluating them, the vehicles inside "
+                            "get an exit, their open alerts are resolved and their Redis geofence:{id} keys dropped; "
+                            "history stays. Prints what was closed per geofence.")
     rm.add_argument("ids", type=int, nargs="+", metavar="ID")
     rm.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(handler=run)

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import orjson
 import structlog
-from prometheus_client import start_http_server
 
 from fleet_telemetry.core.errors import UsageError
-from fleet_telemetry.lifecycle.policy import STATS_VIEW, parse_every
+from fleet_telemetry.core.metrics import serve
+from fleet_telemetry.lifecycle.policy import REPORT_VIEWS, parse_every
 from fleet_telemetry.lifecycle.run import Maintainer
 
 if TYPE_CHECKING:
@@ -28,17 +28,17 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         help="partitions, rollups, retention, materialized views (one pass, or --every)",
         description="One idempotent maintenance pass: move default-partition rows, create partitions"
         " ahead, roll up the hours marked dirty, drop raw partitions past FLEET_RAW_RETENTION_DAYS"
-        " once rolled up, remove rollups past their retention, refresh monthly_vehicle_stats when its"
-        " nightly run is due. Safe to run from several places at once.",
+        " once rolled up, remove rollups past their retention, refresh monthly_vehicle_stats and"
+        " monthly_vehicle_revenue when their nightly run is due. Safe to run from several places at once.",
     )
     parser.add_argument(
         "--every", metavar="DURATION", default=None,
         help="run a pass every DURATION (30s, 5m, 1h) until SIGTERM or Ctrl-C; metrics on"
-        " FLEET_MAINTAIN_METRICS_PORT",
+        " FLEET_MAINTAIN_METRICS_PORT (on FLEET_METRICS_ADDRESS)",
     )
     parser.add_argument("--dry-run", action="store_true", help="show what a pass would do, change nothing")
     parser.add_argument("--refresh-stats", action="store_true",
-                        help=f"refresh {STATS_VIEW} now instead of at its nightly hour")
+                        help=f"refresh {' and '.join(REPORT_VIEWS)} now instead of at their nightly hour")
     parser.add_argument("--json", action="store_true", help="print the pass report as JSON")
     parser.set_defaults(handler=run)
 
@@ -62,7 +62,8 @@ async def run(args: argparse.Namespace, settings: "Settings") -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if settings.maintain_metrics_port:
-        start_http_server(settings.maintain_metrics_port, registry=maintainer.metrics.registry)
-        log.info("metrics served", port=settings.maintain_metrics_port, path="/metrics")
+        serve(maintainer.metrics, settings.maintain_metrics_port, settings.metrics_address)
+        log.info("metrics served", address=settings.metrics_address, port=settings.maintain_metrics_port,
+                 path="/metrics")
     log.info("maintaining", every_s=interval, database=settings.database_url_masked)
     return await maintainer.run_every(interval, stop, force_stats=args.refresh_stats)

@@ -181,8 +181,9 @@ def register(sub: Any) -> None:
                         help="read and validate everything, report what would happen, write nothing")
     parser.add_argument("--rate", type=float, metavar="N", help="at most N readings per second")
     parser.add_argument("--rejects", metavar="PATH",
-                        help="rejects file (default fleet-replay-<id>.rejects.ndjson here); "
-                        "the checkpoint is PATH.checkpoint")
+                        help="rejects file (default fleet-replay-<id>.rejects.ndjson here); an existing file is "
+                        "replaced only if it holds the rejects of an earlier replay, a pipe or device is written to; "
+                        "the checkpoint is PATH.checkpoint (for a pipe or device, fleet-replay-<id>.checkpoint here)")
     parser.add_argument("--restart", action="store_true", help="ignore a checkpoint and start from the beginning")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="processes decoding and writing (default: the CPU count, up to 4, for a file "

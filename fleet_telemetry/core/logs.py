@@ -1,9 +1,17 @@
-"""structlog set-up: JSON lines by default, a readable console format on request."""
+"""structlog set-up: JSON lines by default, a readable console format on request.
+
+Library loggers (aiokafka, asyncpg, asyncio) speak through the stdlib ``logging``; their
+records, Python warnings and the traceback of an exception nobody caught go through the
+same renderer, so with ``FLEET_LOG_FORMAT=json`` every line on stderr is one JSON object
+(a traceback is the ``exception`` field of its line).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+from types import TracebackType
 
 import structlog
 
@@ -20,28 +28,66 @@ class _Stderr:
         sys.stderr.flush()
 
 
+class _LibraryHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The root handler this module installs (and replaces when configured again)."""
+
+
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
-    """Route structlog and stdlib logging to stderr in ``fmt`` ("json" or "console")."""
+    """Route structlog and stdlib logging to stderr in ``fmt`` ("json" or "console").
+
+    The stdlib's root logger gets a handler rendering like structlog, at ``warning`` or
+    above, unless something else (a test runner) already handles it; with that handler
+    come hooks that log uncaught exceptions (main thread and others) as one event.
+    """
     numeric = _LEVELS.get(level, logging.INFO)
     renderer: structlog.types.Processor
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     else:
         renderer = structlog.processors.JSONRenderer()
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.StackInfoRenderer(), structlog.processors.format_exc_info,
+                    renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
-    # Library loggers (aiokafka, asyncpg) speak through the stdlib; keep them quiet
-    # unless something is wrong.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=_Stderr(),  # type: ignore[arg-type]
-                        format="%(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if isinstance(h, _LibraryHandler)]
+    if len(ours) != len(root.handlers):
+        return  # someone else handles the stdlib's records
+    for handler in ours:
+        root.removeHandler(handler)
+    handler = _LibraryHandler(_Stderr())  # type: ignore[arg-type]
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer],
+    ))
+    root.addHandler(handler)
+    # Library loggers keep quiet unless something is wrong.
+    root.setLevel(max(numeric, logging.WARNING))
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    structlog.get_logger("fleet").critical("uncaught exception", exc_info=(kind, value, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    structlog.get_logger("fleet").critical(
+        "uncaught exception in a thread", thread=getattr(args.thread, "name", None),
+        exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback),
+    )

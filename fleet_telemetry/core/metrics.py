@@ -3,12 +3,14 @@ the command consumer's.
 
 Each worker owns a :class:`PipelineMetrics` on a registry of its own, so tests (and the
 demo's live view) can read one worker's numbers; ``serve`` exposes that registry on
-``/metrics`` in the Prometheus text format.
+``/metrics`` in the Prometheus text format, on the address ``FLEET_METRICS_ADDRESS`` names.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
+from typing import Protocol
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -192,7 +194,22 @@ class CommandMetrics:
                                ["dependency"], registry=self.registry)
 
 
-def serve(metrics: PipelineMetrics, port: int, addr: str = "0.0.0.0") -> None:
-    """Expose ``metrics`` on ``http://addr:port/metrics``; port 0 turns it off."""
-    if port:
-        start_http_server(port, addr=addr, registry=metrics.registry)
+DEFAULT_ADDRESS = "0.0.0.0"
+"""Every interface: what a container needs (``FLEET_METRICS_ADDRESS`` narrows it)."""
+
+
+class HasRegistry(Protocol):
+    """Any of the metric sets above."""
+
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+
+def serve(metrics: HasRegistry, port: int, addr: str = DEFAULT_ADDRESS) -> WSGIServer | None:
+    """Exposes ``metrics`` on ``http://addr:port/metrics`` from a daemon thread; port 0
+    turns it off (then ``None``). Returns the server (``shutdown()`` stops it); raises
+    OSError when the address cannot be bound."""
+    if not port:
+        return None
+    server, _thread = start_http_server(port, addr=addr, registry=metrics.registry)
+    return server

@@ -2,29 +2,77 @@
 
 Nothing else in the project reads ``os.environ``: commands build a :class:`Settings`
 at the edge and pass it (or the parts they need) to constructors.
+
+Secrets never show in the settings' text form (``repr``, ``str``), their dumps or their
+validation errors: the URLs are :class:`SecretUrl` (the password in the user part or the
+query string masked), the SASL password a ``SecretStr``. The code that connects reads
+the fields as usual and gets the real values.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+import ipaddress
+import re
+from collections.abc import Iterator
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AfterValidator, Field, PlainSerializer, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 
+_SECRET_PARAMETERS = ("password", "secret", "token")
+"""A query parameter whose name holds one of these is a secret (``password``,
+``sslpassword``, ...)."""
+
+
 def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe for logs and errors."""
+    """``url`` with every password (in the user part, or a query parameter such as
+    ``?password=``) replaced by ``***``, the rest as written; safe for logs and errors."""
     try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.netloc.rpartition("@")[2]
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        parts = urlsplit(str(url))
+        if parts.password is not None:
+            userinfo, _, host = parts.netloc.rpartition("@")
+            parts = parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}")
+        if parts.query:
+            parts = parts._replace(query="&".join(_mask_parameter(p) for p in parts.query.split("&")))
+        return urlunsplit(parts)
     except ValueError:
         return "<unparseable url>"
+
+
+def _mask_parameter(parameter: str) -> str:
+    name, equals, _value = parameter.partition("=")
+    key = unquote(name).lower()
+    if equals and (any(word in key for word in _SECRET_PARAMETERS) or key in ("pass", "passwd", "pwd")):
+        return f"{name}=***"
+    return parameter
+
+
+class SecretUrl(str):
+    """A URL whose text form hides its passwords: ``repr()`` shows it masked
+    (:func:`mask_url`); the string itself (``str()``, f-strings, what clients parse) is
+    the URL, password included, for connecting."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(mask_url(str(self)))
+
+
+SecretUrlField = Annotated[str, AfterValidator(SecretUrl), PlainSerializer(mask_url, return_type=str)]
+"""A settings field holding a URL that may carry a password: a :class:`SecretUrl`, dumped masked."""
+_URL_FIELDS = frozenset({"database_url", "database_replica_urls", "redis_url"})
+
+
+def _secret_urls(value: Any) -> Any:
+    """``value`` (a URL or a tuple of them) as :class:`SecretUrl`, whatever put it there."""
+    if isinstance(value, str):
+        return SecretUrl(value)
+    if isinstance(value, tuple):
+        return tuple(_secret_urls(v) for v in value)
+    return value
 
 
 def _checked_url(value: str, schemes: tuple[str, ...], expected: str) -> str:
@@ -39,17 +87,21 @@ def _checked_url(value: str, schemes: tuple[str, ...], expected: str) -> str:
     return value
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})")
+"""What ``FLEET_METRICS_ADDRESS`` may be when it is not an IP address: a host name."""
+
+
 class Settings(BaseSettings):
     """Every knob of the pipeline. Frozen: read once, passed down."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FLEET_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="FLEET_", env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
     )
 
     # --- CONTRACT.md ---------------------------------------------------------
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/fleet"
-    database_replica_urls: Annotated[tuple[str, ...], NoDecode] = ()
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: SecretUrlField = SecretUrl("postgresql://postgres@127.0.0.1:5432/fleet")
+    database_replica_urls: Annotated[tuple[SecretUrlField, ...], NoDecode] = ()
+    redis_url: SecretUrlField = SecretUrl("redis://127.0.0.1:6379/0")
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
         "PLAINTEXT"
@@ -62,6 +114,9 @@ class Settings(BaseSettings):
     dlq_topic: str = "fleet.telemetry.dlq.v1"
     consumer_group: str = "fleet-telemetry"
     metrics_port: int = Field(default=9108, ge=0, le=65535)
+    metrics_address: str = "0.0.0.0"
+    """Where every ``/metrics`` endpoint listens: all interfaces by default (containers);
+    ``127.0.0.1`` keeps them on this host."""
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -129,7 +184,8 @@ class Settings(BaseSettings):
     audit_partitions_ahead_months: int = Field(default=2, ge=1)
     """...and monthly audit-log partitions this many months ahead."""
     stats_refresh_hour: int = Field(default=3, ge=0, le=23)
-    """UTC hour of the nightly ``monthly_vehicle_stats`` refresh (the first pass after it)."""
+    """UTC hour of the nightly refresh of ``monthly_vehicle_stats`` and ``monthly_vehicle_revenue``
+    (the first pass after it)."""
     maintain_lock_timeout_seconds: float = Field(default=0.5, gt=0)
     """Longest a maintenance step waits in a lock queue that also holds up ingestion; it retries later."""
     maintain_metrics_port: int = Field(default=9119, ge=0, le=65535)
@@ -149,6 +205,16 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: str) -> str:
         return _checked_url(value, ("redis", "rediss", "unix"), "a redis:// URL")
 
+    @field_validator("metrics_address")
+    @classmethod
+    def _check_metrics_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not _HOST_NAME.fullmatch(value):
+                raise ValueError(f"{value!r} is not an IP address or host name") from None
+        return value
+
     @field_validator("database_replica_urls")
     @classmethod
     def _check_replica_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -160,6 +226,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # A copy made with ``model_copy(update=...)`` holds whatever it was given: mask that too.
+        for name, value in super().__repr_args__():
+            yield name, _secret_urls(value) if name in _URL_FIELDS else value
 
     @property
     def database_url_masked(self) -> str:

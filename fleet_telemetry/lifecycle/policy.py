@@ -21,6 +21,10 @@ DEFAULT_LOCK_TIMEOUT_SECONDS = 0.5
 LOCK_PATIENCE_SECONDS = 5.0
 
 STATS_VIEW = "monthly_vehicle_stats"
+REVENUE_VIEW = "monthly_vehicle_revenue"
+REPORT_VIEWS = (STATS_VIEW, REVENUE_VIEW)
+"""The reporting views the nightly refresh brings up to date (costs and revenue per vehicle
+and month); its last run is kept in ``maintenance_runs`` under :data:`STATS_VIEW`."""
 TELEMETRY_PREFIX = "vehicle_telemetry_p"
 AUDIT_PREFIX = "audit_logs_p"
 

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from fleet_telemetry.core.metrics import MaintainMetrics
-from fleet_telemetry.lifecycle.policy import STATS_VIEW
+from fleet_telemetry.lifecycle.policy import REPORT_VIEWS
 from fleet_telemetry.lifecycle.rollups import RollupReport
 
 
@@ -30,6 +30,7 @@ class PassReport:
     hourly_rows_removed: int = 0
     daily_rows_removed: int = 0
     stats_refreshed: bool = False
+    """The reporting views (:data:`REPORT_VIEWS`) were refreshed."""
     deferred: list[str] = field(default_factory=list)
     """Steps whose lock stayed busy past the lock timeout; the next pass retries them."""
     duration_seconds: float = 0.0
@@ -41,7 +42,7 @@ class PassReport:
         """One human line per thing done (or planned); the last line sums up."""
         out = [*self._partition_lines(), *self._rollup_lines(), *self._retention_lines()]
         if self.stats_refreshed:
-            out.append(f"{self._say('refreshed', 'would refresh')} {STATS_VIEW}")
+            out.extend(f"{self._say('refreshed', 'would refresh')} {view}" for view in REPORT_VIEWS)
         out.extend(f"deferred {step}: its lock stayed busy; the next pass retries" for step in self.deferred)
         out.append(self._summary())
         return out

@@ -13,8 +13,8 @@ A pass (schema/README.md, "Lifecycle: partitions, rollups, retention"), in this 
    oldest first, each only once none of its hours waits for a rollup; removes hourly
    rollups past their retention (whole days) and, if configured, daily ones
    (:mod:`fleet_telemetry.lifecycle.retention`);
-5. refreshes ``monthly_vehicle_stats`` concurrently when its nightly run is due
-   (:mod:`fleet_telemetry.lifecycle.stats`).
+5. refreshes ``monthly_vehicle_stats`` and ``monthly_vehicle_revenue`` concurrently when
+   their nightly run is due (:mod:`fleet_telemetry.lifecycle.stats`).
 
 Passes from several hosts serialise on a session advisory lock, and every step is safe
 on its own as well. Each statement that takes a lock ingestion also needs (creating or
@@ -122,7 +122,8 @@ async def _run_steps(ctx: PassContext) -> None:
 
 async def connect(settings: "Settings") -> asyncpg.Connection:
     """A connection for one pass. Raises :class:`ServiceUnavailable` when PostgreSQL does
-    not answer and :class:`FleetError` when the database does not exist."""
+    not answer and :class:`FleetError` when the database does not exist or the server
+    refuses the login."""
     try:
         return await asyncpg.connect(
             settings.database_url,
@@ -132,6 +133,12 @@ async def connect(settings: "Settings") -> asyncpg.Connection:
     except asyncpg.exceptions.InvalidCatalogNameError:
         raise FleetError(
             f"database at {settings.database_url_masked} does not exist: run fleet migrate first"
+        ) from None
+    except asyncpg.exceptions.InvalidAuthorizationSpecificationError as exc:
+        # The server's sentence names the user, never the password.
+        raise FleetError(
+            f"PostgreSQL at {settings.database_url_masked} refused the login ({str(exc).splitlines()[0]}):"
+            " check the user and password in FLEET_DATABASE_URL"
         ) from None
     except (OSError, asyncio.TimeoutError, asyncpg.exceptions.PostgresConnectionError,
             asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.TooManyConnectionsError) as exc:

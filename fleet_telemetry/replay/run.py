@@ -65,6 +65,14 @@ def replay_id(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS)).hexdigest()[:12]
 
 
+def _checkpoint_path(rejects_path: str, replay: str) -> str:
+    """Next to the rejects file; for rejects written to a pipe or device (``/dev/stdout``),
+    ``fleet-replay-<id>.checkpoint`` in the working directory."""
+    if os.path.exists(rejects_path) and not os.path.isfile(rejects_path):
+        return f"fleet-replay-{replay}.checkpoint"
+    return rejects_path + ".checkpoint"
+
+
 class Replay:
     """One run of ``fleet replay``. :meth:`run` returns the :class:`Summary`.
 
@@ -91,7 +99,7 @@ class Replay:
         self.id = replay_id(fingerprint)
         default = f"fleet-replay-{self.id}{'.dry-run' if o.dry_run else ''}.rejects.ndjson"
         self.rejects_path = o.rejects or default
-        self.checkpoint = Checkpoint(self.rejects_path + ".checkpoint", fingerprint)
+        self.checkpoint = Checkpoint(_checkpoint_path(self.rejects_path, self.id), fingerprint)
 
     def _chunk_size(self) -> int:
         size = self.options.batch_size

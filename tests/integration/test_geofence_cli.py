@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import uuid
@@ -16,9 +17,12 @@ import asyncpg
 import pytest
 
 from fleet_telemetry.consumers.rules import RuleEngine
+from fleet_telemetry.consumers.rules.geofences import remove
+from fleet_telemetry.consumers.rules.outcome import lock_live_geofences
 from fleet_telemetry.core.metrics import PipelineMetrics
 from fleet_telemetry.consumers.sink import create_pool
 from fleet_telemetry.consumers.worker import Worker
+from fleet_telemetry.core.reading import Reading, Source
 from fleet_telemetry.core.settings import Settings
 from tests.integration.streams import publish, wait_for
 
@@ -161,3 +165,140 @@ async def test_a_running_worker_picks_up_a_new_geofence_within_seconds(topics, p
 async def _active(worker: Worker, minimum: float) -> bool:
     return worker.metrics.registry.get_sample_value("fleet_geofences_active") is not None and (
         worker.metrics.value("fleet_geofences_active") >= minimum)
+
+
+def _at(vid: uuid.UUID, when: datetime, lat: float, lon: float, speed: float) -> Reading:
+    return Reading(vid, when, lat, lon, speed, None, None, None, None, Source("t", 0, 0), None, b"")
+
+
+async def test_removing_a_geofence_closes_what_is_open_and_a_stale_worker_cannot_reopen_it(
+    settings: Settings, db: asyncpg.Connection, redis_client, make_vehicles
+) -> None:
+    settings = settings.model_copy(update={"geofence_dwell_seconds": 0.0, "alert_offline_seconds": 0.0,
+                                           "alert_overspeed_min_seconds": 0.0})
+    lat, lon = random.uniform(-50, 50), random.uniform(-170, 170)
+    fence = await db.fetchval(
+        "INSERT INTO geofences (name, kind, area, speed_limit_kmh) VALUES ('doomed', 'polygon',"
+        " ST_MakeEnvelope($1, $2, $3, $4, 4326), 30) RETURNING id", lon, lat, lon + 0.01, lat + 0.01)
+    yard = await db.fetchval(
+        "INSERT INTO geofences (name, kind, center, radius_m) VALUES ('yard', 'circle',"
+        " ST_SetSRID(ST_MakePoint($1, $2), 4326), 300) RETURNING id", lon + 1, lat)
+    inside, parked, passer_by, latecomer = await make_vehicles(4)
+    start = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=20)
+    mid_lat, mid_lon = lat + 0.005, lon + 0.005
+
+    def seconds(n: int) -> datetime:
+        return start + timedelta(seconds=n)
+
+    pool = await create_pool(settings.database_url)
+    try:
+        engine = RuleEngine(pool, redis_client, settings, PipelineMetrics())
+        await engine.refresh_geofences()
+        await engine.after_write([
+            _at(inside, seconds(0), mid_lat, mid_lon, 50.0), _at(inside, seconds(10), mid_lat, mid_lon + 0.001, 55.0),
+            _at(parked, seconds(0), lat, lon + 1, 0.0),
+            _at(passer_by, seconds(0), lat - 0.5, lon, 50.0),
+        ])
+        assert await _fence_rows(db, fence) == ([(inside, "enter", seconds(0))], [inside], [("overspeed", False)])
+        assert await redis_client.exists(f"geofence:{fence}", f"geofence:{yard}") == 2
+        alert = await db.fetchval("SELECT id FROM alerts WHERE geofence_id = $1", fence)
+
+        removed = fleet(settings, "remove", str(fence), "--json")
+        assert removed.returncode == 0, removed.stderr
+        assert json.loads(removed.stdout) == {
+            "removed": [fence], "closed": [{"id": fence, "exits": [str(inside)], "alerts_resolved": [alert]}]}
+        exits, states, alerts = await _fence_rows(db, fence)
+        assert exits[0] == (inside, "enter", seconds(0)) and exits[1][:2] == (inside, "exit") and len(exits) == 2
+        assert exits[1][2] >= seconds(10)
+        assert await db.fetchrow("SELECT lat, lon, crossing FROM geofence_transitions WHERE geofence_id = $1"
+                                 " AND kind = 'exit'", fence) == (mid_lat, mid_lon + 0.001, False)
+        assert (states, alerts) == ([], [("overspeed", True)])
+        assert await redis_client.exists(f"geofence:{fence}") == 0
+
+        text = fleet(settings, "remove", str(yard))
+        assert text.returncode == 0, text.stderr
+        assert text.stdout.splitlines() == [f"removed geofence {yard}",
+                                            f"geofence {yard}: exit recorded for 1 vehicle inside, no open alert"]
+
+        # This worker has not reloaded its geofences yet: what it evaluates now must not
+        # bring them back (no state, transition or alert for a removed geofence).
+        assert fence in engine.index.fences
+        await engine.after_write([
+            _at(inside, seconds(20), mid_lat, mid_lon + 0.002, 70.0),
+            _at(latecomer, seconds(20), mid_lat, mid_lon, 60.0), _at(latecomer, seconds(30), mid_lat, mid_lon, 65.0),
+            _at(parked, seconds(20), lat, lon + 1, 0.0),
+        ])
+        await engine.after_write([_at(inside, seconds(30), lat - 0.5, lon, 40.0)])
+        await engine.flush()
+        assert await _fence_rows(db, fence) == (exits, [], [("overspeed", True)])
+        assert len((await _fence_rows(db, yard))[0]) == 2
+        assert await redis_client.exists(f"geofence:{fence}", f"geofence:{yard}") == 0
+        assert await db.fetchval("SELECT count(*) FROM vehicle_geofence_state WHERE geofence_id = ANY($1::int8[])",
+                                 [fence, yard]) == 0
+    finally:
+        await pool.close()
+
+
+async def _fence_rows(
+    db: asyncpg.Connection, fence: int
+) -> tuple[list[tuple[uuid.UUID, str, datetime]], list[uuid.UUID], list[tuple[str, bool]]]:
+    """A geofence's transitions, the vehicles with a state row for it, its alerts (type, resolved)."""
+    transitions = await db.fetch("SELECT vehicle_id, kind, time FROM geofence_transitions WHERE geofence_id = $1"
+                                 " ORDER BY time, kind", fence)
+    states = await db.fetch("SELECT vehicle_id FROM vehicle_geofence_state WHERE geofence_id = $1", fence)
+    alerts = await db.fetch("SELECT type, is_resolved FROM alerts WHERE geofence_id = $1 ORDER BY id", fence)
+    return ([(r["vehicle_id"], r["kind"], r["time"]) for r in transitions], [r["vehicle_id"] for r in states],
+            [(r["type"], r["is_resolved"]) for r in alerts])
+
+
+async def test_a_removal_and_a_rules_transaction_in_flight_wait_for_each_other(
+    settings: Settings, db: asyncpg.Connection, make_vehicles
+) -> None:
+    settings = settings.model_copy(update={"geofence_dwell_seconds": 0.0, "alert_offline_seconds": 0.0,
+                                           "alert_overspeed_min_seconds": 0.0})
+    lat, lon = random.uniform(-50, 50), random.uniform(-170, 170)
+    first, second = [await db.fetchval(
+        "INSERT INTO geofences (name, kind, area, speed_limit_kmh) VALUES ('racing', 'polygon',"
+        " ST_MakeEnvelope($1, $2, $3, $4, 4326), 30) RETURNING id", lon + k, lat, lon + k + 0.01, lat + 0.01)
+        for k in (0, 1)]
+    vehicle, driver = await make_vehicles(2)
+    worker = await asyncpg.connect(settings.database_url)
+    remover = await asyncpg.connect(settings.database_url)
+    pool = await create_pool(settings.database_url)
+    try:
+        # A rules transaction holds the geofence and raises an alert for it: the removal
+        # waits for it, then resolves that alert too.
+        transaction = worker.transaction()
+        await transaction.start()
+        assert await lock_live_geofences(worker, {first}) == {first}
+        alert = await worker.fetchval("INSERT INTO alerts (entity_id, type, severity, geofence_id)"
+                                      " VALUES ($1, 'overspeed', 'warning', $2) RETURNING id", vehicle, first)
+        removing = asyncio.create_task(remove(remover, [first], settings.redis_url))
+        await asyncio.sleep(0.5)
+        assert not removing.done()
+        await transaction.commit()
+        removal = await asyncio.wait_for(removing, timeout=10)
+        assert removal.closed[0].alerts_resolved == [alert]
+        assert await db.fetchval("SELECT is_resolved FROM alerts WHERE id = $1", alert)
+
+        # A removal in progress: a worker's batch that enters the geofence and speeds in
+        # it waits, then writes nothing for it.
+        engine = RuleEngine(pool, None, settings, PipelineMetrics())
+        await engine.refresh_geofences()
+        transaction = remover.transaction()
+        await transaction.start()
+        await remover.execute("SELECT id FROM geofences WHERE id = $1 FOR UPDATE", second)
+        await remover.execute("UPDATE geofences SET is_active = false, deleted_at = now() WHERE id = $1", second)
+        now = datetime.now(timezone.utc).replace(microsecond=0)
+        evaluating = asyncio.create_task(engine.after_write([
+            _at(driver, now - timedelta(seconds=20), lat + 0.005, lon + 1.005, 60.0),
+            _at(driver, now - timedelta(seconds=10), lat + 0.005, lon + 1.006, 70.0)]))
+        await asyncio.sleep(0.5)
+        assert not evaluating.done()
+        await transaction.commit()
+        await asyncio.wait_for(evaluating, timeout=10)
+        assert await _fence_rows(db, second) == ([], [], [])
+    finally:
+        await pool.close()
+        await worker.close()
+        await remover.close()

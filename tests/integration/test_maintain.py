@@ -575,6 +575,32 @@ async def test_metrics_and_the_nightly_stats_refresh_follow_the_clock(
     assert last == clock[0]
 
 
+async def test_the_nightly_refresh_brings_the_monthly_revenue_up_to_date_too(
+    conn: asyncpg.Connection, own_url: str, base_settings: Settings, vehicles: Vehicles
+) -> None:
+    [vehicle] = await vehicles(1)
+    delivered = at(today(), 1)
+    customer = await conn.fetchval("INSERT INTO customers (name) VALUES ('Acme') RETURNING id")
+    driver = await conn.fetchval("INSERT INTO drivers (name) VALUES ('Dana') RETURNING id")
+    assignment = await conn.fetchval(
+        "INSERT INTO vehicle_assignments (vehicle_id, driver_id, start_time, end_time, status)"
+        " VALUES ($1, $2, $3, $4, 'COMPLETED') RETURNING id", vehicle, driver, delivered - timedelta(hours=1),
+        delivered + timedelta(hours=1))
+    await conn.executemany(
+        "INSERT INTO transport_jobs (customer_id, status, agreed_price, currency, assignment_id, delivered_at)"
+        " VALUES ($1, 'delivered', $2, 'EUR', $3, $4)",
+        [(customer, 1200, assignment, delivered), (customer, 300, assignment, delivered)])
+    maintainer = Maintainer(base_settings.model_copy(update={"database_url": own_url}), clock=lambda: at(today(), 4))
+
+    report = await maintainer.run_once()
+
+    assert report.stats_refreshed
+    row = await conn.fetchrow("SELECT month, revenue, jobs FROM monthly_vehicle_revenue WHERE vehicle_id = $1",
+                              vehicle)
+    assert dict(row) == {"month": today().replace(day=1), "revenue": 1500, "jobs": 2}
+    assert {"refreshed monthly_vehicle_stats", "refreshed monthly_vehicle_revenue"} <= set(report.lines())
+
+
 async def test_every_runs_passes_serves_metrics_and_stops_on_sigterm(own_url: str) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -605,6 +631,37 @@ async def test_every_runs_passes_serves_metrics_and_stops_on_sigterm(own_url: st
             await asyncio.sleep(0.25)
         assert passes(text) >= 2
         assert "fleet_maintain_rollup_lag_seconds 0.0" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 0, err.decode()
+
+
+async def test_every_serves_metrics_only_on_fleet_metrics_address(own_url: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.2", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "FLEET_DATABASE_URL": own_url, "FLEET_MAINTAIN_METRICS_PORT": str(port),
+           "FLEET_METRICS_ADDRESS": "127.0.0.2"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fleet_telemetry.cli", "maintain", "--every", "1h", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+
+    def answers(host: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as answer:
+                return b"fleet_maintain_passes_total" in answer.read()
+        except OSError:
+            return False
+
+    try:
+        for _ in range(120):
+            if await asyncio.to_thread(answers, "127.0.0.2"):
+                break
+            await asyncio.sleep(0.25)
+        assert await asyncio.to_thread(answers, "127.0.0.2")
+        assert not await asyncio.to_thread(answers, "127.0.0.1")
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), timeout=30)

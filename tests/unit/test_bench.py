@@ -143,3 +143,45 @@ def test_flags_become_options() -> None:
                               "--pipeline-env", "FLEET_BATCH_MAX_AGE_MS=100"))
     assert (o.readings, o.vehicles, o.contestants) == (2000, 50, ("ceiling", "pipeline"))
     assert o.pipeline_env == {"FLEET_BATCH_MAX_AGE_MS": "100"}
+
+
+class _Admin:
+    """Stands in for the admin connection: records the statements it is given."""
+
+    def __init__(self, statements: list[str]) -> None:
+        self.statements = statements
+
+    async def execute(self, sql: str) -> str:
+        self.statements.append(sql)
+        return ""
+
+    async def close(self) -> None:
+        pass
+
+
+_HOSTILE = 'bench" WITH (FORCE); DROP DATABASE "fleet'
+
+
+async def test_database_names_from_the_command_line_are_quoted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import fleetops_bench, replay_bench
+
+    statements: list[str] = []
+
+    async def connect(url: str) -> _Admin:
+        return _Admin(statements)
+
+    monkeypatch.setattr("asyncpg.connect", connect)
+    await fleetops_bench.recreate("postgresql://postgres@127.0.0.1:5432/postgres", _HOSTILE)
+    await replay_bench.drop("postgresql://postgres@127.0.0.1:5432/postgres", _HOSTILE)
+    quoted = '"bench"" WITH (FORCE); DROP DATABASE ""fleet"'
+    assert statements == [
+        f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)", f"CREATE DATABASE {quoted}",
+        f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)",
+    ]
+
+
+def test_a_database_name_is_percent_encoded_in_its_url() -> None:
+    from bench import fleetops_bench
+
+    url = fleetops_bench.with_database("postgresql://u:p@127.0.0.1:5432/fleet?sslmode=disable", "a/b?c#d e")
+    assert url == "postgresql://u:p@127.0.0.1:5432/a%2Fb%3Fc%23d%20e?sslmode=disable"

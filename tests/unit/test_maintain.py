@@ -121,6 +121,7 @@ def test_the_report_speaks_in_the_future_for_a_dry_run() -> None:
         "would roll up 4 dirty hours (oldest marked 61 s ago)",
         "would drop partition vehicle_telemetry_p20251130 (past the raw retention)",
         "would refresh monthly_vehicle_stats",
+        "would refresh monthly_vehicle_revenue",
         "dry run: nothing was changed",
     ]
     done = PassReport(now=utc(2026, 1, 1), rollups=RollupReport(hours=5, days=2), deferred=["claiming dirty hours"],

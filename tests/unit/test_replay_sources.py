@@ -4,6 +4,7 @@ errors."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import math
@@ -244,3 +245,135 @@ async def test_a_dry_run_never_overwrites_the_rejects_of_an_interrupted_replay(t
     with pytest.raises(UsageError, match="interrupted replay"):
         await Replay(options, Settings(_env_file=None)).run()  # type: ignore[call-arg]
     assert rejects.read_text() == '{"line": 1}\n'
+
+
+_REJECT = (b'{"line": 4, "reason": "malformed_json", "detail": "not JSON at byte 9",'
+           b' "value": "{\\"vehicle_id\\""}\n')
+
+
+def _one_reject(ledger: Ledger, line: int = 1) -> None:
+    ledger.apply(Chunk(Lines("in", NDJSON, line, b""), {"line": line}, 5, 1),
+                 ChunkResult(Counts(read=1, rejected=Counter(malformed_json=1)), _REJECT))
+
+
+def _nothing_rejected(ledger: Ledger, line: int = 1) -> None:
+    ledger.apply(Chunk(Lines("in", NDJSON, line, b""), {"line": line}, 5, 1), ChunkResult(Counts(read=1, stored=1)))
+
+
+@pytest.mark.parametrize(("dry_run", "restart"), [(False, False), (True, False), (False, True)])
+def test_a_fresh_run_refuses_a_named_file_that_holds_something_else(
+    tmp_path: Path, dry_run: bool, restart: bool
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    with pytest.raises(UsageError) as refused:
+        Ledger(Checkpoint(str(notes) + ".checkpoint", {"source": "a"}), str(notes), dry_run=dry_run, restart=restart)
+    assert str(refused.value) == (
+        f"--rejects {notes} already holds something other than replay rejects;"
+        " name a file that does not exist yet, or move this one away")
+    assert notes.read_text() == "my notes\n"
+
+
+def test_an_existing_empty_file_is_used_and_never_removed(tmp_path: Path) -> None:
+    given = tmp_path / "given.ndjson"
+    given.touch()
+    checkpoint = Checkpoint(str(given) + ".checkpoint", {"source": "a"})
+    ledger = Ledger(checkpoint, str(given), dry_run=False, restart=False)
+    _nothing_rejected(ledger)
+    ledger.complete()
+    assert given.exists() and given.read_bytes() == b""
+
+    Ledger(checkpoint, str(given), dry_run=False, restart=False).abandon()
+    assert given.exists()
+
+    interrupted = Ledger(checkpoint, str(given), dry_run=False, restart=False)
+    _nothing_rejected(interrupted)
+    interrupted.suspend()
+    resumed = Ledger(checkpoint, str(given), dry_run=False, restart=False)
+    assert resumed.resumed
+    _nothing_rejected(resumed, 2)
+    resumed.complete()
+    assert given.exists() and not Path(checkpoint.path).exists()
+
+
+def test_a_rerun_replaces_the_rejects_of_an_earlier_run_and_keeps_the_file(tmp_path: Path) -> None:
+    rejects = tmp_path / "rejects.ndjson"
+    rejects.write_bytes(_REJECT + _REJECT)
+    checkpoint = Checkpoint(str(rejects) + ".checkpoint", {"source": "a"})
+    ledger = Ledger(checkpoint, str(rejects), dry_run=False, restart=False)
+    _one_reject(ledger)
+    ledger.complete()
+    assert rejects.read_bytes() == _REJECT
+
+    clean = Ledger(checkpoint, str(rejects), dry_run=False, restart=False)
+    _nothing_rejected(clean)
+    clean.complete()
+    assert rejects.exists() and rejects.read_bytes() == b""  # emptied: the earlier rejects are stale
+
+
+def test_a_file_the_run_created_goes_when_nothing_was_rejected_even_after_a_resume(tmp_path: Path) -> None:
+    rejects = tmp_path / "new.ndjson"
+    checkpoint = Checkpoint(str(rejects) + ".checkpoint", {"source": "a"})
+    ledger = Ledger(checkpoint, str(rejects), dry_run=False, restart=False)
+    _nothing_rejected(ledger)
+    ledger.suspend()
+    resumed = Ledger(checkpoint, str(rejects), dry_run=False, restart=False)
+    _nothing_rejected(resumed, 2)
+    resumed.complete()
+    assert not rejects.exists()
+
+
+def test_a_pipe_is_written_to_without_truncating_or_removing_it(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "rejects.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        ledger = Ledger(Checkpoint(str(tmp_path / "c.checkpoint"), {"source": "a"}), str(fifo), dry_run=False,
+                        restart=False)
+        _one_reject(ledger)
+        ledger.save(force=True)
+        _nothing_rejected(ledger, 2)
+        ledger.complete()
+        assert os.read(reader, 4096) == _REJECT
+    finally:
+        os.close(reader)
+    assert fifo.is_fifo()
+
+
+async def test_fleet_replay_refuses_a_rejects_file_of_something_else_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "in.ndjson"
+    path.write_text("{}\n")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    monkeypatch.setenv("FLEET_METRICS_PORT", "0")
+    code = await asyncio.to_thread(main, ["replay", str(path), "--direct", "--rejects", str(notes)])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"fleet replay: --rejects {notes} already holds something other than replay rejects;"
+        " name a file that does not exist yet, or move this one away"]
+    assert notes.read_text() == "my notes\n"
+
+
+def test_the_checkpoint_of_a_replay_writing_rejects_to_a_pipe_lives_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from fleet_telemetry.core.settings import Settings
+    from fleet_telemetry.replay.results import DIRECT
+    from fleet_telemetry.replay.run import Replay, ReplayOptions
+
+    path = tmp_path / "in.ndjson"
+    path.write_text("{}\n")
+    fifo = tmp_path / "rejects.fifo"
+    os.mkfifo(fifo)
+    monkeypatch.chdir(tmp_path / ".")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    piped = Replay(ReplayOptions(mode=DIRECT, file=str(path), rejects=str(fifo)), settings)
+    assert piped.checkpoint.path == f"fleet-replay-{piped.id}.checkpoint"
+    filed = Replay(ReplayOptions(mode=DIRECT, file=str(path), rejects=str(tmp_path / "r.ndjson")), settings)
+    assert filed.checkpoint.path == str(tmp_path / "r.ndjson") + ".checkpoint"
