@@ -33,8 +33,9 @@ def run_worker(settings: Settings, stop_when_idle: float | None, index: int) -> 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         if settings.metrics_port:
-            serve(worker.metrics, settings.metrics_port + index)
-            log.info("metrics served", port=settings.metrics_port + index, path="/metrics")
+            serve(worker.metrics, settings.metrics_port + index, settings.metrics_address)
+            log.info("metrics served", address=settings.metrics_address, port=settings.metrics_port + index,
+                     path="/metrics")
         return await worker.run()
 
     return asyncio.run(main())

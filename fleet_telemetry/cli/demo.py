@@ -100,14 +100,15 @@ async def demo(settings: Settings, *, vehicles: int, rate: float, bad_ratio: flo
 
     worker = Worker(settings)
     if settings.metrics_port:
-        serve(worker.metrics, settings.metrics_port)
+        serve(worker.metrics, settings.metrics_port, settings.metrics_address)
     stats = SimulationStats()
     view = LiveView(worker.metrics, stats)
+    metrics_host = "127.0.0.1" if settings.metrics_address in ("0.0.0.0", "") else settings.metrics_address
     print(
         f"demo: {vehicles} simulated vehicles at {rate:g} readings/s ({bad_ratio:.0%} bad) -> "
         f"{settings.telemetry_topic} -> PostgreSQL {settings.database_url_masked}, Redis "
         f"{settings.redis_url_masked}"
-        + (f"; metrics on http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "")
+        + (f"; metrics on http://{metrics_host}:{settings.metrics_port}/metrics" if settings.metrics_port else "")
         + ". Ctrl-C stops.",
         file=sys.stderr,
     )

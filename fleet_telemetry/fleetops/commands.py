@@ -31,7 +31,6 @@ import asyncpg
 import orjson
 import structlog
 from aiokafka import AIOKafkaProducer
-from prometheus_client import start_http_server
 
 from fleet_telemetry.consumers.chain import Abandoned, Retrier
 from fleet_telemetry.consumers.kafka_loop import Committable, KafkaLoop, LoopMetrics, LoopOptions, Records, start_with_retry
@@ -40,7 +39,7 @@ from fleet_telemetry.fleetops.audit import jsonable
 from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.errors import FleetOpsError, InvalidInput
 from fleet_telemetry.fleetops.validation import parse_time, parse_uuid
-from fleet_telemetry.core.metrics import CommandMetrics
+from fleet_telemetry.core.metrics import CommandMetrics, serve
 from fleet_telemetry.core.retry import Backoff
 from fleet_telemetry.core.errors import ServiceUnavailable, UsageError
 from fleet_telemetry.ingest.producer import start_producer
@@ -442,7 +441,7 @@ def run_consumer(args: argparse.Namespace, settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         if args.metrics_port:
-            start_http_server(args.metrics_port, registry=worker.metrics.registry)
+            serve(worker.metrics, args.metrics_port, settings.metrics_address)
         return await worker.run()
 
     return asyncio.run(main())
