@@ -13,6 +13,8 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 
@@ -38,7 +40,20 @@ def run_worker(settings: Settings, stop_when_idle: float | None, index: int) -> 
                      path="/metrics")
         return await worker.run()
 
-    return asyncio.run(main())
+    return run_loop(main(), settings.event_loop)
+
+
+def run_loop(main: Coroutine[Any, Any, int], kind: str) -> int:
+    """Runs ``main`` to completion on a new event loop of ``kind`` (``uvloop`` when it is
+    installed, else the standard loop)."""
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed; the standard event loop runs the worker")
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def _child(settings: Settings, stop_when_idle: float | None, index: int) -> None:

@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     """Raw readings older than this are dead-lettered as ``outside_retention``."""
 
     # --- consumer tuning -------------------------------------------------------
+    event_loop: Literal["uvloop", "asyncio"] = "asyncio"
+    """The workers' event loop: ``uvloop`` (libuv, cheaper per I/O event) or the standard
+    ``asyncio`` loop; ``uvloop`` falls back to ``asyncio`` where it is not installed."""
     batch_max_readings: int = Field(default=5000, ge=1)
     batch_max_age_ms: int = Field(default=100, ge=1)
     max_batches_in_flight: int = Field(default=2, ge=1)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet_telemetry.consumers.decode import Rules, decode_message
+from fleet_telemetry.consumers.decode import Rules, decode_checked, decode_message
 from fleet_telemetry.core.reading import Source
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
@@ -156,3 +156,56 @@ def test_a_nul_character_in_engine_status_is_refused_before_it_reaches_jsonb() -
     (rejection,) = decode(orjson.dumps(reading(engine_status={"note": "a\u0000b"}))).rejections
     assert rejection.reason == "invalid_reading"
     assert "NUL character" in rejection.detail
+
+
+# Readings near every rule's edge, for the comparison of the one-pass decoding with the
+# field-by-field checks.
+_edge_numbers = (st.floats(min_value=-400, max_value=400) | st.integers(-400, 400)
+                 | st.sampled_from([0, -0.0, 90, 90.0000001, -90, 180, -180.5, 359.999, 360, 400, 400.01, 100, 1e308]))
+_times = (st.integers(int((NOW - timedelta(days=31)).timestamp() * 1000), int((NOW + timedelta(minutes=6)).timestamp() * 1000))
+          | st.datetimes(min_value=datetime(2026, 10, 20), max_value=datetime(2026, 11, 26),
+                         timezones=st.sampled_from([timezone.utc, timezone(timedelta(hours=5, minutes=30)),
+                                                    timezone(timedelta(hours=-8))])).map(lambda d: d.isoformat())
+          | st.sampled_from(["2026-11-25T11:00:00Z", "2026-11-25T11:00:00", "2026-11-25", "2026-11-25T11:00:00.123+00:00",
+                             "2026-11-25 11:00:00+00:00", True, 1.5e12, None]))
+_engines = st.one_of(
+    st.none(), st.integers(), st.text(max_size=3),
+    st.fixed_dictionaries({}, optional={
+        "rpm": st.integers(-5, 9000) | st.floats(allow_nan=False) | st.booleans() | st.none(),
+        "coolant_temp_c": st.floats(allow_nan=False) | st.text(max_size=2) | st.none(),
+        "ignition": st.booleans() | st.integers(0, 1) | st.none(),
+        "dtc": st.lists(st.sampled_from(["P0301", "C1234", "p0301", "X0000", "P03011", 7]), max_size=3) | st.none(),
+        "extra": json_values,
+    }),
+)
+edge_reading = st.fixed_dictionaries(
+    {"vehicle_id": st.sampled_from([VID, VID.upper(), VID.replace("-", ""), "{" + VID + "}", "x"]) | st.uuids().map(str),
+     "time": _times, "lat": _edge_numbers, "lon": _edge_numbers},
+    optional={"speed": _edge_numbers | st.none(), "fuel_level": _edge_numbers | st.none(),
+              "heading": _edge_numbers | st.none(), "odometer_km": _edge_numbers | st.none(),
+              "engine_status": _engines, "unknown": json_values},
+)
+
+
+def _verdict(out: object) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    readings = [(r.vehicle_id, r.time, r.lat, r.lon, r.speed, r.fuel_level, r.heading, r.odometer_km,
+                 r.engine_status, r.source, orjson.loads(r.dead_letter_value())) for r in out.readings]  # type: ignore[attr-defined]
+    rejections = [(j.reason, j.detail, j.source, j.value) for j in out.rejections]  # type: ignore[attr-defined]
+    return readings, rejections
+
+
+@settings(max_examples=600)
+@given(st.one_of(edge_reading, st.lists(edge_reading, max_size=4)))
+def test_the_one_pass_decoding_agrees_with_the_field_by_field_checks(document: object) -> None:
+    try:
+        value = orjson.dumps(document)
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits: not JSON a producer can send
+        return
+    fast = decode_message(value, key=None, source=SRC, rules=RULES)
+    checked = decode_checked(value, key=None, source=SRC, rules=RULES)
+    assert _verdict(fast) == _verdict(checked)
+
+
+def test_a_reading_at_a_foreign_offset_is_stored_in_utc() -> None:
+    (r,) = decode(orjson.dumps(reading(time="2026-11-25T17:29:00+05:30"))).readings
+    assert r.time == datetime(2026, 11, 25, 11, 59, tzinfo=timezone.utc) and r.time.tzinfo is timezone.utc
