@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from aiokafka.structs import TopicPartition
 
 from fleet_telemetry.consumers.kafka_loop import (
-    Committable, KafkaConsumer, KafkaLoop, LoopMetrics, LoopOptions, Ranges, Records,
+    Committable, KafkaConsumer, KafkaLoop, LoopMetrics, LoopOptions, Records,
 )
 @dataclass(frozen=True)
 class Fetched:
@@ -31,17 +31,18 @@ class Fetched:
 
 
 class _Handoff:
-    """The :class:`~fleet_telemetry.consumers.kafka_loop.Strategy` of :func:`read_ranges`: hands each fetch to a queue (blocking
-    while the reader has not taken the previous one)."""
+    """The :class:`~fleet_telemetry.consumers.kafka_loop.Strategy` of :func:`read_ranges`:
+    hands each fetch to a queue (blocking while the reader has not taken the previous one)."""
 
     backpressure = False
     in_flight = 0
 
-    def __init__(self, room: int, queue: asyncio.Queue[Fetched], where: Callable[[], Ranges | None]) -> None:
+    def __init__(self, room: int, queue: asyncio.Queue[Fetched]) -> None:
         self.offsets = Committable()
+        self.loop: KafkaLoop | None = None
+        """The loop that drives it: its ranges say where the read stands."""
         self._room = room
         self._queue = queue
-        self._where = where
         self._records: Records = {}
 
     def room(self) -> int:
@@ -51,7 +52,7 @@ class _Handoff:
         self._records = records
 
     async def poll(self) -> None:
-        ranges = self._where()
+        ranges = None if self.loop is None else self.loop.ranges
         if ranges is not None:
             records, self._records = self._records, {}
             await self._queue.put(Fetched(records, dict(ranges.next), dict(ranges.end)))
@@ -84,9 +85,8 @@ async def read_ranges(options: LoopOptions, *, room: int, metrics: LoopMetrics |
     """
     assert options.seek is not None, "read_ranges needs a seek plan"
     queue: asyncio.Queue[Fetched] = asyncio.Queue(maxsize=1)
-    loop: KafkaLoop | None = None
-    strategy = _Handoff(room, queue, lambda: None if loop is None else loop.ranges)
-    loop = KafkaLoop(strategy, options, metrics or LoopMetrics(), consumer_factory=consumer_factory)
+    strategy = _Handoff(room, queue)
+    loop = strategy.loop = KafkaLoop(strategy, options, metrics or LoopMetrics(), consumer_factory=consumer_factory)
     run = asyncio.ensure_future(loop.run())
     try:
         while True:

@@ -365,6 +365,7 @@ class TimedRec:
     timestamp: int = 0
     key: bytes | None = None
     value: bytes | None = b"{}"
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass
