@@ -18,10 +18,17 @@ the command consumer). Offsets travel with the data: the strategy marks in its
 :class:`Committable` the offsets its last step has finished, and only those are
 committed, so a crash at any point means redelivery, never loss.
 
-Assign-and-seek mode (``LoopOptions.seek``, no group): the loop reads given
-:class:`Ranges` of partitions from explicit start offsets, commits nothing, and stops
-once every partition reached its end offset
-(:func:`fleet_telemetry.consumers.kafka_range.read_ranges` runs it as an async iterator).
+Assign-and-seek mode (``LoopOptions.seek``, no group, nothing committed)::
+
+    start:   the consumer connects, the seek plan asks the broker what it needs
+             (:class:`OffsetLookup`) and returns the :class:`Ranges`; their partitions are
+             assigned and each is sought to its start offset
+    loop:    fetch -> keep only the records before each partition's end -> move the
+             ranges past every offset consumed -> strategy.submit -> strategy.poll; a
+             partition that reached its end is paused
+    stop:    once every partition reached its end, as above without the commit
+
+:func:`fleet_telemetry.consumers.kafka_range.read_ranges` runs it as an async iterator.
 """
 
 from __future__ import annotations
