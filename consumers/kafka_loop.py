@@ -17,6 +17,18 @@ What to do with the records is the :class:`Strategy`'s business (the telemetry p
 the command consumer). Offsets travel with the data: the strategy marks in its
 :class:`Committable` the offsets its last step has finished, and only those are
 committed, so a crash at any point means redelivery, never loss.
+
+Assign-and-seek mode (``LoopOptions.seek``, no group, nothing committed)::
+
+    start:   the consumer connects, the seek plan asks the broker what it needs
+             (:class:`OffsetLookup`) and returns the :class:`Ranges`; their partitions are
+             assigned and each is sought to its start offset
+    loop:    fetch -> keep only the records before each partition's end -> move the
+             ranges past every offset consumed -> strategy.submit -> strategy.poll; a
+             partition that reached its end is paused
+    stop:    once every partition reached its end, as above without the commit
+
+:func:`fleet_telemetry.consumers.kafka_range.read_ranges` runs it as an async iterator.
 """
 
 from __future__ import annotations
@@ -116,12 +128,102 @@ class KafkaConsumer(Protocol):
     def resume(self, *partitions: TopicPartition) -> None: ...
     def paused(self) -> set[TopicPartition]: ...
     def highwater(self, partition: TopicPartition) -> int | None: ...
+    # Assign-and-seek mode only:
+    def assign(self, partitions: list[TopicPartition]) -> None: ...
+    def seek(self, partition: TopicPartition, offset: int) -> None: ...
+    async def position(self, partition: TopicPartition) -> int: ...
+    def last_stable_offset(self, partition: TopicPartition) -> int | None: ...
+    async def topics(self) -> set[str]: ...
+    def partitions_for_topic(self, topic: str) -> set[int] | None: ...
+    async def beginning_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
+    async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> Mapping[TopicPartition, Any]: ...
+
+
+# --- assign-and-seek mode -------------------------------------------------------------
+
+
+@dataclass
+class Ranges:
+    """Assign-and-seek mode: which partitions to read, from where, to where.
+
+    ``next`` starts as each partition's start offset (the loop seeks there) and then holds
+    the next offset to read; ``end`` the end offsets (exclusive) known so far, given ones
+    first. A partition without a given end is read to its end as of the start of the
+    read: the larger of the end offset the broker lists (ListOffsets: the high watermark,
+    or the last stable offset under ``read_committed``) and the one its first fetch
+    reports (some brokers list ends late). A partition is finished when ``next`` reached
+    its end, or reached the fetched end (nothing more exists now: a given end beyond it
+    stops there).
+    """
+
+    next: dict[TopicPartition, int]
+    end: dict[TopicPartition, int] = field(default_factory=dict)
+
+    def learn_end(self, tp: TopicPartition, listed: int, fetched: int | None) -> None:
+        """Fixes ``tp``'s end from its listed end and the first fetched one."""
+        if tp not in self.end and fetched is not None:
+            self.end[tp] = max(listed, fetched)
+
+    def finished(self, tp: TopicPartition, fetched: int | None) -> bool:
+        end = self.end.get(tp)
+        if end is None:
+            return False
+        return self.next[tp] >= end or (fetched is not None and self.next[tp] >= fetched)
+
+    def take(self, fetched: Records) -> dict[TopicPartition, list[Any]]:
+        """The fetched records before each partition's end; moves ``next`` past them."""
+        taken: dict[TopicPartition, list[Any]] = {}
+        for tp, records in fetched.items():
+            if tp not in self.next:
+                continue
+            end = self.end.get(tp)
+            kept = [r for r in records if end is None or r.offset < end]
+            if kept:
+                taken[tp] = kept
+                self.next[tp] = max(self.next[tp], kept[-1].offset + 1)
+        return taken
+
+    def advance(self, tp: TopicPartition, position: int) -> None:
+        """Moves ``next`` to the consumer's position, past offsets without a record
+        (transaction markers, compacted records), never beyond the end nor back."""
+        end = self.end.get(tp)
+        self.next[tp] = max(self.next[tp], position if end is None else min(end, position))
+
+
+class OffsetLookup:
+    """What a :attr:`LoopOptions.seek` plan may ask the broker before partitions are assigned."""
+
+    def __init__(self, consumer: KafkaConsumer) -> None:
+        self._consumer = consumer
+
+    async def partitions(self, topic: str) -> set[int]:
+        """The partition numbers of ``topic``; empty when the topic does not exist."""
+        await self._consumer.topics()
+        return set(self._consumer.partitions_for_topic(topic) or ())
+
+    async def beginning_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict(await self._consumer.beginning_offsets(partitions))
+
+    async def offsets_at(self, partitions: list[TopicPartition], timestamp_ms: int) -> dict[TopicPartition, int]:
+        """Per partition, the first offset whose record time is at or after ``timestamp_ms``,
+        where the broker can say; a partition it cannot say for is left out."""
+        found = await self._consumer.offsets_for_times({tp: timestamp_ms for tp in partitions})
+        # Only an offset with a real timestamp at or after the time is an answer: a broker
+        # that cannot look times up answers offset 0 with timestamp -1.
+        return {tp: answer.offset for tp, answer in found.items()
+                if answer is not None and answer.offset >= 0 and answer.timestamp >= timestamp_ms}
+
+
+Seek = Callable[[OffsetLookup], Awaitable[Ranges]]
+"""Plans an assign-and-seek read once the consumer is connected."""
 
 
 @dataclass(frozen=True)
 class LoopOptions:
     topics: tuple[str, ...]
-    group: str
+    group: str | None
+    """``None`` with ``seek``: no group, nothing committed."""
     bootstrap: str
     """For messages only (no secrets)."""
     consumer_options: Mapping[str, Any] = field(default_factory=dict)
@@ -135,9 +237,13 @@ class LoopOptions:
     """What the records are, for the log ("no records for a while, stopping")."""
     started_event: str = "consumer started"
     log_fields: Mapping[str, Any] = field(default_factory=dict)
+    seek: Seek | None = None
+    """Assign-and-seek mode: the partitions and offsets to read instead of subscribing."""
+    retry_start: bool = True
+    """False: one attempt to connect; any failure raises ``ServiceUnavailable`` at once."""
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, topics: Sequence[str], group: str,
+    def from_settings(cls, settings: Settings, *, topics: Sequence[str], group: str | None,
                       consumer_options: Mapping[str, Any] | None = None, **options: Any) -> "LoopOptions":
         """Connection, backoff and shutdown deadline from ``settings``; the rest as given."""
         return cls(
@@ -150,7 +256,7 @@ class LoopOptions:
 
 @dataclass(frozen=True)
 class LoopMetrics:
-    retries: Counter
+    retries: Counter | None = None
     """By ``dependency``; the loop counts ``kafka``."""
     commit_duration: Histogram | None = None
     consumer_lag: Gauge | None = None
@@ -158,7 +264,7 @@ class LoopMetrics:
     paused_partitions: Gauge | None = None
 
 
-async def start_with_retry(start: Callable[[], Awaitable[T]], *, bootstrap: str, retries: Counter,
+async def start_with_retry(start: Callable[[], Awaitable[T]], *, bootstrap: str, retries: Counter | None,
                            backoff: Backoff, give_up: asyncio.Event) -> T:
     """Starts a Kafka client, retrying while the broker is not reachable.
 
@@ -166,7 +272,8 @@ async def start_with_retry(start: Callable[[], Awaitable[T]], *, bootstrap: str,
     set while it still fails, and any non-transient failure at once.
     """
     def count(exc: BaseException, delay: float, attempt: int) -> None:
-        retries.labels(dependency="kafka").inc()
+        if retries is not None:
+            retries.labels(dependency="kafka").inc()
         log.warning("kafka not reachable, retrying", bootstrap=bootstrap, error=type(exc).__name__,
                     retry_in_s=round(delay, 2))
 
@@ -196,7 +303,10 @@ class KafkaLoop:
     """Feeds one consumer group member's records to a :class:`Strategy` and commits what it finished.
 
     :meth:`run` returns the exit status: 0 after a clean stop, 1 when the shutdown
-    deadline passed with work unfinished (it will be redelivered).
+    deadline passed with work unfinished (it will be redelivered). With
+    ``options.seek`` it reads the planned :attr:`ranges` instead (no group, nothing
+    committed, the strategy is handed only records before each partition's end) and
+    stops once every partition is finished.
     """
 
     def __init__(self, strategy: Strategy, options: LoopOptions, metrics: LoopMetrics, *,
@@ -211,6 +321,12 @@ class KafkaLoop:
         self._committed: dict[TopicPartition, int] = {}
         self._paused = False
         self._last_activity = time.monotonic()
+        self.ranges: Ranges | None = None
+        """Assign-and-seek mode: the ranges being read, kept up to date after each fetch."""
+        self._listed: dict[TopicPartition, int] = {}
+        self._finished: set[TopicPartition] = set()
+        # A range read is a short errand: its lifecycle is not news.
+        self._lifecycle = log.debug if options.seek is not None else log.info
 
     def stop(self) -> None:
         """Ask the loop to finish its in-flight work, commit and leave (signal-safe)."""
@@ -233,18 +349,21 @@ class KafkaLoop:
         return consumer
 
     async def run(self) -> int:
-        """Blocks until stopped (or idle); returns the exit status. Raises what the strategy
-        raises (nothing more is committed then) and ``ServiceUnavailable`` when asked to
-        stop while the broker was still away."""
+        """Blocks until stopped (or idle, or done with its ranges); returns the exit status.
+        Raises what the strategy or the seek plan raises (nothing more is committed then)
+        and ``ServiceUnavailable`` when asked to stop while the broker was still away (at
+        once without ``retry_start``)."""
         o = self.options
         consumer = self._factory()
-        consumer.subscribe(list(o.topics), listener=_Rebalance(self))
+        if o.seek is None:
+            consumer.subscribe(list(o.topics), listener=_Rebalance(self))
         self._consumer = consumer
         try:
             await self.strategy.start()
-            await start_with_retry(consumer.start, bootstrap=o.bootstrap, retries=self.metrics.retries,
-                                   backoff=o.backoff(), give_up=self._stopping)
-            log.info(o.started_event, topic=",".join(o.topics), group=o.group, **o.log_fields)
+            await self._start(consumer)
+            if o.seek is not None:
+                await self._assign(consumer, o.seek)
+            self._lifecycle(o.started_event, topic=",".join(o.topics), group=o.group, **o.log_fields)
             self._last_activity = time.monotonic()
             while not self._stopping.is_set():
                 if await self._iterate(consumer):
@@ -254,11 +373,27 @@ class KafkaLoop:
             await self.strategy.stop()
             await consumer.stop()  # leaves the group
 
+    async def _start(self, consumer: KafkaConsumer) -> None:
+        o = self.options
+        if o.retry_start:
+            await start_with_retry(consumer.start, bootstrap=o.bootstrap, retries=self.metrics.retries,
+                                   backoff=o.backoff(), give_up=self._stopping)
+            return
+        try:
+            await consumer.start()
+        except Exception as exc:
+            raise unavailable("Kafka", o.bootstrap, exc) from None
+
     async def _iterate(self, consumer: KafkaConsumer) -> bool:
-        """One fetch and what follows it; True when the loop has been idle long enough to stop."""
+        """One fetch and what follows it; True when the loop has been idle long enough to
+        stop, or has finished its ranges."""
         strategy = self.strategy
+        if self.ranges is not None and self._reached_ends(consumer, self.ranges):
+            return True
         self._set_paused(strategy.backpressure)
         records = await consumer.getmany(timeout_ms=self.options.fetch_timeout_ms, max_records=strategy.room())
+        if self.ranges is not None:
+            records = await self._within(consumer, self.ranges, records)
         if records:
             await strategy.submit(records)
         await strategy.poll()
@@ -276,7 +411,7 @@ class KafkaLoop:
 
     async def _shutdown(self) -> int:
         deadline = self.options.shutdown_timeout
-        log.info("stopping: flushing in-flight batches", in_flight=self.strategy.in_flight)
+        self._lifecycle("stopping: flushing in-flight batches", in_flight=self.strategy.in_flight)
         try:
             await asyncio.wait_for(self.strategy.handover(), deadline)
         except asyncio.TimeoutError:
@@ -285,9 +420,48 @@ class KafkaLoop:
             return 1
         await self.strategy.close()
         await self.commit(final=True)
-        log.info("stopped cleanly", committed={f"{tp.topic}[{tp.partition}]": off
-                                                     for tp, off in self._committed.items()})
+        self._lifecycle("stopped cleanly", committed={f"{tp.topic}[{tp.partition}]": off
+                                                      for tp, off in self._committed.items()})
         return 0
+
+    # --- assign and seek --------------------------------------------------------------
+
+    async def _assign(self, consumer: KafkaConsumer, seek: Seek) -> None:
+        """Plans the ranges, assigns their partitions and seeks each to its start."""
+        ranges = await seek(OffsetLookup(consumer))
+        partitions = list(ranges.next)
+        consumer.assign(partitions)
+        self._listed = dict(await consumer.end_offsets(partitions)) if partitions else {}
+        for tp, offset in ranges.next.items():
+            consumer.seek(tp, offset)
+        self.ranges = ranges
+
+    def _fetched_end(self, consumer: KafkaConsumer, tp: TopicPartition) -> int | None:
+        """The end of ``tp`` its last fetch reported, as far as this consumer may read."""
+        if self.options.consumer_options.get("isolation_level") == "read_committed":
+            stable = consumer.last_stable_offset(tp)
+            if stable is not None and stable >= 0:
+                return stable
+        return consumer.highwater(tp)
+
+    def _reached_ends(self, consumer: KafkaConsumer, ranges: Ranges) -> bool:
+        """Pauses the partitions that just finished; True once all of them have."""
+        done = [tp for tp in ranges.next
+                if tp not in self._finished and ranges.finished(tp, self._fetched_end(consumer, tp))]
+        if done:
+            consumer.pause(*done)
+            self._finished.update(done)
+        return len(self._finished) == len(ranges.next)
+
+    async def _within(self, consumer: KafkaConsumer, ranges: Ranges, fetched: Records) -> Records:
+        """The fetched records inside the ranges; moves the ranges past what was consumed."""
+        for tp in ranges.next:
+            ranges.learn_end(tp, self._listed.get(tp, 0), self._fetched_end(consumer, tp))
+        records = ranges.take(fetched)
+        for tp in ranges.next:
+            if tp not in self._finished:
+                ranges.advance(tp, await consumer.position(tp))
+        return records
 
     # --- the group ------------------------------------------------------------------
 
@@ -331,7 +505,7 @@ class KafkaLoop:
         reads them again from the last commit.
         """
         consumer = self._consumer
-        if consumer is None:
+        if consumer is None or self.options.group is None:
             return
         assigned = consumer.assignment()
         offsets = {tp: off for tp, off in self.strategy.offsets.items()
@@ -344,7 +518,7 @@ class KafkaLoop:
             await consumer.commit({tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()})
 
         def count(exc: BaseException, delay: float, attempt: int) -> None:
-            self.metrics.retries.labels(dependency="kafka").inc()
+            self._count_retry()
 
         try:
             if final:
@@ -356,11 +530,15 @@ class KafkaLoop:
             return
         except KafkaError as exc:
             log.warning("offset commit failed, will retry", error=type(exc).__name__)
-            self.metrics.retries.labels(dependency="kafka").inc()
+            self._count_retry()
             return
         if self.metrics.commit_duration is not None:
             self.metrics.commit_duration.observe(time.perf_counter() - started)
         self._committed.update(offsets)
+
+    def _count_retry(self) -> None:
+        if self.metrics.retries is not None:
+            self.metrics.retries.labels(dependency="kafka").inc()
 
     def _set_paused(self, paused: bool) -> None:
         consumer = self._consumer
@@ -374,7 +552,7 @@ class KafkaLoop:
                 gauge.set(len(assignment))
             log.info("writer behind, partitions paused", partitions=len(assignment))
         else:
-            consumer.resume(*consumer.paused())
+            consumer.resume(*(consumer.paused() - self._finished))
             if gauge is not None:
                 gauge.set(0)
         self._paused = paused

@@ -2,22 +2,25 @@
 
 :class:`KafkaRange` says which records (partitions, offsets, record times, dead-letter
 reasons); :class:`KafkaSource` reads them as :class:`~fleet_telemetry.replay.sources.Chunk`
-objects of :class:`~fleet_telemetry.replay.sources.Records`. Everything that touches the
-Kafka consumer is in :class:`KafkaSource`.
+objects of :class:`~fleet_telemetry.replay.sources.Records`, through the shared Kafka
+loop in assign-and-seek mode (:func:`fleet_telemetry.consumers.kafka_range.read_ranges`),
+which owns the consumer, the end offsets and the positions.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from fleet_telemetry.consumers.deadletter import HEADER_INDEX, HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_TOPIC
-from fleet_telemetry.core.errors import UsageError, unavailable
+from fleet_telemetry.consumers.kafka_loop import LoopOptions, OffsetLookup, Ranges
+from fleet_telemetry.consumers.kafka_range import Fetched, read_ranges
+from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.reading import Source
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.replay.sources import Chunk, Records
@@ -78,11 +81,10 @@ class KafkaSource:
 
     Each selected partition is read from its start (``from_offset``, or the first
     offset at or after ``since`` where the broker can look offsets up by time, or the
-    beginning) to its stop (``to_offset``, or its end when the replay started: the larger
-    of ListOffsets and the first fetch's high watermark, as some brokers answer
-    ListOffsets late). Records outside ``since``/``until`` are skipped by their own
-    timestamps, so the result is exact even where the broker cannot look times up.
-    Nothing is committed: the consumer has no group.
+    beginning) to its stop (``to_offset``, or its end when the replay started, as
+    :class:`~fleet_telemetry.consumers.kafka_loop.Ranges` fixes it). Records outside
+    ``since``/``until`` are skipped by their own timestamps, so the result is exact even
+    where the broker cannot look times up. Nothing is committed: the read has no group.
 
     Position: ``{"next": {partition: next offset}, "stop": {partition: stop offset}}``.
     """
@@ -122,68 +124,39 @@ class KafkaSource:
         Blocks on the broker; raises :class:`ServiceUnavailable` when it does not answer
         and :class:`UsageError` for a topic or partition that does not exist.
         """
-        consumer = await self._start()
-        try:
-            tps = await self._partitions(consumer)
-            consumer.assign(tps)
-            listed = await consumer.end_offsets(tps)
-            starts, nexts, stops = await self._bounds(consumer, tps, resume)
-            for tp in tps:
-                consumer.seek(tp, nexts[tp])
-            while True:
-                for tp in tps:
-                    if tp not in stops:
-                        # The end as of the start of the replay: the larger of ListOffsets
-                        # and the first fetch's high watermark (see the class docstring).
-                        highwater = consumer.highwater(tp)
-                        if highwater is not None:
-                            stops[tp] = max(highwater, listed[tp])
-                if self.total is None and len(stops) == len(tps):
-                    self.total = sum(max(0, stops[tp] - starts[tp]) for tp in tps)
-                active = [tp for tp in tps if not self._done(consumer, tp, nexts, stops)]
-                if not active:
-                    return
-                fetched = await consumer.getmany(*active, timeout_ms=500, max_records=self.chunk_records)
-                records, units = self._take(fetched, nexts, stops)
-                for tp in active:
-                    # Offsets without a record (transaction markers, compacted records)
-                    # still move the position, so a range ending on them finishes.
-                    position_now = await consumer.position(tp)
-                    stop = stops.get(tp)
-                    nexts[tp] = max(nexts[tp], position_now if stop is None else min(stop, position_now))
-                if units:
-                    position = {"next": {str(tp.partition): nexts[tp] for tp in tps},
-                                "stop": {str(tp.partition): stops[tp] for tp in tps if tp in stops}}
-                    yield Chunk(records, position, units, units)
-        finally:
-            await consumer.stop()
+        first: Offsets = {}
 
-    async def _start(self) -> AIOKafkaConsumer:
-        consumer = AIOKafkaConsumer(
-            enable_auto_commit=False, group_id=None, auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            **self.settings.kafka_client_options(),
+        async def plan(lookup: OffsetLookup) -> Ranges:
+            tps = await self._partitions(lookup)
+            starts, nexts, stops = await self._bounds(lookup, tps, resume)
+            first.update(starts)
+            return Ranges(nexts, stops)
+
+        options = LoopOptions.from_settings(
+            self.settings, topics=[self.spec.topic], group=None,
+            consumer_options={"max_partition_fetch_bytes": 4 * 1024 * 1024},
+            fetch_timeout_ms=500, seek=plan, retry_start=False,
         )
-        try:
-            await consumer.start()
-        except Exception as exc:
-            await consumer.stop()
-            raise unavailable("Kafka", self.settings.kafka_bootstrap, exc) from None
-        return consumer
+        async with contextlib.aclosing(read_ranges(options, room=self.chunk_records)) as fetches:
+            async for fetched in fetches:
+                if self.total is None and len(fetched.end) == len(first):
+                    self.total = sum(max(0, fetched.end[tp] - start) for tp, start in first.items())
+                records, units = self._take(fetched)
+                if units:
+                    position = {"next": {str(tp.partition): n for tp, n in fetched.next.items()},
+                                "stop": {str(tp.partition): fetched.end[tp] for tp in fetched.next
+                                         if tp in fetched.end}}
+                    yield Chunk(records, position, units, units)
 
-    def _take(self, fetched: dict[TopicPartition, list[Any]], nexts: Offsets, stops: Offsets) -> tuple[Records, int]:
-        """The fetched records before each partition's stop and inside the time range, and
-        how many records were consumed (also those skipped); moves ``nexts`` past them."""
+    def _take(self, fetched: Fetched) -> tuple[Records, int]:
+        """The fetched records inside the time range (and of the reasons asked for), and
+        how many records were consumed (also those skipped)."""
         since, until = _ms(self.spec.since), _ms(self.spec.until)
         records = Records()
         units = 0
-        for tp, batch in fetched.items():
-            stop = stops.get(tp)
+        for tp, batch in fetched.records.items():
+            units += len(batch)
             for record in batch:
-                if stop is not None and record.offset >= stop:
-                    break
-                nexts[tp] = record.offset + 1
-                units += 1
                 if since is not None and record.timestamp < since:
                     continue
                 if until is not None and record.timestamp >= until:
@@ -200,18 +173,9 @@ class KafkaSource:
                 return
         records.items.append((record.key, record.value, Source(tp.topic, tp.partition, record.offset), dead_letter))
 
-    def _done(self, consumer: AIOKafkaConsumer, tp: TopicPartition, nexts: Offsets, stops: Offsets) -> bool:
-        stop = stops.get(tp)
-        if stop is not None and nexts[tp] >= stop:
-            return True
-        # Nothing more exists right now (a --to-offset beyond the end stops at the end).
-        highwater = consumer.highwater(tp)
-        return stop is not None and highwater is not None and nexts[tp] >= highwater
-
-    async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+    async def _partitions(self, lookup: OffsetLookup) -> list[TopicPartition]:
         topic = self.spec.topic
-        await consumer.topics()
-        available = consumer.partitions_for_topic(topic)
+        available = await lookup.partitions(topic)
         if not available:
             raise UsageError(f"topic {topic!r} does not exist on {self.settings.kafka_bootstrap}")
         wanted = self.spec.partitions or tuple(sorted(available))
@@ -224,11 +188,11 @@ class KafkaSource:
         return [TopicPartition(topic, p) for p in wanted]
 
     async def _bounds(
-        self, consumer: AIOKafkaConsumer, tps: list[TopicPartition], resume: dict[str, Any] | None
+        self, lookup: OffsetLookup, tps: list[TopicPartition], resume: dict[str, Any] | None
     ) -> tuple[Offsets, Offsets, Offsets]:
         """(first offset of the range, next offset to read, stop offsets known now) per partition."""
         spec = self.spec
-        beginning = await consumer.beginning_offsets(tps)
+        beginning = await lookup.beginning_offsets(tps)
         starts: Offsets = {}
         for tp in tps:
             start = beginning[tp]
@@ -237,13 +201,9 @@ class KafkaSource:
             starts[tp] = start
         since = _ms(spec.since)
         if since is not None:
-            found = await consumer.offsets_for_times({tp: since for tp in tps})
-            for tp, answer in found.items():
-                # Only an answer that is an offset with a real timestamp at or after
-                # ``since`` can be trusted; anything else (a broker that cannot look
-                # times up answers offset 0 with timestamp -1) means: read and filter.
-                if answer is not None and answer.offset >= 0 and answer.timestamp >= since:
-                    starts[tp] = max(starts[tp], answer.offset)
+            # Where the broker cannot look times up, the records are read and filtered.
+            for tp, offset in (await lookup.offsets_at(tps, since)).items():
+                starts[tp] = max(starts[tp], offset)
         stops: Offsets = {}
         if spec.to_offset is not None:
             stops = {tp: spec.to_offset for tp in tps}

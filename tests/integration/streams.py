@@ -9,8 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
+from aiokafka.structs import TopicPartition
 
+from fleet_telemetry.consumers.kafka_loop import LoopOptions, OffsetLookup, Ranges
+from fleet_telemetry.consumers.kafka_range import read_ranges
 from fleet_telemetry.consumers.worker import Worker
 from fleet_telemetry.core.settings import Settings
 
@@ -31,26 +34,43 @@ async def publish(producer: AIOKafkaProducer, topic: str, messages: list[tuple[b
 
 
 async def read_topic(settings: Settings, topic: str, expected: int, timeout: float = 30.0) -> list[Record]:
-    """Read ``topic`` from the beginning until ``expected`` records came (or timeout), then a bit more."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
-    await consumer.start()
+    """Read ``topic`` from the beginning until ``expected`` records came (or timeout), then a bit more.
+
+    Each pass reads every partition from where the last one ended to its end, through the
+    Kafka loop's assign-and-seek mode.
+    """
     out: list[Record] = []
-    try:
-        deadline = time.monotonic() + timeout
-        extra_until: float | None = None
-        while time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=300)
-            for records in batch.values():
-                for r in records:
-                    out.append(Record(r.key, r.value, {k: v.decode() for k, v in r.headers}))
-            if len(out) >= expected:
-                extra_until = extra_until or time.monotonic() + 1.0  # catch any surplus
-                if time.monotonic() >= extra_until:
-                    break
-    finally:
-        await consumer.stop()
-    return out
+    nexts: dict[TopicPartition, int] = {}
+    deadline = time.monotonic() + timeout
+    surplus = False
+    while True:
+        nexts = await _read_on(settings, topic, nexts, out)
+        if surplus or time.monotonic() >= deadline:
+            return out
+        if len(out) >= expected:
+            surplus = True  # one more pass a second later catches any surplus
+            await asyncio.sleep(1.0)
+        else:
+            await asyncio.sleep(0.3)
+
+
+async def _read_on(settings: Settings, topic: str, nexts: dict[TopicPartition, int],
+                   out: list[Record]) -> dict[TopicPartition, int]:
+    """Appends the records of ``topic`` from ``nexts`` (or the beginning) to the end; returns where it ended."""
+    async def seek(lookup: OffsetLookup) -> Ranges:
+        tps = [TopicPartition(topic, p) for p in sorted(await lookup.partitions(topic))]
+        beginning = await lookup.beginning_offsets(tps) if tps else {}
+        return Ranges({tp: max(beginning[tp], nexts.get(tp, 0)) for tp in tps})
+
+    # A fetch at the end waits for new records this long before it reports the end.
+    options = LoopOptions.from_settings(settings, topics=[topic], group=None, seek=seek, retry_start=False,
+                                        consumer_options={"fetch_max_wait_ms": 100}, fetch_timeout_ms=100)
+    ended = dict(nexts)
+    async for fetched in read_ranges(options, room=500):
+        for records in fetched.records.values():
+            out.extend(Record(r.key, r.value, {k: v.decode() for k, v in r.headers}) for r in records)
+        ended = dict(fetched.next)
+    return ended
 
 
 async def run_worker(settings: Settings, idle: float = 2.0, **kwargs: Any) -> Worker:

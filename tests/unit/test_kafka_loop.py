@@ -1,11 +1,16 @@
 """The shared Kafka loop with a fake consumer and a fake strategy: what it commits, when it
-pauses, how it hands partitions over and when it stops. No broker."""
+pauses, how it hands partitions over and when it stops; in assign-and-seek mode, which
+offsets it reads and where it ends. No broker."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
-from collections.abc import Mapping
+import contextlib
+import os
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +18,11 @@ from aiokafka.errors import CommitFailedError, KafkaConnectionError, RequestTime
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from fleet_telemetry.consumers.kafka_loop import Committable, KafkaLoop, LoopMetrics, LoopOptions, Records
-from fleet_telemetry.core.errors import ServiceUnavailable
+from fleet_telemetry.consumers.kafka_loop import (
+    Committable, KafkaLoop, LoopMetrics, LoopOptions, OffsetLookup, Ranges, Records,
+)
+from fleet_telemetry.consumers.kafka_range import Fetched, read_ranges
+from fleet_telemetry.core.errors import ServiceUnavailable, UsageError
 from fleet_telemetry.core.retry import Backoff
 
 A, B = TopicPartition("t", 0), TopicPartition("t", 1)
@@ -346,3 +354,277 @@ def test_committable_offsets_never_move_back() -> None:
     assert dict(offsets.items()) == {A: 5, B: 4}
     offsets.forget([A])
     assert dict(offsets.items()) == {B: 4}
+
+
+# --- assign-and-seek mode ----------------------------------------------------------------
+
+
+@dataclass
+class TimedRec:
+    offset: int
+    timestamp: int = 0
+    key: bytes | None = None
+    value: bytes | None = b"{}"
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass
+class Answer:
+    offset: int
+    timestamp: int
+
+
+class FakeLog(FakeConsumer):
+    """A broker's partitions as offset-ordered records (gaps are offsets without a record:
+    transaction markers, compacted records). Fetches move positions as aiokafka does;
+    ``listed`` is what ListOffsets answers (by default the true end)."""
+
+    def __init__(self, logs: dict[TopicPartition, list[TimedRec]], ends: dict[TopicPartition, int] | None = None,
+                 listed: dict[TopicPartition, int] | None = None) -> None:
+        super().__init__(assignment=set())
+        self.logs = logs
+        self.ends = {tp: (ends or {}).get(tp, records[-1].offset + 1 if records else 0) for tp, records in logs.items()}
+        self.listed = listed
+        self.positions: dict[TopicPartition, int] = {}
+        self.lso: dict[TopicPartition, int] = {}
+        self.times: dict[TopicPartition, Answer | None] = {}
+        self.subscribed = False
+        self.fetched: list[set[TopicPartition]] = []
+
+    def subscribe(self, topics: list[str], *, listener: Any) -> None:
+        self.subscribed = True
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self._assignment = set(partitions)
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.positions[partition] = offset
+
+    async def position(self, partition: TopicPartition) -> int:
+        return self.positions[partition]
+
+    def last_stable_offset(self, partition: TopicPartition) -> int | None:
+        return self.lso.get(partition, -1)
+
+    async def topics(self) -> set[str]:
+        return {tp.topic for tp in self.logs}
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        return {tp.partition for tp in self.logs if tp.topic == topic} or None
+
+    async def beginning_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.logs[tp][0].offset if self.logs[tp] else 0 for tp in partitions}
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        listed = self.listed if self.listed is not None else self.ends
+        return {tp: listed[tp] for tp in partitions}
+
+    async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> dict[TopicPartition, Any]:
+        return {tp: self.times.get(tp) for tp in timestamps}
+
+    def append(self, tp: TopicPartition, record: TimedRec) -> None:
+        self.logs[tp].append(record)
+        self.ends[tp] = record.offset + 1
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> Records:
+        self.asked.append(max_records)
+        out: dict[TopicPartition, list[TimedRec]] = {}
+        wanted = sorted(self._assignment - self._paused, key=lambda tp: tp.partition)
+        self.fetched.append(set(wanted))
+        for tp in wanted:
+            self.highwaters[tp] = self.ends[tp]
+            position = self.positions[tp]
+            batch = [r for r in self.logs[tp] if r.offset >= position][:max_records - sum(map(len, out.values()))]
+            if batch:
+                out[tp] = batch
+                self.positions[tp] = batch[-1].offset + 1
+            if len(batch) == len([r for r in self.logs[tp] if r.offset >= position]):
+                self.positions[tp] = max(self.positions[tp], self.ends[tp])  # past trailing markers
+        if not out:
+            await asyncio.sleep(0.001)
+        return out
+
+
+def range_options(seek: Any, **options: Any) -> LoopOptions:
+    base: dict[str, Any] = {"topics": ("t",), "group": None, "bootstrap": "fake:9092", "fetch_timeout_ms": 5,
+                            "backoff": lambda: Backoff(0.001, 0.002), "shutdown_timeout": 0.2,
+                            "seek": seek, "retry_start": False}
+    base.update(options)
+    return LoopOptions(**base)
+
+
+def from_offsets(starts: dict[TopicPartition, int], ends: dict[TopicPartition, int] | None = None) -> Any:
+    async def seek(lookup: OffsetLookup) -> Ranges:
+        return Ranges(dict(starts), dict(ends or {}))
+    return seek
+
+
+async def read_all(consumer: FakeLog, options: LoopOptions, room: int = 50) -> list[Fetched]:
+    reading = read_ranges(options, room=room, consumer_factory=lambda: consumer)
+    return await asyncio.wait_for(_collect(reading), 5)
+
+
+async def _collect(reading: AsyncIterator[Fetched]) -> list[Fetched]:
+    return [fetched async for fetched in reading]
+
+
+def offsets_of(fetches: list[Fetched]) -> dict[TopicPartition, list[int]]:
+    out: dict[TopicPartition, list[int]] = {}
+    for fetched in fetches:
+        for tp, records in fetched.records.items():
+            out.setdefault(tp, []).extend(r.offset for r in records)
+    return out
+
+
+def log_of(*offsets: int) -> list[TimedRec]:
+    return [TimedRec(o) for o in offsets]
+
+
+async def test_a_range_read_assigns_seeks_reads_to_the_end_and_commits_nothing() -> None:
+    consumer = FakeLog({A: log_of(0, 1, 2, 3, 4), B: log_of(0, 1, 2)})
+    fetches = await read_all(consumer, range_options(from_offsets({A: 2, B: 0})), room=2)
+    assert offsets_of(fetches) == {A: [2, 3, 4], B: [0, 1, 2]}
+    assert not consumer.subscribed and consumer.commits == []
+    assert consumer.started and consumer.stopped
+    assert set(consumer.asked) == {2}  # the room of each fetch
+    assert fetches[-1].next == {A: 5, B: 3} and fetches[-1].end == {A: 5, B: 3}
+
+
+async def test_given_ends_clip_the_records_and_an_end_beyond_the_log_stops_at_the_fetched_end() -> None:
+    consumer = FakeLog({A: log_of(0, 1, 2, 3, 4), B: log_of(0, 1)})
+    fetches = await read_all(consumer, range_options(from_offsets({A: 1, B: 0}, {A: 3, B: 10})))
+    assert offsets_of(fetches) == {A: [1, 2], B: [0, 1]}
+    assert fetches[-1].next == {A: 3, B: 2} and fetches[-1].end == {A: 3, B: 10}
+
+
+async def test_an_empty_range_ends_without_a_fetch_and_says_where_it_stood() -> None:
+    consumer = FakeLog({A: log_of(0, 1, 2)})
+    fetches = await read_all(consumer, range_options(from_offsets({A: 2}, {A: 2})))
+    assert consumer.fetched == [] and offsets_of(fetches) == {}
+    assert fetches[-1].next == {A: 2} and fetches[-1].end == {A: 2}
+
+
+async def test_the_end_is_the_larger_of_the_listed_and_the_first_fetched_end_and_stays_put() -> None:
+    # The broker lists A's end late (2 instead of 4): the first fetch's high watermark wins.
+    consumer = FakeLog({A: log_of(0, 1, 2, 3)}, listed={A: 2})
+    reading = read_ranges(range_options(from_offsets({A: 0})), room=1, consumer_factory=lambda: consumer)
+    first = await asyncio.wait_for(reading.__anext__(), 5)
+    assert first.end == {A: 4}
+    consumer.append(A, TimedRec(4))  # written after the read started: not part of it
+    rest = await asyncio.wait_for(_collect(reading), 5)
+    assert offsets_of([first, *rest]) == {A: [0, 1, 2, 3]}
+    assert rest[-1].next == {A: 4}
+
+
+async def test_offsets_without_a_record_at_the_end_still_finish_the_range() -> None:
+    consumer = FakeLog({A: log_of(0, 1, 2)}, ends={A: 5})  # 3 and 4: transaction markers
+    fetches = await read_all(consumer, range_options(from_offsets({A: 0})))
+    assert offsets_of(fetches) == {A: [0, 1, 2]} and fetches[-1].next == {A: 5}
+
+
+async def test_finished_partitions_are_paused_while_the_others_go_on() -> None:
+    consumer = FakeLog({A: log_of(0, 1), B: log_of(*range(10))})
+    fetches = await read_all(consumer, range_options(from_offsets({A: 0, B: 0}, {A: 1})), room=2)
+    assert offsets_of(fetches) == {A: [0], B: list(range(10))}
+    assert consumer.fetched[0] == {A, B} and all(fetched == {B} for fetched in consumer.fetched[2:])
+    assert A in consumer.paused()
+
+
+async def test_under_read_committed_the_fetched_end_is_the_last_stable_offset() -> None:
+    consumer = FakeLog({A: log_of(0, 1, 2, 3)}, listed={A: 2})
+    consumer.lso = {A: 2}  # 2 and 3 belong to an open transaction
+    options = range_options(from_offsets({A: 0}), consumer_options={"isolation_level": "read_committed"})
+    fetches = await read_all(consumer, options, room=1)
+    assert fetches[-1].end == {A: 2} and offsets_of(fetches) == {A: [0, 1]}
+
+
+async def test_the_plan_looks_partitions_and_offsets_up_and_distrusts_answers_without_a_time() -> None:
+    C = TopicPartition("t", 2)
+    consumer = FakeLog({A: [TimedRec(o, 100 * o) for o in range(5)], B: log_of(0), C: log_of(0)})
+    consumer.times = {A: Answer(3, 300), B: Answer(0, -1), C: None}
+    seen: dict[str, Any] = {}
+
+    async def seek(lookup: OffsetLookup) -> Ranges:
+        seen["partitions"] = await lookup.partitions("t")
+        seen["missing"] = await lookup.partitions("nope")
+        tps = [A, B, C]
+        seen["beginning"] = await lookup.beginning_offsets(tps)
+        seen["at"] = await lookup.offsets_at(tps, 250)
+        return Ranges({A: seen["at"][A]})
+
+    fetches = await read_all(consumer, range_options(seek))
+    assert seen == {"partitions": {0, 1, 2}, "missing": set(), "beginning": {A: 0, B: 0, C: 0}, "at": {A: 3}}
+    assert offsets_of(fetches) == {A: [3, 4]}
+
+
+async def test_a_failing_plan_or_an_absent_broker_ends_the_read_with_its_error() -> None:
+    async def bad(lookup: OffsetLookup) -> Ranges:
+        raise UsageError("topic 'x' does not exist")
+
+    consumer = FakeLog({A: log_of(0)})
+    with pytest.raises(UsageError, match="does not exist"):
+        await read_all(consumer, range_options(bad))
+    assert consumer.stopped
+
+    away = FakeLog({A: log_of(0)})
+    away.start_failures = [KafkaConnectionError()]
+    with pytest.raises(ServiceUnavailable, match="Kafka at fake:9092 is not answering"):
+        await read_all(away, range_options(from_offsets({A: 0})))  # one attempt, no retry
+    assert away.stopped
+
+
+async def test_closing_a_range_read_early_stops_the_loop() -> None:
+    consumer = FakeLog({A: log_of(*range(100))})
+    reading = read_ranges(range_options(from_offsets({A: 0})), room=1, consumer_factory=lambda: consumer)
+    async with contextlib.aclosing(reading):
+        first = await asyncio.wait_for(reading.__anext__(), 5)
+    assert offsets_of([first]) == {A: [0]} and consumer.stopped
+
+
+async def test_a_loop_with_ranges_hands_its_strategy_only_records_inside_them() -> None:
+    consumer = FakeLog({A: log_of(0, 1, 2, 3), B: log_of(0, 1)})
+    strategy = FakeStrategy()
+    loop = KafkaLoop(strategy, range_options(from_offsets({A: 1, B: 0}, {A: 3})), LoopMetrics(),
+                     consumer_factory=lambda: consumer)
+    assert await asyncio.wait_for(loop.run(), 5) == 0
+    assert dict(strategy.offsets.items()) == {A: 3, B: 2}  # marked, yet never committed
+    assert consumer.commits == [] and strategy.calls[-3:] == ["handover", "close", "stop"]
+    assert loop.ranges is not None and loop.ranges.next == {A: 3, B: 2}
+
+
+def test_ranges_take_records_before_the_end_and_advance_past_markers_but_not_past_the_end() -> None:
+    ranges = Ranges({A: 0, B: 5}, {A: 3})
+    taken = ranges.take({A: log_of(0, 1, 2, 3, 4), B: log_of(5, 6), TopicPartition("u", 0): log_of(0)})
+    assert {tp: [r.offset for r in records] for tp, records in taken.items()} == {A: [0, 1, 2], B: [5, 6]}
+    assert ranges.next == {A: 3, B: 7}
+    ranges.advance(A, 9)
+    ranges.advance(B, 9)
+    ranges.advance(B, 4)
+    assert ranges.next == {A: 3, B: 9}
+    assert ranges.finished(A, None) and not ranges.finished(B, None)
+    ranges.learn_end(B, 8, None)
+    assert B not in ranges.end
+    ranges.learn_end(B, 8, 12)
+    ranges.learn_end(B, 8, 20)  # fixed once
+    assert ranges.end[B] == 12 and not ranges.finished(B, 12) and ranges.finished(B, 9)
+
+
+def _names_aiokafka_consumer(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.ImportFrom) and any(alias.name == "AIOKafkaConsumer" for alias in node.names):
+            return True
+        if isinstance(node, ast.Attribute) and node.attr == "AIOKafkaConsumer":
+            return True
+    return False
+
+
+def test_only_the_kafka_loop_touches_the_aiokafka_consumer() -> None:
+    root = Path(__file__).resolve().parents[2]
+    found = []
+    for folder, dirs, files in os.walk(root):  # the package's linked folders are not followed
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in {"bench", "node_modules"}]
+        for name in files:
+            path = Path(folder, name)
+            if name.endswith(".py") and _names_aiokafka_consumer(path):
+                found.append(str(path.relative_to(root)))
+    assert found == ["consumers/kafka_loop.py"]

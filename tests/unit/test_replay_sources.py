@@ -1,27 +1,34 @@
 """The replay's file reading and command line, without any service: chunks, positions,
 CSV conversion, rejects lines, checkpoints and the ledger, dead-letter headers and usage
-errors."""
+errors; Kafka ranges over a fake broker."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import gzip
 import json
 import math
 from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from aiokafka.structs import TopicPartition
 
 from fleet_telemetry.cli.main import main
+from fleet_telemetry.consumers.kafka_loop import KafkaLoop
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.reading import INVALID_READING, Rejection, Source
+from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.replay.checkpoint import Checkpoint, Ledger
-from fleet_telemetry.replay.kafka_source import dead_letter_headers
+from fleet_telemetry.replay.kafka_source import KafkaRange, KafkaSource, dead_letter_headers
 from fleet_telemetry.replay.results import ChunkResult, Counts, reject_line
-from fleet_telemetry.replay.sources import CSV, NDJSON, Chunk, FileSource, Lines, csv_row_to_reading, messages
+from fleet_telemetry.replay.sources import CSV, NDJSON, Chunk, FileSource, Lines, Records, csv_row_to_reading, messages
+from tests.unit.test_kafka_loop import FakeLog, TimedRec
 
 
 async def read_all(source: FileSource, resume: dict | None = None) -> list[Chunk]:
@@ -182,6 +189,77 @@ def test_dead_letter_headers_name_where_the_reading_came_from_and_filter_by_reas
     assert dead_letter_headers({}, ()) == {}
 
 
+def fake_broker(monkeypatch: pytest.MonkeyPatch, logs: dict[TopicPartition, list[TimedRec]],
+                ends: dict[TopicPartition, int] | None = None) -> None:
+    """Every Kafka read of the test goes to a fresh fake broker holding ``logs``."""
+    monkeypatch.setattr(KafkaLoop, "_aiokafka_consumer", lambda self: FakeLog(copy.deepcopy(logs), ends))
+
+
+async def kafka_chunks(source: KafkaSource, resume: dict | None = None) -> list[Chunk]:
+    return await asyncio.wait_for(_all(source.chunks(resume)), 5)
+
+
+async def _all(chunks: AsyncIterator[Chunk]) -> list[Chunk]:
+    return [chunk async for chunk in chunks]
+
+
+def offsets_in(chunks: list[Chunk]) -> list[tuple[int, int]]:
+    out = []
+    for chunk in chunks:
+        assert isinstance(chunk.payload, Records)
+        out += [(source.partition, source.offset) for _, _, source, _ in chunk.payload.items]
+    return out
+
+
+async def test_a_kafka_range_is_read_in_chunks_filtered_by_record_time_and_resumes_from_a_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p0, p1 = TopicPartition("t", 0), TopicPartition("t", 1)
+    # Partition 0: records at 0..5 s, then offset 6 without a record (a transaction marker).
+    fake_broker(monkeypatch, {p0: [TimedRec(o, 1000 * o) for o in range(6)],
+                              p1: [TimedRec(o, 1000 * o + 500) for o in range(4)]}, ends={p0: 7})
+    spec = KafkaRange("t", since=datetime.fromtimestamp(1, timezone.utc), until=datetime.fromtimestamp(4, timezone.utc))
+    source = KafkaSource(Settings(_env_file=None), spec, chunk_records=3)  # type: ignore[call-arg]
+    chunks = await kafka_chunks(source)
+    assert offsets_in(chunks) == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert [chunk.units for chunk in chunks] == [3, 3, 3, 1] and source.total == 11
+    assert chunks[-1].position == {"next": {"0": 7, "1": 4}, "stop": {"0": 7, "1": 4}}
+
+    resumed = KafkaSource(Settings(_env_file=None), spec, chunk_records=3)  # type: ignore[call-arg]
+    rest = await kafka_chunks(resumed, chunks[0].position)
+    assert offsets_in(chunks[:1] + rest) == offsets_in(chunks)
+    assert resumed.total == 11 and rest[-1].position == chunks[-1].position
+
+
+async def test_a_kafka_range_by_offsets_and_dead_letters_by_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    p0, p1 = TopicPartition("dlq", 0), TopicPartition("dlq", 1)
+    reasons = ["unknown_vehicle", "invalid_reading", "unknown_vehicle", "future_time", "unknown_vehicle"]
+    fake_broker(monkeypatch, {p0: [], p1: [TimedRec(o, headers=(("fleet.error.reason", r.encode()),
+                                                                 ("fleet.source.offset", str(o).encode())))
+                                           for o, r in enumerate(reasons)]})
+    spec = KafkaRange("dlq", partitions=(1,), from_offset=1, to_offset=5, reasons=("unknown_vehicle",),
+                      dead_letters=True)
+    chunks = await kafka_chunks(KafkaSource(Settings(_env_file=None), spec, chunk_records=10))  # type: ignore[call-arg]
+    assert offsets_in(chunks) == [(1, 2), (1, 4)]
+    [chunk] = chunks
+    assert isinstance(chunk.payload, Records) and chunk.payload.items[0][3] == {"reason": "unknown_vehicle",
+                                                                                "offset": "2"}
+    assert chunk.units == 4 and chunk.position == {"next": {"1": 5}, "stop": {"1": 5}}
+
+    whole = KafkaRange("dlq", dead_letters=True)
+    assert offsets_in(await kafka_chunks(KafkaSource(Settings(_env_file=None), whole, 10))) == [  # type: ignore[call-arg]
+        (1, o) for o in range(5)]
+
+
+async def test_a_kafka_range_of_a_missing_topic_or_partition_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_broker(monkeypatch, {TopicPartition("t", 0): [], TopicPartition("t", 1): []})
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    with pytest.raises(UsageError, match=r"topic 't' has no partition 5 \(it has 0, 1\)"):
+        await kafka_chunks(KafkaSource(settings, KafkaRange("t", partitions=(5,)), 10))
+    with pytest.raises(UsageError, match="topic 'nope' does not exist"):
+        await kafka_chunks(KafkaSource(settings, KafkaRange("nope"), 10))
+
+
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """``fleet_telemetry.cli.main.main`` without its logging set-up, which would bind the loggers to this
@@ -232,7 +310,6 @@ def test_summary_json_is_stable(tmp_path: Path) -> None:
 
 
 async def test_a_dry_run_never_overwrites_the_rejects_of_an_interrupted_replay(tmp_path: Path) -> None:
-    from fleet_telemetry.core.settings import Settings
     from fleet_telemetry.replay.results import DIRECT
     from fleet_telemetry.replay.run import Replay, ReplayOptions
 
