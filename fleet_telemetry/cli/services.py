@@ -10,15 +10,11 @@ from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.deploy.stack import down, status, up
 
 
-SUMMARY = "the local stack on loopback: PostgreSQL with PostGIS, Redis, a Kafka broker"
-DESCRIPTION = (
-    "Start, stop or check the local stack: PostgreSQL with PostGIS, Redis "
-    "and a Kafka-protocol broker at the FLEET_* addresses."
-)
-
-
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    parser = add_command(sub, "services", SUMMARY, DESCRIPTION, run)
+    parser = add_command(
+        sub, "services", "the local stack on loopback: PostgreSQL with PostGIS, Redis, a Kafka broker",
+        "Start, stop or check the local stack: PostgreSQL with PostGIS, Redis and a Kafka-protocol broker at "
+        "the FLEET_* addresses.", run)
     actions = add_actions(parser)
     up_parser = actions.add_parser(
         "up",
