@@ -24,6 +24,7 @@ from fleet_telemetry.deploy.stack.addresses import (
     last_line,
     postgres_target,
     redis_target,
+    telling_line,
 )
 from fleet_telemetry.deploy.stack.install import (
     Machine,
@@ -229,16 +230,18 @@ async def ensure_broker(settings: Settings, stack: Stack, machine: Machine, time
         target, lambda: probe_broker(settings), timeout, still_running=lambda: process_alive(pid, TANSU)
     )
     if not probe.answers:
+        exited = not process_alive(pid, TANSU)
         await stop_pid_file(stack.tansu_pid, TANSU)
         stack.forget(BROKER)
         try:
-            tail = last_line(stack.tansu_log.read_text(errors="replace"))
+            said = telling_line(stack.tansu_log.read_text(errors="replace"))
         except OSError:
-            tail = ""
+            said = ""
         raise _silent(
             target, probe, "Tansu", timeout,
-            (f"its log ends with: {tail}; " if tail else "")
+            (f"its log says: {said}; " if said else "")
             + f"see {stack.tansu_log} and check that the port is free",
+            exited=exited,
         )
     say(answers_at(target.label, target.address) + f" (Tansu, pid {pid}); {TANSU_MEMORY_NOTE}")
 
@@ -263,12 +266,15 @@ def _elsewhere(target: Target, probe: Probe, kind: str = "") -> ServiceUnavailab
     )
 
 
-def _silent(target: Target, probe: Probe, started: str, timeout: float, advice: str) -> ServiceUnavailable:
-    """A service ``up`` started that did not answer in time."""
-    return unavailable(
-        target.label, target.address, probe.failure_or_error(),
-        hint=f"{started} was started but did not answer within {timeout:g} s; {advice}",
+def _silent(
+    target: Target, probe: Probe, started: str, timeout: float, advice: str, *, exited: bool = False
+) -> ServiceUnavailable:
+    """A service ``up`` started that exited, or did not answer in time."""
+    what = (
+        f"{started} exited before it answered" if exited
+        else f"{started} was started but did not answer within {timeout:g} s"
     )
+    return unavailable(target.label, target.address, probe.failure_or_error(), hint=f"{what}; {advice}")
 
 
 # --- down ----------------------------------------------------------------------------

