@@ -3,7 +3,6 @@ session of its own, pid files, and stopping one (SIGTERM, then SIGKILL)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from collections.abc import Sequence
