@@ -3,6 +3,8 @@
 The suite runs after ``fleet services up``, so PostgreSQL with PostGIS, Redis and a
 Kafka-protocol broker answer at the default addresses. Tests that start services of
 their own use free ports and a stack folder of their own, and stop what they started.
+The tests of PostgreSQL logins run ``up``'s PostgreSQL set-up against a server of their
+own (``tests.clusters``): the machine's server and its pg_hba.conf are never changed.
 """
 
 from __future__ import annotations
