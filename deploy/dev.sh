@@ -7,6 +7,9 @@
 # Creates .venv (Python 3.11+) and installs the project into it when pyproject.toml has
 # changed, then starts PostgreSQL/PostGIS, Redis and a Kafka-protocol broker on
 # loopback with `fleet services up` (which installs what is missing with apt-get).
+# When PostgreSQL refuses the default login (user postgres, no password), `up` makes
+# the project's own role and keeps its URL in .local/database.url; the commands run
+# here then use it as FLEET_DATABASE_URL, unless the environment or .env sets one.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -94,6 +97,16 @@ ensure_test_tools() {
         || say "docker-compose is missing: the compose file test will be skipped"
 }
 
+use_project_role() {
+    local url_file="${FLEET_STACK_DIR:-.local}/database.url"
+    if [ -n "${FLEET_DATABASE_URL:-}" ] || grep -qs '^FLEET_DATABASE_URL=' .env || [ ! -s "$url_file" ]; then
+        return 0
+    fi
+    FLEET_DATABASE_URL=$(cat "$url_file")
+    export FLEET_DATABASE_URL
+    say "using the project's PostgreSQL role: FLEET_DATABASE_URL from $url_file"
+}
+
 [ $# -ge 1 ] || usage
 command=$1
 shift
@@ -112,6 +125,7 @@ fi
 
 say "starting the local stack (fleet services up)"
 "$VENV/bin/fleet" services up
+use_project_role
 
 case "$command" in
     demo)

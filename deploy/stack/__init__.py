@@ -10,11 +10,18 @@ wheel; Tansu keeps its data in memory only. What ``up`` started is written to
 ``<stack_dir>/state.json`` so that ``down`` stops exactly that and never a service the
 machine runs on its own. ``status`` says which services answer.
 
+When PostgreSQL refuses the configured login without a password (a server installed by
+Debian's packages does), ``up`` makes the project's own role with a generated password,
+keeps its URL in ``<stack_dir>/database.url`` (mode 0600) and changes pg_hba.conf only if
+no rule lets that role in, and then only for that role; it prints every change. It
+never opens the server to other users.
+
 Modules, from the bottom: ``addresses`` (names and addresses, pure), ``probe`` (does it
 answer), ``reports`` (every sentence printed), ``processes`` (command lines, starting and
 stopping processes, pid files), ``install`` (apt-get, PostgreSQL clusters, the Tansu
-binary), ``state`` (the stack folder and what ``up`` started), ``status`` and ``stack``
-(the ``status``, ``up`` and ``down`` commands).
+binary), ``state`` (the stack folder and what ``up`` started), ``access`` (the project's
+own PostgreSQL role and the pg_hba.conf rules for it), ``status`` and ``stack`` (the
+``status``, ``up`` and ``down`` commands).
 """
 
 from fleet_telemetry.deploy.stack.stack import down, up

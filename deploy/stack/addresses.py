@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from urllib.parse import urlsplit
 
 from fleet_telemetry.core.errors import ServiceUnavailable
@@ -117,6 +118,18 @@ def first_line(text: str, limit: int = 200) -> str:
 def last_line(text: str, limit: int = 200) -> str:
     """The last non-blank line of ``text`` (a tool's final word), cut to ``limit``."""
     return _clip(_lines(text)[-1:], limit)
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_TROUBLE = re.compile(r"error|\berr\b|panicked|fatal", re.IGNORECASE)
+
+
+def telling_line(text: str, limit: int = 200) -> str:
+    """Of a service's log, the last line naming an error (colours removed), else its
+    last line: what to quote when the service did not come up."""
+    lines = _lines(_ANSI_ESCAPE.sub("", text))
+    trouble = [line for line in lines if _TROUBLE.search(line)]
+    return _clip((trouble or lines)[-1:], limit)
 
 
 def _lines(text: str) -> list[str]:

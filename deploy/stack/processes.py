@@ -3,7 +3,6 @@ session of its own, pid files, and stopping one (SIGTERM, then SIGKILL)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from collections.abc import Sequence
@@ -54,7 +53,9 @@ def cluster_command(version: str, cluster: str, action: str) -> list[str]:
 
 def spawn_detached(command: Sequence[str], log: Path) -> int:
     """Starts ``command`` in a session of its own, so it outlives this CLI, with its
-    output appended to ``log``; returns its pid without waiting."""
+    output appended to ``log``; returns its pid without waiting. The process gets no
+    other descriptor of this one: a pipe it held open would keep whoever reads the
+    other end waiting for as long as the service runs."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         return os.posix_spawn(
@@ -66,6 +67,7 @@ def spawn_detached(command: Sequence[str], log: Path) -> int:
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, fd, 1),
                 (os.POSIX_SPAWN_DUP2, fd, 2),
+                *((os.POSIX_SPAWN_CLOSE, inherited) for inherited in _inheritable_descriptors()),
             ],
             setsid=True,
         )
@@ -73,17 +75,40 @@ def spawn_detached(command: Sequence[str], log: Path) -> int:
         os.close(fd)
 
 
+def _inheritable_descriptors() -> list[int]:
+    """This process's open descriptors above stderr that a child would inherit."""
+    found = []
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                found.append(fd)
+        except OSError:  # the descriptor listdir itself used, closed again
+            continue
+    return found
+
+
 def process_alive(pid: int, name: str) -> bool:
-    """Whether ``pid`` runs and is a ``name`` process (guards against reused pids)."""
+    """Whether ``pid`` runs and is a ``name`` process (guards against reused pids).
+
+    A child of this process that has not been reaped keeps its pid, so a child whose
+    command line is still empty counts as running: ``posix_spawn`` returns while the
+    child is inside ``execve``, before the new program's arguments are in place."""
     try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
+        reaped, _ = os.waitpid(pid, os.WNOHANG)  # reaps it if it is our own exited child
     except ChildProcessError:
-        pass
+        own_child = False
+    else:
+        if reaped:
+            return False
+        own_child = True
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return False
+    if own_child and not cmdline:
+        return True
     state = stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else ""
     return state not in ("Z", "X") and name in cmdline
 

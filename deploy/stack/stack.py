@@ -7,13 +7,14 @@ ones on loopback, installing them first when needed; it then waits until each an
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 from fleet_telemetry.core.errors import ServiceUnavailable, unavailable
-from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.core.settings import Settings, mask_url
+from fleet_telemetry.deploy.stack.access import SocketSuperuser, own_role_login, own_role_may_help
 from fleet_telemetry.deploy.stack.addresses import (
     BROKER,
     LABELS,
@@ -24,10 +25,10 @@ from fleet_telemetry.deploy.stack.addresses import (
     last_line,
     postgres_target,
     redis_target,
+    telling_line,
 )
 from fleet_telemetry.deploy.stack.install import (
     Machine,
-    allow_loopback_logins,
     install_postgres,
     install_redis_server,
     pick_cluster,
@@ -78,7 +79,9 @@ async def up(settings: Settings, timeout: float) -> int:
     service cannot be made usable. What it started is recorded for ``down``."""
     stack = Stack(settings.stack_dir)
     machine = Machine()
-    await ensure_postgres(settings, stack, machine, timeout)
+    database_url = await ensure_postgres(settings, stack, machine, timeout)
+    if database_url != settings.database_url:
+        settings = settings.model_copy(update={"database_url": database_url})
     await ensure_redis(settings, stack, machine, timeout)
     await ensure_broker(settings, stack, machine, timeout)
     reports = await collect(settings, stack)
@@ -90,13 +93,24 @@ async def up(settings: Settings, timeout: float) -> int:
 # --- the three services -------------------------------------------------------------
 
 
-async def ensure_postgres(settings: Settings, stack: Stack, machine: Machine, timeout: float) -> None:
-    """PostgreSQL answering with PostGIS available and the database created."""
+async def ensure_postgres(
+    settings: Settings, stack: Stack, machine: Machine, timeout: float, *, socket_dir: str | None = None
+) -> str:
+    """PostgreSQL answering with PostGIS available and the database created; returns
+    the URL that logs in: the configured one, or the project's own role's when the
+    configured login without a password is refused on this machine (see
+    :mod:`~fleet_telemetry.deploy.stack.access`; ``socket_dir`` is where the server's
+    Unix socket is, psql's default when None)."""
     url = settings.database_url
     target = postgres_target(settings)
     probe = await probe_postgres(url)
     if not probe.answers:
         probe = await _start_postgres(url, target, stack, machine, timeout, probe)
+    if probe.error and own_role_may_help(url, target, probe):
+        superuser = SocketSuperuser(machine, target, socket_dir)
+        url = await own_role_login(url, target, stack, superuser, probe.error)
+        target = dataclasses.replace(target, address=mask_url(url))
+        probe = await probe_postgres(url)
     if probe.error:
         raise ServiceUnavailable(
             f"{target.label} at {target.address} answers but {probe.error}; fix "
@@ -108,6 +122,7 @@ async def ensure_postgres(settings: Settings, stack: Stack, machine: Machine, ti
         await create_database(url)
         say(f"created database {database_name(url)!r}")
     say(answers_at(target.label, target.address) + f", PostGIS {probe.postgis} available")
+    return url
 
 
 async def _start_postgres(
@@ -125,8 +140,6 @@ async def _start_postgres(
             f"{target.label} at {target.address}: no cluster found under /etc/postgresql; create "
             "one with 'pg_createcluster <version> main', then run 'fleet services up' again"
         )
-    if installed_now and urlsplit(url).password is None:
-        allow_loopback_logins(machine, version, target)
     action = _start_cluster(machine, target, version)
     if action == "start" or installed_now:
         stack.record(POSTGRESQL, {"version": version, "cluster": "main"})
@@ -229,16 +242,18 @@ async def ensure_broker(settings: Settings, stack: Stack, machine: Machine, time
         target, lambda: probe_broker(settings), timeout, still_running=lambda: process_alive(pid, TANSU)
     )
     if not probe.answers:
+        exited = not process_alive(pid, TANSU)
         await stop_pid_file(stack.tansu_pid, TANSU)
         stack.forget(BROKER)
         try:
-            tail = last_line(stack.tansu_log.read_text(errors="replace"))
+            said = telling_line(stack.tansu_log.read_text(errors="replace"))
         except OSError:
-            tail = ""
+            said = ""
         raise _silent(
             target, probe, "Tansu", timeout,
-            (f"its log ends with: {tail}; " if tail else "")
+            (f"its log says: {said}; " if said else "")
             + f"see {stack.tansu_log} and check that the port is free",
+            exited=exited,
         )
     say(answers_at(target.label, target.address) + f" (Tansu, pid {pid}); {TANSU_MEMORY_NOTE}")
 
@@ -263,12 +278,15 @@ def _elsewhere(target: Target, probe: Probe, kind: str = "") -> ServiceUnavailab
     )
 
 
-def _silent(target: Target, probe: Probe, started: str, timeout: float, advice: str) -> ServiceUnavailable:
-    """A service ``up`` started that did not answer in time."""
-    return unavailable(
-        target.label, target.address, probe.failure_or_error(),
-        hint=f"{started} was started but did not answer within {timeout:g} s; {advice}",
+def _silent(
+    target: Target, probe: Probe, started: str, timeout: float, advice: str, *, exited: bool = False
+) -> ServiceUnavailable:
+    """A service ``up`` started that exited, or did not answer in time."""
+    what = (
+        f"{started} exited before it answered" if exited
+        else f"{started} was started but did not answer within {timeout:g} s"
     )
+    return unavailable(target.label, target.address, probe.failure_or_error(), hint=f"{what}; {advice}")
 
 
 # --- down ----------------------------------------------------------------------------

@@ -2,13 +2,15 @@
 
 Everything lives in the project-local stack folder (``FLEET_STACK_DIR``, ``.local`` by
 default): ``state.json`` lists the services ``up`` started, ``tansu/`` and ``redis/``
-hold the pid files and logs of the processes it runs itself.
+hold the pid files and logs of the processes it runs itself, ``database.url`` (mode
+0600) the URL of the project's own PostgreSQL role when ``up`` had to make one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ class Stack:
         self.redis_dir = self.root / "redis"
         self.redis_pid_file = self.redis_dir / "redis.pid"
         self.redis_log = self.redis_dir / "redis.log"
+        self.database_url_file = self.root / "database.url"
 
     def load(self) -> dict[str, dict[str, Any]]:
         """The services ``up`` started, by name, with what ``down`` needs to stop them."""
@@ -57,6 +60,25 @@ class Stack:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"started": started}, indent=2) + "\n")
         tmp.replace(self.state_file)
+
+    def stored_database_url(self) -> str | None:
+        """The URL of the project's PostgreSQL role, if ``up`` made one."""
+        try:
+            return self.database_url_file.read_text().strip() or None
+        except OSError:
+            return None
+
+    def store_database_url(self, url: str) -> None:
+        """Keeps ``url`` (it holds a password) readable by this user alone: written to a
+        new file created with mode 0600, then renamed over the old one."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.database_url_file.with_suffix(".tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(url + "\n")
+        tmp.replace(self.database_url_file)
 
     def broker_pid(self) -> int | None:
         """The pid of the broker ``up`` started, if it still runs."""

@@ -12,6 +12,7 @@ from fleet_telemetry.deploy.stack.addresses import (
     bootstrap_endpoints,
     is_loopback,
     scrub,
+    telling_line,
     url_endpoint,
 )
 from fleet_telemetry.deploy.stack.install import (
@@ -159,3 +160,19 @@ def test_scrub_removes_the_password_from_error_text() -> None:
     url = "postgresql://fleet:hunter2@127.0.0.1:5432/fleet"
     assert scrub("could not log in with hunter2", url) == "could not log in with ***"
     assert scrub("refused", "postgresql://fleet@127.0.0.1/fleet") == "refused"
+
+
+def test_telling_line_quotes_the_last_error_of_a_log_without_colours() -> None:
+    log = (
+        "tansu broker 0.6.0\n"
+        "\x1b[2m2026-11-29T15:33:48Z\x1b[0m \x1b[31mERROR\x1b[0m broker: err=AddrInUse\n"
+        "thread 'tokio-rt-worker' panicked at tansu-broker/src/broker.rs:139:18:\n"
+        "called `Result::unwrap()` on an `Err` value: Io(Os { code: 98, message: \"Address in use\" })\n"
+        "stack backtrace:\n"
+        "note: Some details are omitted, run with `RUST_BACKTRACE=full` for a verbose backtrace.\n"
+    )
+    assert telling_line(log) == (
+        "called `Result::unwrap()` on an `Err` value: Io(Os { code: 98, message: \"Address in use\" })"
+    )
+    assert telling_line("tansu broker 0.6.0\nready in 0ms\n") == "ready in 0ms"
+    assert telling_line("") == ""
