@@ -66,9 +66,11 @@ class _Engine(msgspec.Struct):
     dtc: Union[list[Annotated[str, Meta(pattern=_DTC_PATTERN)]], None] = None
 
 
-class _Wire(msgspec.Struct):
+class _Wire(msgspec.Struct, forbid_unknown_fields=True):
     """A reading as the contract allows it; ``time`` is checked for its offset and the
-    time rules afterwards, ``engine_status`` by :class:`_Engine`."""
+    time rules afterwards, ``engine_status`` by :class:`_Engine`. A message with other
+    top-level fields takes the field-by-field path, which ignores them after checking
+    that they are JSON (skipping them here would not)."""
 
     vehicle_id: UUID
     time: Union[datetime, int]
@@ -85,6 +87,7 @@ _WIRE = msgspec.json.Decoder(_Wire)
 _ENGINE = msgspec.json.Decoder(_Engine)
 _ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
 _NO_ENGINE = (b"", b"null")
+_MAX_ENGINE_DEPTH = 254  # what orjson writes, so what the sink can store as jsonb
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +128,9 @@ def decode_message(
     rules: Rules,
 ) -> Decoded:
     """Decode one record: a reading object or an array of them. Never raises."""
-    if value:
+    if value and value.isascii() and b"\\u" not in value:
+        # ASCII without escapes: text a JSON parser cannot find invalid, whether or not
+        # it reads every field (the one-pass decoding skips fields it does not know).
         first = value[:1]
         if first == b"{":
             reading = _fast(value, key, source, rules)
@@ -157,10 +162,11 @@ def decode_checked(value: bytes | None, *, key: bytes | None, source: Source, ru
     if isinstance(document, dict):
         _decode_one(document, value, key, source, rules, out)
     elif isinstance(document, list):
-        for index, element in enumerate(document):
+        texts = array_elements(value)
+        for index, (element, text) in enumerate(zip(document, texts)):
             element_source = Source(source.topic, source.partition, source.offset, index)
             if isinstance(element, dict):
-                _decode_one(element, element, key, element_source, rules, out)
+                _decode_one(element, text, key, element_source, rules, out)
             else:
                 out.rejections.append(
                     Rejection(
@@ -168,7 +174,7 @@ def decode_checked(value: bytes | None, *, key: bytes | None, source: Source, ru
                         f"array element {index} is {_kind(element)}, expected a reading object",
                         element_source,
                         key,
-                        _dumps(element),
+                        text,
                     )
                 )
     else:
@@ -189,7 +195,7 @@ def _fast(value: bytes, key: bytes | None, source: Source, rules: Rules) -> Read
     field-by-field checks, which find and name what is wrong."""
     try:
         wire = _WIRE.decode(value)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
     sent = wire.time
     if isinstance(sent, int):
@@ -212,13 +218,17 @@ def _fast(value: bytes, key: bytes | None, source: Source, rules: Rules) -> Read
     engine: dict[str, Any] | None = None
     raw_engine = bytes(wire.engine_status)
     if raw_engine not in _NO_ENGINE:
-        if raw_engine[:1] != b"{" or b"\\u0000" in raw_engine:
+        if (raw_engine[:1] != b"{" or b"\\u0000" in raw_engine
+                or raw_engine.count(b"{") + raw_engine.count(b"[") >= _MAX_ENGINE_DEPTH):
             return None
         try:
             _ENGINE.decode(raw_engine)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             return None
-        engine = orjson.loads(raw_engine)
+        try:
+            engine = orjson.loads(raw_engine)
+        except orjson.JSONDecodeError:  # deeper than orjson's limit, for one
+            return None
     return Reading(wire.vehicle_id, moment, wire.lat, wire.lon, wire.speed, wire.fuel_level, wire.heading,
                    wire.odometer_km, engine, source, key, value)
 
@@ -228,7 +238,7 @@ def _fast_array(value: bytes, key: bytes | None, source: Source, rules: Rules) -
     element's dead letter would carry its own JSON text."""
     try:
         elements = _ELEMENTS.decode(value)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
     readings: list[Reading] = []
     topic, partition, offset = source.topic, source.partition, source.offset
@@ -241,9 +251,52 @@ def _fast_array(value: bytes, key: bytes | None, source: Source, rules: Rules) -
     return readings
 
 
+def array_elements(text: bytes) -> list[bytes]:
+    """The elements of the JSON array ``text`` (known to be valid JSON), each as its own
+    text: what an element's dead letter carries, exactly as the gateway sent it, at any
+    depth."""
+    try:
+        return [bytes(element) for element in _ELEMENTS.decode(text)]
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        pass
+    # Nested deeper than the C decoder goes: split the outer array by hand.
+    elements: list[bytes] = []
+    depth, start = 0, -1
+    in_string = escaped = False
+    for position, byte in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == _BACKSLASH:
+                escaped = True
+            elif byte == _QUOTE:
+                in_string = False
+            continue
+        if depth == 1 and start < 0 and byte not in _BLANKS and byte != _COMMA and byte not in _CLOSERS:
+            start = position  # an element begins
+        if byte == _QUOTE:
+            in_string = True
+        elif byte in _OPENERS:
+            depth += 1
+        elif byte in _CLOSERS:
+            depth -= 1
+            if depth == 0:  # the end of the outer array
+                if start >= 0:
+                    elements.append(text[start:position].strip())
+                break
+        elif byte == _COMMA and depth == 1:
+            elements.append(text[start:position].strip())
+            start = -1
+    return elements
+
+
+_BACKSLASH, _QUOTE, _COMMA = 0x5C, 0x22, 0x2C
+_OPENERS, _CLOSERS, _BLANKS = frozenset(b"[{"), frozenset(b"]}"), frozenset(b" \t\n\r")
+
+
 def _decode_one(
     obj: dict[str, Any],
-    raw: bytes | dict[str, Any],
+    raw: bytes,
     key: bytes | None,
     source: Source,
     rules: Rules,
@@ -252,8 +305,7 @@ def _decode_one(
     try:
         out.readings.append(_reading(obj, raw, key, source, rules))
     except _Invalid as exc:
-        value = raw if isinstance(raw, bytes) else _dumps(raw)
-        out.rejections.append(Rejection(exc.reason, exc.detail, source, key, value))
+        out.rejections.append(Rejection(exc.reason, exc.detail, source, key, raw))
 
 
 def _reading(
@@ -369,7 +421,11 @@ def _engine_status(value: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(value, dict):
         raise _Invalid(INVALID_READING, f"field 'engine_status' is {_kind(value)}, expected an object")
-    if b"\\u0000" in _dumps(value):
+    try:
+        text = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise _Invalid(INVALID_READING, f"field 'engine_status' nests deeper than {_MAX_ENGINE_DEPTH} levels") from None
+    if b"\\u0000" in text:
         raise _Invalid(INVALID_READING, "field 'engine_status' holds a NUL character (\\u0000), which jsonb cannot store")
     rpm = value.get("rpm")
     if rpm is not None and (isinstance(rpm, bool) or not isinstance(rpm, (int, float)) or not rpm >= 0):
@@ -417,5 +473,5 @@ def _show(value: Any) -> str:
 def _dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
-    except (TypeError, orjson.JSONEncodeError):
-        return repr(value).encode()
+    except (TypeError, orjson.JSONEncodeError):  # nested deeper than orjson writes
+        return b"(a value nested too deeply to show)"

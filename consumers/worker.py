@@ -23,7 +23,7 @@ from aiokafka.structs import TopicPartition
 
 from fleet_telemetry.consumers.rules import RuleEngine
 from fleet_telemetry.consumers.chain import Abandoned
-from fleet_telemetry.consumers.deadletter import DeadLetters
+from fleet_telemetry.consumers.deadletter import DeadLetters, request_size
 from fleet_telemetry.consumers.kafka_loop import KafkaLoop, LoopMetrics, LoopOptions, start_with_retry
 from fleet_telemetry.consumers.pipeline import Outputs, TelemetryPipeline
 from fleet_telemetry.consumers.sink import TelemetrySink, VehicleRegistry, create_pool
@@ -54,14 +54,15 @@ async def open_outputs(settings: Settings, metrics: PipelineMetrics,
         raise
     redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
-        producer = await start_with_retry(lambda: start_producer(s), bootstrap=s.kafka_bootstrap,
+        producer = await start_with_retry(lambda: start_producer(s, max_request_size=request_size(s.dlq_max_message_bytes)),
+                                          bootstrap=s.kafka_bootstrap,
                                           retries=metrics.retries,
                                           backoff=Backoff(s.retry_initial_seconds, s.retry_max_seconds),
                                           give_up=give_up)
         try:
             yield Outputs(
                 sink=TelemetrySink(pool, VehicleRegistry(s.vehicle_cache_seconds)),
-                dead_letters=DeadLetters(producer, s.dlq_topic),
+                dead_letters=DeadLetters(producer, s.dlq_topic, s.dlq_max_message_bytes),
                 status=StatusWriter(redis, pool, s.status_ttl_seconds),
                 rules=RuleEngine(pool, redis, s, metrics) if s.rules_enabled else None,
             )

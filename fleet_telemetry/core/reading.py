@@ -70,7 +70,7 @@ class Reading:
     key: bytes | None
     raw: bytes | dict[str, Any]
     """What a dead letter of this reading carries: the message bytes for a single
-    reading, the element itself for a reading inside an array."""
+    reading, the element's own JSON text for a reading inside an array."""
 
     @property
     def identity(self) -> tuple[UUID, datetime]:

@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: str = ""
     telemetry_topic: str = "fleet.telemetry.v1"
     dlq_topic: str = "fleet.telemetry.dlq.v1"
+    dlq_max_message_bytes: int = Field(default=1_000_000, ge=16_384, le=100_000_000)
+    """The largest dead letter sent (record batch included); bigger ones are cut to fit,
+    with headers giving the original size and SHA-256. At most the dead-letter topics'
+    ``max.message.bytes``."""
     consumer_group: str = "fleet-telemetry"
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     metrics_address: str = "0.0.0.0"

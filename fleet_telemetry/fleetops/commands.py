@@ -33,6 +33,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 
 from fleet_telemetry.consumers.chain import Abandoned, Retrier
+from fleet_telemetry.consumers.deadletter import fit, request_size
 from fleet_telemetry.consumers.kafka_loop import Committable, KafkaLoop, LoopMetrics, LoopOptions, Records, start_with_retry
 from fleet_telemetry.fleetops import assignments, customers, drivers, jobs, maintenance, vehicles
 from fleet_telemetry.fleetops.audit import jsonable
@@ -397,9 +398,10 @@ class CommandConsumer:
         database = Database.from_settings(s, max_size=2)
         producer: AIOKafkaProducer | None = None
         try:
-            producer = await start_with_retry(lambda: start_producer(s), bootstrap=s.kafka_bootstrap,
-                                              retries=self.metrics.retries, backoff=self._backoff(),
-                                              give_up=self._stopping)
+            producer = await start_with_retry(
+                lambda: start_producer(s, max_request_size=request_size(s.dlq_max_message_bytes)),
+                bootstrap=s.kafka_bootstrap, retries=self.metrics.retries, backoff=self._backoff(),
+                give_up=self._stopping)
             retrier = Retrier(self.metrics.retries, self._backoff, give_up=self._stopping)
             strategy = CommandStrategy(CommandApplier(database, self._dead_letter_to(producer)),
                                        self.metrics, retrier)
@@ -422,8 +424,10 @@ class CommandConsumer:
         topic = self.settings.commands_dlq_topic
 
         async def send(rejection: CommandRejection) -> None:
-            future = await producer.send(topic, value=rejection.value, key=rejection.key,
-                                         headers=dead_letter_headers(rejection, datetime.now(timezone.utc)))
+            key, value, headers = fit(rejection.key, rejection.value,
+                                      dead_letter_headers(rejection, datetime.now(timezone.utc)),
+                                      self.settings.dlq_max_message_bytes)
+            future = await producer.send(topic, value=value, key=key, headers=headers)
             await future
             self.metrics.rejections.labels(reason=rejection.reason).inc()
 

@@ -209,3 +209,66 @@ def test_the_one_pass_decoding_agrees_with_the_field_by_field_checks(document: o
 def test_a_reading_at_a_foreign_offset_is_stored_in_utc() -> None:
     (r,) = decode(orjson.dumps(reading(time="2026-11-25T17:29:00+05:30"))).readings
     assert r.time == datetime(2026, 11, 25, 11, 59, tzinfo=timezone.utc) and r.time.tzinfo is timezone.utc
+
+
+_HOSTILE = [
+    b"1e99999", b"123456789012345678901234567890", b"NaN", b"-0", b"[" * 600 + b"]" * 600,
+    b"[" * 3000 + b"]" * 3000, b'{"a":' * 1500 + b"1" + b"}" * 1500, b'"a\\u0000"', b'"\\ud800"',
+    b'{"n": 1e99999}', b'{"n": "\xff\xfe"}', b'"\xc3\x28"', b'{"dtc": ["P0301"], "deep": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+    b'{"rpm": 1e400}', b'{"dtc": "P0301"}', b'{"ignition": 1}',
+]
+
+
+@pytest.mark.parametrize("field", ["unknown", "engine_status"])
+@pytest.mark.parametrize("extra", _HOSTILE)
+def test_hostile_values_get_the_same_verdict_on_both_paths(field: str, extra: bytes) -> None:
+    value = (b'{"vehicle_id":"%s","time":"2026-11-25T11:00:00Z","lat":1,"lon":2,"%s":%s}'
+             % (VID.encode(), field.encode(), extra))
+    fast = decode_message(value, key=None, source=SRC, rules=RULES)
+    assert _verdict(fast) == _verdict(decode_checked(value, key=None, source=SRC, rules=RULES))
+    assert len(fast.readings) + len(fast.rejections) == 1
+
+
+# Sizes and depths near the broker's limits (1 MiB by default): the decoder never raises
+# and accounts for every element.
+@pytest.mark.parametrize("value", [
+    b'{"vehicle_id":"' + b"a" * 1_048_000 + b'"}',
+    orjson.dumps(reading(engine_status={"note": "x" * 1_040_000})),
+    b"[" * 1023 + b"]" * 1023, b"[" * 1025 + b"]" * 1025, b"[" * 100_000 + b"]" * 100_000,
+    b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+    orjson.dumps([reading()] * 20_000),
+    b"[" + b",".join([b"1"] * 500_000) + b"]",
+    b'{"vehicle_id":"' + VID.encode() + b'","time":"\xff\xfe' + b"\x80" * 1_000_000 + b'"}',
+])
+def test_messages_near_the_size_limit_are_decoded_or_rejected_whole(value: bytes) -> None:
+    out = decode(value)
+    document_count = 1
+    if value.startswith(b"[1,"):
+        document_count = 500_000
+    elif value.startswith(b'[{"vehicle_id"'):
+        document_count = 20_000
+    assert len(out.readings) + len(out.rejections) == document_count
+
+
+@settings(max_examples=200)
+@given(st.binary(min_size=1, max_size=40), st.integers(0, 2000))
+def test_bytes_at_any_depth_never_make_the_decoder_raise(junk: bytes, depth: int) -> None:
+    for value in (b"[" * depth + junk + b"]" * depth, b'{"engine_status":' * depth + junk + b"}" * depth):
+        out = decode(value)
+        assert len(out.readings) + len(out.rejections) >= 1 or orjson.loads(value) == []
+
+
+def test_an_engine_status_deeper_than_jsonb_can_be_written_is_refused() -> None:
+    deep = b'{"n":' + b"[" * 300 + b"]" * 300 + b"}"
+    value = b'{"vehicle_id":"%s","time":"2026-11-25T11:00:00Z","lat":1,"lon":2,"engine_status":%s}' % (VID.encode(), deep)
+    (rejection,) = decode(value).rejections
+    assert (rejection.reason, rejection.detail) == ("invalid_reading", "field 'engine_status' nests deeper than 254 levels")
+    assert rejection.value == value
+
+
+def test_an_element_nested_deeper_than_the_encoders_go_is_dead_lettered_as_sent() -> None:
+    element = b"[" * 1000 + b"]" * 1000
+    value = b"[" + element + b', {"vehicle_id": "x"}]'
+    first, second = decode(value).rejections
+    assert (first.reason, first.source.index, first.value) == ("invalid_reading", 0, element)
+    assert (second.source.index, second.value) == (1, b'{"vehicle_id": "x"}')
