@@ -11,7 +11,9 @@
 - CPU seconds of the process and all its descendants (``wait4`` rusage at exit, less a
   ``/proc`` sample taken at ``ready``), and the peak RSS of the largest of them;
 - CPU seconds of the PostgreSQL backends serving the contestant's database, sampled
-  from ``/proc`` (``None`` when PostgreSQL runs on another machine).
+  from ``/proc`` (``None`` when PostgreSQL runs on another machine);
+- with a profile asked for, py-spy's samples of the process and its children, and the
+  CPU seconds py-spy itself took (it runs beside them, not inside the measured tree).
 
 Nothing here decides what is a good number; :mod:`bench.report` does the arithmetic.
 """
@@ -66,6 +68,7 @@ class ProcessRun:
     cpu_at_ready_s: float
     peak_rss_mb: float
     db_cpu_s: float | None
+    profiler_cpu_s: float | None = None
     metrics_text: list[str] = field(default_factory=list)
     stderr_tail: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -203,6 +206,14 @@ def py_spy() -> str | None:
     return beside if os.path.exists(beside) else shutil.which("py-spy")
 
 
+def py_spy_command(executable: str, pid: int, output: str, rate: int) -> list[str]:
+    """py-spy sampling ``pid`` and its children ``rate`` times a second, without pausing them, into
+    ``output``: a flame graph for ``.svg``, speedscope for ``.json``, else collapsed stacks."""
+    fmt = "flamegraph" if output.endswith(".svg") else "speedscope" if output.endswith(".json") else "raw"
+    return [executable, "record", "--pid", str(pid), "--rate", str(rate), "--subprocesses", "--nonblocking",
+            "--format", fmt, "--output", output]
+
+
 class _Lines:
     """Reads a child's stdout and stderr in threads; hands each line to the event loop."""
 
@@ -232,6 +243,7 @@ async def run_contestant(
     on_ready: Any = None,
     after_done: Any = None,
     profile_out: str | None = None,
+    profile_rate: int = 100,
     ready_timeout: float = 120.0,
 ) -> ProcessRun:
     """Run ``cmd`` to its exit and measure it (see the module docstring).
@@ -240,9 +252,10 @@ async def run_contestant(
     phase starts its producer there); ``after_done`` (async, optional) once it is done.
     After ``timeout`` seconds (or ``ready_timeout`` without becoming ready: a broker it
     cannot talk to) the process's session is terminated (then killed), the run is
-    marked ``timed_out`` and ``failure`` says why. With ``profile_out``, ``py-spy`` samples the process and
-    its children into that file (it runs beside them, so it takes CPU from the run). Raises nothing for a failing process: the exit code
-    and the stderr tail say what happened.
+    marked ``timed_out`` and ``failure`` says why. With ``profile_out``, ``py-spy`` samples the
+    process and its children ``profile_rate`` times a second into that file (:func:`py_spy_command`;
+    it runs beside them, so it takes CPU from the run, reported as ``profiler_cpu_s``). Raises
+    nothing for a failing process: the exit code and the stderr tail say what happened.
     """
     loop = asyncio.get_running_loop()
     spawned = time.time()
@@ -251,9 +264,7 @@ async def run_contestant(
     exited = asyncio.ensure_future(asyncio.to_thread(os.wait4, proc.pid, 0))
     profiler = None
     if profile_out:
-        fmt = "flamegraph" if profile_out.endswith(".svg") else "speedscope" if profile_out.endswith(".json") else "raw"
-        profiler = subprocess.Popen([py_spy() or "py-spy", "record", "--pid", str(proc.pid), "--subprocesses", "--nonblocking",
-                                     "--format", fmt, "--output", profile_out],
+        profiler = subprocess.Popen(py_spy_command(py_spy() or "py-spy", proc.pid, profile_out, profile_rate),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lines = _Lines(proc, loop)
     stop_sampling = asyncio.Event()
@@ -335,7 +346,9 @@ async def run_contestant(
         run.peak_rss_mb = usage.ru_maxrss / 1024
     finally:
         if profiler is not None:
-            await asyncio.to_thread(profiler.wait)
+            _, _, spy_usage = await asyncio.to_thread(os.wait4, profiler.pid, 0)
+            profiler.returncode = 0  # reaped here, not by Popen
+            run.profiler_cpu_s = spy_usage.ru_utime + spy_usage.ru_stime
         if watcher is not None:
             await watcher.stop()
         stop_sampling.set()

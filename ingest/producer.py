@@ -22,6 +22,9 @@ from fleet_telemetry.core.settings import Settings
 
 log = structlog.get_logger("fleet.producer")
 
+DEFAULT_COMPRESSION: str | None = "gzip"
+"""The codec :class:`TelemetryProducer` compresses its batches with unless told otherwise."""
+
 
 async def start_producer(settings: Settings, **options: Any) -> AIOKafkaProducer:
     """A started producer: idempotent where the broker supports it, acks from all replicas."""
@@ -55,7 +58,7 @@ class TelemetryProducer:
         settings: Settings,
         *,
         topic: str | None = None,
-        compression_type: str | None = "gzip",
+        compression_type: str | None = DEFAULT_COMPRESSION,
         linger_ms: int = 20,
         max_batch_size: int = 512 * 1024,
     ) -> None:
