@@ -4,9 +4,10 @@ For every codec aiokafka can use here, the benchmark publishes the dataset to a 
 its own with that codec (timing the producer and its CPU), then runs the ``fetch`` probe
 (:func:`bench.contestants.fetch`) over it: reading every record, decompressing and
 parsing, touching the values and nothing else, so the difference between codecs is what
-the consumer pays for decompression. The bytes on the wire are measured by building the
-dataset's records into record batches of :data:`WIRE_BATCH` bytes with aiokafka's own
-batch builder.
+the consumer pays for decompression. It does so twice (:data:`REGIMES`): in the
+dataset's big producer batches, where a codec's cost per batch is spread over thousands
+of readings, and with one reading per batch, where it is not. The bytes on the wire are
+measured by building the records into record batches with aiokafka's own batch builder.
 """
 
 from __future__ import annotations
@@ -81,9 +82,18 @@ def wire_bytes(messages: Iterable[tuple[bytes, bytes]], codec: str, batch_size: 
     return total
 
 
+REGIMES = (
+    # (name, readings at most, producer batch bytes, linger ms, wire batch bytes)
+    ("dataset", None, 1024 * 1024, 50, WIRE_BATCH),
+    ("one_per_batch", 20_000, 512, 5, 512),
+)
+"""How the probe produces: the dataset's big batches, and one reading per batch (what a
+gateway sending its readings one at a time produces), on at most 20,000 readings."""
+
+
 async def measure_codecs(bench: "Bench", path: Path, codecs: Iterable[str]) -> dict[str, Any]:
-    """Each codec's producer and fetch cost over the dataset at ``path``: ``{codec: result}``."""
-    readings = bench.o.readings
+    """Each codec's producer and fetch cost over the dataset at ``path``, per regime of
+    :data:`REGIMES`: ``{codec: {"status": ..., regime: result}}``."""
     out: dict[str, Any] = {}
     for codec in codecs:
         missing = codec_missing(codec)
@@ -91,30 +101,49 @@ async def measure_codecs(bench: "Bench", path: Path, codecs: Iterable[str]) -> d
             out[codec] = {"status": "skipped", "reason": missing}
             bench.say(f"codec {codec}: skipped: {missing}")
             continue
-        size = wire_bytes(((dataset.reading_key(v), v) for v in dataset.read_dataset(path)), codec)
-        topic = await bench.new_topic(f"codec-{codec}")
-        cpu, started = time.process_time(), time.monotonic()
-        ends = await dataset.produce_file(bench.s, topic, path, compression=producer_codec(codec))
-        produce_s, produce_cpu = time.monotonic() - started, time.process_time() - cpu
-        cmd = [sys.executable, "-m", "bench.contestants", "fetch", "--bootstrap", bench.s.kafka_bootstrap,
-               "--topic", topic, "--ends", ",".join(f"{p}:{n}" for p, n in sorted(ends.items()))]
-        run = await run_contestant(cmd, bench.child_env(), timeout=bench.timeout)
-        done = next((e for e in run.events if e["event"] == "done"), {})
-        result: dict[str, Any] = {
-            "status": "ok", "reason": None,
-            "wire_bytes_per_reading": round(size / readings, 1),
-            "produce_s": round(produce_s, 2),
-            "producer_cpu_us_per_reading": round(produce_cpu / readings * 1e6, 2),
-            "fetch_s": None if run.wall_s is None else round(run.wall_s, 3),
-            "fetch_cpu_us_per_reading": round(run.cpu_s / readings * 1e6, 2),
-            "fetch_readings_per_s": round(readings / run.wall_s, 1) if run.wall_s else None,
-        }
-        if run.exit_code != 0 or done.get("records") != sum(ends.values()):
-            tail = " | ".join(run.stderr_tail[-3:])
-            result.update(status="failed", reason=f"fetch probe exited with status {run.exit_code}"
-                          f" after {done.get('records')} of {sum(ends.values())} records; {tail}")
-        out[codec] = result
-        bench.say(f"codec {codec}: {result['wire_bytes_per_reading']} bytes/reading on the wire, producer"
-                  f" {result['producer_cpu_us_per_reading']} us/reading, fetch {result['fetch_cpu_us_per_reading']}"
-                  " us/reading of CPU")
+        out[codec] = {"status": "ok", "reason": None}
+        for regime, most, batch, linger, wire_batch in REGIMES:
+            result = await _probe(bench, path, codec, regime, most, batch, linger, wire_batch)
+            out[codec][regime] = result
+            if result["status"] != "ok":
+                out[codec].update(status="failed", reason=f"{regime}: {result['reason']}")
+            bench.say(f"codec {codec}, {regime}: {result['wire_bytes_per_reading']} bytes/reading on the wire,"
+                      f" producer {result['producer_cpu_us_per_reading']} us/reading, fetch"
+                      f" {result['fetch_cpu_us_per_reading']} us/reading of CPU")
     return out
+
+
+async def _probe(bench: "Bench", path: Path, codec: str, regime: str, most: int | None, batch: int, linger: int,
+                 wire_batch: int) -> dict[str, Any]:
+    readings = min(bench.o.readings, most or bench.o.readings)
+
+    def messages() -> Iterable[tuple[bytes, bytes]]:
+        for i, value in enumerate(dataset.read_dataset(path)):
+            if i == readings:
+                break
+            yield dataset.reading_key(value), value
+
+    size = wire_bytes(messages(), codec, wire_batch)
+    topic = await bench.new_topic(f"codec-{codec}-{regime.replace('_', '-')}")
+    cpu, started = time.process_time(), time.monotonic()
+    ends = await dataset.produce(bench.s, topic, messages(), producer_codec(codec), linger_ms=linger,
+                                 max_batch_size=batch)
+    produce_s, produce_cpu = time.monotonic() - started, time.process_time() - cpu
+    cmd = [sys.executable, "-m", "bench.contestants", "fetch", "--bootstrap", bench.s.kafka_bootstrap,
+           "--topic", topic, "--ends", ",".join(f"{p}:{n}" for p, n in sorted(ends.items()))]
+    run = await run_contestant(cmd, bench.child_env(), timeout=bench.timeout)
+    done = next((e for e in run.events if e["event"] == "done"), {})
+    result: dict[str, Any] = {
+        "status": "ok", "reason": None, "readings": readings,
+        "wire_bytes_per_reading": round(size / readings, 1),
+        "produce_s": round(produce_s, 2),
+        "producer_cpu_us_per_reading": round(produce_cpu / readings * 1e6, 2),
+        "fetch_s": None if run.wall_s is None else round(run.wall_s, 3),
+        "fetch_cpu_us_per_reading": round(run.cpu_s / readings * 1e6, 2),
+        "fetch_readings_per_s": round(readings / run.wall_s, 1) if run.wall_s else None,
+    }
+    if run.exit_code != 0 or done.get("records") != readings:
+        tail = " | ".join(run.stderr_tail[-3:])
+        result.update(status="failed", reason=f"fetch probe exited with status {run.exit_code} after"
+                      f" {done.get('records')} of {readings} records; {tail}")
+    return result

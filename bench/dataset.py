@@ -138,7 +138,8 @@ def copy_row(value: bytes) -> tuple[Any, ...]:
 
 
 async def produce(settings: Settings, topic: str, messages: Iterable[tuple[bytes, bytes]],
-                  compression: str | None = DEFAULT_COMPRESSION) -> dict[int, int]:
+                  compression: str | None = DEFAULT_COMPRESSION, *, linger_ms: int = 50,
+                  max_batch_size: int = 1024 * 1024) -> dict[int, int]:
     """Publishes ``(key, value)`` messages to ``topic``; returns each partition's end offset.
 
     Blocks until the broker acknowledged every record. The end offsets come from the
@@ -152,8 +153,8 @@ async def produce(settings: Settings, topic: str, messages: Iterable[tuple[bytes
             meta = future.result()
             ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
 
-    async with TelemetryProducer(settings, topic=topic, compression_type=compression, linger_ms=50,
-                                 max_batch_size=1024 * 1024) as producer:
+    async with TelemetryProducer(settings, topic=topic, compression_type=compression, linger_ms=linger_ms,
+                                 max_batch_size=max_batch_size) as producer:
         for key, value in messages:
             future = await producer.producer.send(topic, value, key=key)
             future.add_done_callback(note)

@@ -60,7 +60,9 @@ def test_a_tiny_benchmark_reports_every_contestant(tmp_path: Path) -> None:
         assert total == pytest.approx(contestants[name]["cpu_us_per_reading"], rel=0.01, abs=0.1)
     codecs = result["codecs"]
     assert codecs["gzip"]["status"] == codecs["none"]["status"] == "ok"
-    assert codecs["gzip"]["wire_bytes_per_reading"] < codecs["none"]["wire_bytes_per_reading"]
+    for regime in ("dataset", "one_per_batch"):
+        assert codecs["gzip"][regime]["wire_bytes_per_reading"] < codecs["none"][regime]["wire_bytes_per_reading"]
+        assert codecs["none"][regime]["readings"] == 2000 and codecs["none"][regime]["fetch_cpu_us_per_reading"] > 0
     assert {codecs[c]["status"] for c in ("lz4", "zstd")} <= {"ok", "skipped"}
     assert result["latency"]["status"] == "ok" and result["latency"]["p99_s"] is not None
     assert result["latency"]["rows_stored"] == result["latency"]["readings_sent"]

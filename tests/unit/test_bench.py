@@ -303,8 +303,9 @@ def test_the_report_prints_the_breakdown_of_each_pipeline_run_and_the_codecs() -
         _ROOT + ";DecodeStep.submit (fleet_telemetry/consumers/stages.py:78) 3\n" + _ROOT + ";" + _STORE + " 1"), 40.0)
     one = {**_result(1000), "breakdown": {"status": "ok", "profiler_cpu_s": 0.4, **stages}}
     arrays = {**_result(1000), "breakdown": {"status": "skipped", "reason": "py-spy recorded no samples"}}
-    codecs = {"gzip": {"status": "ok", "wire_bytes_per_reading": 80.0, "producer_cpu_us_per_reading": 40.0,
-                       "fetch_cpu_us_per_reading": 9.5, "fetch_readings_per_s": 100000.0},
+    probe = {"status": "ok", "wire_bytes_per_reading": 80.0, "producer_cpu_us_per_reading": 40.0,
+             "fetch_cpu_us_per_reading": 9.5, "fetch_readings_per_s": 100000.0}
+    codecs = {"gzip": {"status": "ok", "dataset": probe, "one_per_batch": {**probe, "fetch_cpu_us_per_reading": 18.25}},
               "lz4": {"status": "skipped", "reason": "aiokafka needs cramjam for lz4"}}
     text = report.render({"contestants": {"pipeline": one, "pipeline-arrays": arrays}, "codecs": codecs,
                           "settings": {"producer_compression": "gzip"}, "goals": report.goals({})})
@@ -312,7 +313,9 @@ def test_the_report_prints_the_breakdown_of_each_pipeline_run_and_the_codecs() -
     assert "decode" in text and "30.0 (75%)" in text and "10.0 (25%)" in text
     assert "per-stage breakdown of pipeline-arrays: skipped: py-spy recorded no samples" in text
     assert "top self frames of pipeline: DecodeStep.submit 75%" in text
-    assert "gzip       80.0 B/reading" in text and "lz4     skipped: aiokafka needs cramjam for lz4" in text
+    gzip = next(line for line in text.splitlines() if line.startswith("  gzip"))
+    assert "80 B, producer 40.0, fetch 9.5" in gzip and "fetch 18.2" in gzip
+    assert "lz4      skipped: aiokafka needs cramjam for lz4" in text
     skipped = report.render({"contestants": {"pipeline": _result(1000)}, "breakdown_skipped": "py-spy is not installed"})
     assert "per-stage breakdown: skipped: py-spy is not installed" in skipped
 
@@ -374,3 +377,16 @@ def test_profile_files_are_named_per_run() -> None:
     assert profile_path("/tmp/p.txt", "") == "/tmp/p.txt"
     assert profile_path("/tmp/p.txt", "x2") == "/tmp/p-x2.txt"
     assert profile_path("/tmp/dir.d/p", "latency") == "/tmp/dir.d/p-latency"
+
+
+def test_the_producer_default_is_lz4_where_aiokafka_has_it_and_the_dataset_uses_it() -> None:
+    import inspect
+
+    from aiokafka.codec import has_lz4
+
+    from fleet_telemetry.ingest.producer import DEFAULT_COMPRESSION, TelemetryProducer
+
+    assert DEFAULT_COMPRESSION == ("lz4" if has_lz4() else "gzip")
+    assert inspect.signature(TelemetryProducer).parameters["compression_type"].default == DEFAULT_COMPRESSION
+    for produce in (dataset.produce, dataset.produce_file):
+        assert inspect.signature(produce).parameters["compression"].default == DEFAULT_COMPRESSION
