@@ -12,8 +12,9 @@
   ``/proc`` sample taken at ``ready``), and the peak RSS of the largest of them;
 - CPU seconds of the PostgreSQL backends serving the contestant's database, sampled
   from ``/proc`` (``None`` when PostgreSQL runs on another machine);
-- with a profile asked for, py-spy's samples of the process and its children, and the
-  CPU seconds py-spy itself took (it runs beside them, not inside the measured tree).
+- with a profile asked for, py-spy's samples of the process and its children from
+  ``ready`` to the exit (the window the CPU figure covers), and the CPU seconds py-spy
+  itself took (it runs beside them, not inside the measured tree).
 
 Nothing here decides what is a good number; :mod:`bench.report` does the arithmetic.
 """
@@ -253,8 +254,9 @@ async def run_contestant(
     After ``timeout`` seconds (or ``ready_timeout`` without becoming ready: a broker it
     cannot talk to) the process's session is terminated (then killed), the run is
     marked ``timed_out`` and ``failure`` says why. With ``profile_out``, ``py-spy`` samples the
-    process and its children ``profile_rate`` times a second into that file (:func:`py_spy_command`;
-    it runs beside them, so it takes CPU from the run, reported as ``profiler_cpu_s``). Raises
+    process and its children ``profile_rate`` times a second from ``ready`` to the exit into
+    that file (:func:`py_spy_command`; it runs beside them, so it takes CPU from the run,
+    reported as ``profiler_cpu_s``). Raises
     nothing for a failing process: the exit code and the stderr tail say what happened.
     """
     loop = asyncio.get_running_loop()
@@ -262,10 +264,7 @@ async def run_contestant(
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     exited = asyncio.ensure_future(asyncio.to_thread(os.wait4, proc.pid, 0))
-    profiler = None
-    if profile_out:
-        profiler = subprocess.Popen(py_spy_command(py_spy() or "py-spy", proc.pid, profile_out, profile_rate),
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    profiler: subprocess.Popen[bytes] | None = None
     lines = _Lines(proc, loop)
     stop_sampling = asyncio.Event()
     sampler = asyncio.ensure_future(backend_cpu.run(stop_sampling)) if backend_cpu else None
@@ -300,6 +299,10 @@ async def run_contestant(
             ):
                 run.ready = float(event["t"]) if event is not None else at
                 run.cpu_at_ready_s = tree_cpu_seconds(proc.pid)
+                if profile_out:
+                    profiler = subprocess.Popen(
+                        py_spy_command(py_spy() or "py-spy", proc.pid, profile_out, profile_rate),
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 if backend_cpu is not None:
                     await backend_cpu.mark_ready()
                 if on_ready is not None:
