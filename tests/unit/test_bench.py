@@ -390,3 +390,24 @@ def test_the_producer_default_is_lz4_where_aiokafka_has_it_and_the_dataset_uses_
     assert inspect.signature(TelemetryProducer).parameters["compression_type"].default == DEFAULT_COMPRESSION
     for produce in (dataset.produce, dataset.produce_file):
         assert inspect.signature(produce).parameters["compression"].default == DEFAULT_COMPRESSION
+
+
+def test_a_run_without_py_spy_or_samples_has_no_breakdown_and_one_with_them_keeps_its_stacks(tmp_path) -> None:
+    from bench.measure import ProcessRun
+    from bench.suite import Bench, Options
+    from fleet_telemetry.core.settings import Settings
+
+    bench = Bench(Settings(), Options(readings=100, vehicles=5, profile=str(tmp_path / "stacks.txt")), print)
+    run = ProcessRun(exit_code=0, timed_out=False, failure=None, spawned=0.0, ready=1.0, done=2.0, cpu_total_s=1.0,
+                     cpu_at_ready_s=0.0, peak_rss_mb=1.0, db_cpu_s=None, profiler_cpu_s=0.25)
+    result = {"cpu_us_per_reading": 10.0}
+    assert bench.stage_breakdown("pipeline", None, result, run)["status"] == "skipped"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "no samples" in bench.stage_breakdown("pipeline", str(empty), result, run)["reason"]
+    recorded = tmp_path / "recorded.txt"
+    recorded.write_text(_ROOT + ";DecodeStep.submit (fleet_telemetry/consumers/stages.py:78) 4\n")
+    out = bench.stage_breakdown("pipeline-x2", str(recorded), result, run)
+    assert (out["status"], out["profiler_cpu_s"], out["rate_hz"]) == ("ok", 0.25, 250)
+    assert out["stages"]["decode"]["us_per_reading"] == 10.0
+    assert (tmp_path / "stacks-x2.txt").read_text() == recorded.read_text()
