@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -40,6 +42,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+READY_LOG = "partitions assigned"
+"""What a pipeline worker logs once it is about to work."""
 
 
 @dataclass
@@ -199,6 +203,30 @@ async def wait_for_metrics(ports: list[int], timeout: float) -> None:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)
+
+
+def free_ports(count: int) -> int:
+    """A base port such that ``base .. base + count - 1`` are free on loopback now."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - count)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free ports on loopback")
+
+
+def profile_path(profile: str, tag: str) -> str:
+    """Where ``--profile FILE`` keeps the stacks of the run called ``tag``: FILE itself for
+    the single-worker run (empty tag), else ``FILE-tag`` before the suffix."""
+    if not tag:
+        return profile
+    stem, dot, suffix = profile.rpartition(".")
+    return f"{stem}-{tag}.{suffix}" if dot and "/" not in suffix else f"{profile}-{tag}"
 
 
 def py_spy() -> str | None:

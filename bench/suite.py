@@ -6,7 +6,8 @@ into the same table definition. Databases, topics and the fleet's Redis statuses
 removed at the end unless ``keep`` is set.
 
 The pipeline's runs on the empty table are sampled by py-spy when it is installed, and
-each gets a per-stage breakdown of its CPU (:mod:`bench.breakdown`).
+each gets a per-stage breakdown of its CPU (:mod:`bench.breakdown`). The latency phase
+is :mod:`bench.latency`, the codec probe :mod:`bench.compression`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import importlib.util
 import logging
 import os
 import platform
-import random
-import socket
 import sys
 import tempfile
 import time
@@ -30,20 +29,19 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
-import orjson
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
-from bench import breakdown, compression, databases, dataset, report
+from bench import breakdown, compression, databases, dataset, latency, report
 from bench.databases import with_database
-from bench.measure import BackendCpu, KafkaTarget, ProcessRun, py_spy, run_contestant, scrape, wait_for_metrics
+from bench.measure import (READY_LOG, BackendCpu, KafkaTarget, ProcessRun, free_ports, profile_path, py_spy,
+                           run_contestant)
 from fleet_telemetry.consumers.status import status_key
 from fleet_telemetry.core.errors import ServiceUnavailable
-from fleet_telemetry.ingest.producer import DEFAULT_COMPRESSION, TelemetryProducer
+from fleet_telemetry.ingest.producer import DEFAULT_COMPRESSION
 from fleet_telemetry.core.settings import Settings
-from fleet_telemetry.ingest.simulate import make_fleet
 from fleet_telemetry.ingest.topics import ensure_topics
 from fleet_telemetry.schema.migrate import apply_migrations
 
@@ -58,7 +56,6 @@ DESCRIPTIONS = {
                        " keyed by the gateway: validation, COPY, Redis status",
     "pipeline-x2": "fleet consume --workers 2: validation, COPY, Redis status",
 }
-READY_LOG = "partitions assigned"
 BREAKDOWN_RATE = 250
 """py-spy samples per second for the per-stage breakdown."""
 
@@ -94,21 +91,6 @@ def peer_missing() -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{package} is not installed (pip install '.[bench]')"
     return None
-
-
-def free_ports(count: int) -> int:
-    """A base port such that ``base .. base + count - 1`` are free on loopback now."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - count)
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports on loopback")
 
 
 def conditions(pg_version: str) -> dict[str, Any]:
@@ -373,95 +355,6 @@ class Bench:
         return {"status": "ok", "reason": None, "rate_hz": BREAKDOWN_RATE,
                 "profiler_cpu_s": None if run.profiler_cpu_s is None else round(run.profiler_cpu_s, 2), **out}
 
-    # --- latency at a fixed offered rate -------------------------------------------
-
-    async def run_latency(self, rate: float) -> dict[str, Any]:
-        """The pipeline consuming a live stream at ``rate`` readings/s; quantiles after the warm-up."""
-        o = self.o
-        url = await self.fresh_database("latency", geofences=self.geofences_on)
-        topic = await self.new_topic("live")
-        await self.clear_statuses()
-        await ensure_topics(self.s, [topic + ".dlq"], partitions=1)
-        self.topics.append(topic + ".dlq")
-        group = f"bench-{self.tag}-latency"
-        port = free_ports(o.workers)
-        ports = list(range(port, port + o.workers))
-        target = KafkaTarget(self.s.kafka_bootstrap, topic, group, {p: 0 for p in range(o.partitions)},
-                             still_producing=True)
-        state: dict[str, Any] = {"sent": 0, "warm": None, "warm_sent": 0, "elapsed": 0.0}
-        tasks: list[asyncio.Task[None]] = []
-        fleet = make_fleet(o.vehicles, o.seed)
-
-        async def produce() -> None:
-            def note(future: asyncio.Future[Any]) -> None:
-                if not future.cancelled() and future.exception() is None:
-                    meta = future.result()
-                    target.ends[meta.partition] = max(target.ends[meta.partition], meta.offset + 1)
-
-            async with TelemetryProducer(self.s, topic=topic) as producer:
-                started = time.monotonic()
-                cursor = 0
-                while (elapsed := time.monotonic() - started) < o.latency_seconds:
-                    due = int(rate * elapsed) - state["sent"]
-                    now = datetime.now(timezone.utc)
-                    for _ in range(max(0, due)):
-                        vehicle = fleet[cursor % len(fleet)]
-                        cursor += 1
-                        future = await producer.producer.send(
-                            topic, orjson.dumps(vehicle.step(now)), key=str(vehicle.id).encode())
-                        future.add_done_callback(note)
-                    state["sent"] += max(0, due)
-                    if state["warm"] is None and elapsed >= o.latency_warmup:
-                        state["warm"] = await asyncio.to_thread(lambda: [scrape(p) for p in ports])
-                        state["warm_sent"] = state["sent"]
-                        state["warm_at"] = time.monotonic()
-                    await asyncio.sleep(0.005)
-                state["elapsed"] = time.monotonic() - started
-                state["measured_s"] = time.monotonic() - state.get("warm_at", started)
-                await producer.flush()
-            await asyncio.sleep(0)
-            target.still_producing = False
-
-        async def on_ready() -> None:
-            await wait_for_metrics(ports, 30)
-            tasks.append(asyncio.create_task(produce()))
-
-        self.say(f"latency: offering {rate:,.0f} readings/s for {o.latency_seconds:.0f} s")
-        profile = profile_path(o.profile, "latency") if o.profile else None
-        run = await run_contestant(
-            self.pipeline_command(), self.pipeline_env(url, topic, group, port), kafka=target,
-            ready_marker=READY_LOG, metrics_ports=ports, timeout=o.latency_seconds + self.timeout, on_ready=on_ready,
-            profile_out=profile,
-        )
-        for task in tasks:
-            await task
-        rows = await self.count_rows(url)
-        out: dict[str, Any] = {"offered_rate": round(rate, 1), "duration_s": o.latency_seconds,
-                               "warmup_s": o.latency_warmup, "rows_stored": rows, "readings_sent": state["sent"]}
-        failure = None
-        if run.exit_code != 0 or run.timed_out:
-            failure = f"pipeline exited with status {run.exit_code}" + (" after the timeout" if run.timed_out else "")
-        elif rows != state["sent"]:
-            failure = f"stored {rows} rows, expected {state['sent']}"
-        elif not run.metrics_text or state["warm"] is None:
-            failure = "no metrics scraped after the warm-up (run longer than --latency-warmup)"
-        if failure is not None:
-            out.update(status="failed", reason=failure)
-            return out
-        name = "fleet_ingest_latency_seconds"
-        h = report.histogram(run.metrics_text, name).minus(report.histogram(state["warm"], name))
-        measured_readings = state["sent"] - state["warm_sent"]
-        out.update(
-            status="ok", reason=None, readings=int(h.count),
-            achieved_rate=round(measured_readings / max(state.get("measured_s", 1e-9), 1e-9), 1),
-            p50_s=report.quantile(h, 0.50), p95_s=report.quantile(h, 0.95), p99_s=report.quantile(h, 0.99),
-            mean_s=h.total / h.count if h.count else None,
-            buckets_s=[le for le, _ in h.buckets if le != float("inf")],
-            cpu_s=round(run.cpu_s, 3), peak_rss_mb=round(run.peak_rss_mb, 1),
-            internals=report.pipeline_internals(run.metrics_text),
-        )
-        return out
-
     # --- the whole run ---------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
@@ -492,7 +385,7 @@ class Bench:
                 pipeline = result["contestants"].get("pipeline")
                 if pipeline is not None and pipeline["status"] == "ok" and o.latency_seconds > 0:
                     rate = o.latency_rate or pipeline["readings_per_s"] / 2
-                    result["latency"] = await self.run_latency(rate)
+                    result["latency"] = await latency.run_latency(self, rate)
                 if pipeline is not None and pipeline["status"] == "ok" and o.preload > 0:
                     result["preload"] = await self.run_preload(path, topics["telemetry"][0], topics["telemetry"][1],
                                                                pipeline, result["contestants"].get("ceiling"))
@@ -612,15 +505,6 @@ class Bench:
             out["ceiling_change"] = round(
                 out["runs"]["ceiling"]["readings_per_s"] / ceiling_empty["readings_per_s"] - 1, 4)
         return out
-
-
-def profile_path(profile: str, tag: str) -> str:
-    """Where ``--profile FILE`` keeps the stacks of the run called ``tag``: FILE itself for
-    the single-worker run (empty tag), else ``FILE-tag`` before the suffix."""
-    if not tag:
-        return profile
-    stem, dot, suffix = profile.rpartition(".")
-    return f"{stem}-{tag}.{suffix}" if dot and "/" not in suffix else f"{profile}-{tag}"
 
 
 def _fmt_rate(result: dict[str, Any]) -> str:

@@ -372,7 +372,7 @@ def test_py_spy_samples_children_without_pausing_them_in_the_format_the_name_ask
 
 
 def test_profile_files_are_named_per_run() -> None:
-    from bench.suite import profile_path
+    from bench.measure import profile_path
 
     assert profile_path("/tmp/p.txt", "") == "/tmp/p.txt"
     assert profile_path("/tmp/p.txt", "x2") == "/tmp/p-x2.txt"
