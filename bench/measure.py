@@ -260,6 +260,27 @@ class _Lines:
             loop.call_soon_threadsafe(self.queue.put_nowait, (time.time(), name, line))
 
 
+async def _terminate(pid: int, exited: "asyncio.Future[Any]") -> None:
+    """SIGTERM to the session of ``pid``, then SIGKILL, each with 10 s to exit."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), 10.0)
+            return
+        except asyncio.TimeoutError:
+            continue
+
+
+async def _reap(child: "subprocess.Popen[bytes]") -> float:
+    """Waits for ``child`` to exit; returns the CPU seconds it took."""
+    _, _, usage = await asyncio.to_thread(os.wait4, child.pid, 0)
+    child.returncode = 0  # reaped here, not by Popen
+    return usage.ru_utime + usage.ru_stime
+
+
 async def run_contestant(
     cmd: list[str],
     env: dict[str, str],
@@ -355,16 +376,7 @@ async def run_contestant(
         if not exited.done():
             run.timed_out = True
             run.failure = run.failure or f"did not finish within {timeout:.0f} s"
-            for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    await asyncio.wait_for(asyncio.shield(exited), grace)
-                    break
-                except asyncio.TimeoutError:
-                    continue
+            await _terminate(proc.pid, exited)
         _, status, usage = await exited
         if run.done is None and watcher is not None and run.ready is not None and not run.timed_out:
             # The last commit came with the exit, between two polls.
@@ -377,9 +389,7 @@ async def run_contestant(
         run.peak_rss_mb = usage.ru_maxrss / 1024
     finally:
         if profiler is not None:
-            _, _, spy_usage = await asyncio.to_thread(os.wait4, profiler.pid, 0)
-            profiler.returncode = 0  # reaped here, not by Popen
-            run.profiler_cpu_s = spy_usage.ru_utime + spy_usage.ru_stime
+            run.profiler_cpu_s = await _reap(profiler)
         if watcher is not None:
             await watcher.stop()
         stop_sampling.set()
