@@ -7,13 +7,18 @@ same table definition, each into a freshly migrated database of its own:
 - ``peer``: a Quix Streams application with its PostgreSQL sink;
 - ``naive``: aiokafka + asyncpg ``executemany``, commit after each batch;
 - ``pipeline``: ``fleet consume`` in full (validation, COPY, Redis status; geofence
-  checks against 1,000 active geofences and every alert rule).
+  checks against 1,000 active geofences and every alert rule);
+- ``pipeline-arrays``: the same, with the same readings sent as gateways send them,
+  JSON arrays of 50 per message keyed by the gateway;
+- ``pipeline-x2``: the same as ``pipeline`` with ``fleet consume --workers 2``.
 
-Then the pipeline's end-to-end latency at half its measured maximum, and its
-throughput into a table already holding ``--preload`` readings. Prints a table,
-writes the same as JSON, and exits 1 if any contestant stored fewer or more rows
-than it was given (2 for bad usage). Configuration (PostgreSQL, Redis, Kafka) comes
-from the usual ``FLEET_*`` settings.
+The pipeline runs are sampled with py-spy (when installed) for a per-stage breakdown of
+their CPU per reading. Then the pipeline's end-to-end latency at half its measured
+maximum, its throughput into a table already holding ``--preload`` readings, and what
+each producer codec costs the consumer. Prints a table, writes the same as JSON, and
+exits 1 if any contestant stored fewer or more rows than it was given (2 for bad
+usage). Configuration (PostgreSQL, Redis, Kafka) comes from the usual ``FLEET_*``
+settings.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import NoReturn, Sequence
 
 import orjson
 
+from bench.compression import CODECS
 from bench.suite import CONTESTANTS, Bench, Options
 from bench import report
 from fleet_telemetry.core.errors import FleetError, ServiceUnavailable, UsageError
@@ -47,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the readings' event times cover this many hours before now (default 2)")
     p.add_argument("--contestants", default=",".join(CONTESTANTS),
                    help=f"comma-separated subset of {','.join(CONTESTANTS)} (default all)")
-    p.add_argument("--workers", type=int, default=1, help="pipeline worker processes (fleet consume --workers)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes of the pipeline and pipeline-arrays runs (fleet consume --workers;"
+                        " pipeline-x2 always runs 2)")
     p.add_argument("--idle-seconds", type=float, default=3.0,
                    help="Kafka contestants stop after this long without records (default 3)")
     p.add_argument("--geofences", choices=("on", "off"), default="on",
@@ -68,10 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds one contestant may take (default 120 + readings / 500)")
     p.add_argument("--pipeline-env", action="append", default=[], metavar="FLEET_NAME=VALUE",
                    help="extra setting for the pipeline's workers, e.g. FLEET_BATCH_MAX_AGE_MS=200 (repeatable)")
+    p.add_argument("--breakdown", choices=("on", "off"), default="on",
+                   help="sample the pipeline runs with py-spy for the per-stage breakdown (default on;"
+                        " the sampling costs the runs some CPU, reported beside it)")
+    p.add_argument("--codecs", default="gzip,lz4,zstd,none",
+                   help="producer codecs whose cost to the consumer is measured, comma-separated from "
+                        "gzip,lz4,zstd,snappy,none; empty skips it (default gzip,lz4,zstd,none)")
     p.add_argument("--profile", default=None, metavar="FILE",
-                   help="sample the pipeline's empty-table run with py-spy into FILE (.svg flame graph, "
-                        ".json speedscope, else collapsed stacks), and its latency phase into FILE-latency;"
-                        " costs the runs some CPU")
+                   help="keep the py-spy collapsed stacks of the breakdown: the pipeline's in FILE, the others'"
+                        " in FILE-arrays and FILE-x2; and sample the latency phase into FILE-latency. With"
+                        " --breakdown off, the pipeline's run alone is sampled, into FILE (.svg flame graph,"
+                        " .json speedscope, else collapsed stacks); costs the runs some CPU")
     p.add_argument("--json-out", default="bench-results.json", help="JSON report path (default bench-results.json)")
     p.add_argument("--keep", action="store_true", help="keep the databases and topics for inspection")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -102,11 +117,17 @@ def options_from(args: argparse.Namespace) -> Options:
         if not sep or not name.startswith("FLEET_"):
             raise UsageError(f"--pipeline-env takes FLEET_NAME=VALUE, got {item!r}")
         env[name] = value
+    codecs = tuple(c.strip() for c in args.codecs.split(",") if c.strip())
+    if any(c not in CODECS for c in codecs):
+        raise UsageError(f"--codecs takes names from {','.join(CODECS)}; got {args.codecs!r}")
     if args.profile:
         from bench.measure import py_spy
 
         if py_spy() is None:
             raise UsageError("--profile needs py-spy (pip install py-spy)")
+        if args.breakdown == "on" and args.profile.endswith((".svg", ".json")):
+            raise UsageError("--profile keeps the breakdown's collapsed stacks: name a FILE without .svg or .json,"
+                             " or add --breakdown off")
         args.profile = str(Path(args.profile).resolve())
     return Options(
         readings=args.readings, vehicles=args.vehicles, partitions=args.partitions, seed=args.seed,
@@ -114,7 +135,7 @@ def options_from(args: argparse.Namespace) -> Options:
         geofences=args.geofences, geofence_count=args.geofence_count, latency_seconds=args.latency_seconds,
         latency_warmup=args.latency_warmup, latency_rate=args.latency_rate, preload=args.preload,
         ceiling_batch=args.ceiling_batch, timeout=args.timeout, pipeline_env=env, profile=args.profile,
-        keep=args.keep,
+        breakdown=args.breakdown == "on", codecs=codecs, keep=args.keep,
     )
 
 

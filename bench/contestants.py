@@ -12,6 +12,9 @@ committed offsets reach the end of the topic, which the benchmark watches).
   ``executemany`` of an INSERT per fetched batch, offsets committed after each batch.
 - ``peer``: a Quix Streams application with its PostgreSQL sink (psycopg2,
   ``execute_values``), ``ON CONFLICT DO NOTHING`` on the same table.
+- ``fetch``: not a contestant but a probe of the producer's codec: aiokafka reading a
+  topic from its start to the given end offsets (no group, so no join), touching every
+  value and nothing else: the cost of fetching, decompressing and parsing the records.
 
 The table is ``vehicle_telemetry`` of a freshly migrated database for every one of them.
 """
@@ -122,6 +125,40 @@ async def naive(database_url: str, bootstrap: str, topic: str, group: str, idle:
         await conn.close()
 
 
+# --- fetch: the cost of reading records ---------------------------------------------
+
+
+async def fetch(bootstrap: str, topic: str, ends: dict[int, int]) -> None:
+    """Read ``topic``'s partitions from the start up to ``ends``; says ``done`` with the bytes seen."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(ends)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        emit("ready")
+        left = {tp: ends[tp.partition] for tp in partitions if ends[tp.partition] > 0}
+        records = size = 0
+        while left:
+            for tp, messages in (await consumer.getmany(timeout_ms=500)).items():
+                records += len(messages)
+                size += sum(len(m.value or b"") for m in messages)
+                if messages and messages[-1].offset + 1 >= left.get(tp, 0):
+                    left.pop(tp, None)
+        emit("done", records=records, bytes=size)
+    finally:
+        await consumer.stop()
+
+
+def _ends(text: str) -> dict[int, int]:
+    """``"0:10,1:12"`` -> ``{0: 10, 1: 12}``."""
+    return {int(p): int(n) for p, _, n in (item.partition(":") for item in text.split(",") if item)}
+
+
 # --- peer: Quix Streams ------------------------------------------------------------
 
 
@@ -171,8 +208,8 @@ def peer(database_url: str, bootstrap: str, topic: str, group: str, idle: float,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.contestants")
-    parser.add_argument("name", choices=("ceiling", "naive", "peer"))
-    parser.add_argument("--database-url", required=True)
+    parser.add_argument("name", choices=("ceiling", "naive", "peer", "fetch"))
+    parser.add_argument("--database-url", default="")
     parser.add_argument("--dataset", type=Path)
     parser.add_argument("--batch", type=int, default=5000)
     parser.add_argument("--bootstrap", default="127.0.0.1:9092")
@@ -180,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group")
     parser.add_argument("--idle", type=float, default=3.0)
     parser.add_argument("--state-dir", default="")
+    parser.add_argument("--ends", default="", help="fetch: partition:end offset, comma-separated")
     args = parser.parse_args(argv)
-    if args.name == "ceiling":
+    if args.name == "fetch":
+        asyncio.run(fetch(args.bootstrap, args.topic, _ends(args.ends)))
+    elif args.name == "ceiling":
         asyncio.run(ceiling(args.database_url, args.dataset, args.batch))
     elif args.name == "naive":
         asyncio.run(naive(args.database_url, args.bootstrap, args.topic, args.group, args.idle))

@@ -5,7 +5,9 @@ in event-time order, spread evenly over a window that ends just before the run, 
 every reading is valid, inside retention and unique by ``(vehicle_id, time)``. The
 values are written once to a file (:func:`write_dataset`); the Kafka contestants read
 them from a topic filled from that file (:func:`produce_file`), the ceiling reads the
-file itself (:func:`copy_row`).
+file itself (:func:`copy_row`). The same readings also go out as gateways send them:
+JSON arrays of :data:`GATEWAY_ARRAY` readings per message, keyed by the gateway
+(:func:`gateway_arrays`).
 
 Also here: registering the fleet, the 1,000 geofences the pipeline checks against, and
 the bulk preload that puts millions of older readings in the table before a run.
@@ -17,7 +19,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -27,12 +29,14 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from fleet_telemetry.ingest.producer import TelemetryProducer
+from fleet_telemetry.ingest.producer import DEFAULT_COMPRESSION, TelemetryProducer
 from fleet_telemetry.core.reading import ewkb_point
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.ingest.simulate import make_fleet
 
 # Where the simulated fleet drives (ingest.simulate's cities); geofences go there too.
+GATEWAY_ARRAY = 50
+"""Readings per message in the gateway-batch scenario, and vehicles per gateway."""
 _CITIES = ((52.52, 13.405), (48.137, 11.575), (50.110, 8.682), (53.551, 9.993), (51.227, 6.773))
 
 
@@ -93,6 +97,37 @@ def read_dataset(path: Path) -> Iterator[bytes]:
             yield line.rstrip(b"\n")
 
 
+def reading_key(value: bytes) -> bytes:
+    """A generated value's ``vehicle_id`` (its first field), the key it is published under."""
+    return value[15:51]
+
+
+def gateway_arrays(values: Iterable[bytes], vehicles: int, size: int = GATEWAY_ARRAY) -> Iterator[tuple[bytes, bytes]]:
+    """``(key, value)`` messages holding :func:`generate`'s readings as gateways send them.
+
+    Vehicle ``v`` (reading ``i`` is vehicle ``i % vehicles``'s) reports through gateway
+    ``v // size``; each gateway sends a JSON array of the readings it collected, in their
+    order, once it holds ``size`` of them (the rest at the end), keyed by the gateway's
+    name. One vehicle's readings therefore stay in order in one partition. The arrays
+    hold the readings' bytes unchanged. Pure.
+    """
+    pending: dict[int, list[bytes]] = {}
+    for i, value in enumerate(values):
+        gateway = (i % vehicles) // size
+        held = pending.setdefault(gateway, [])
+        held.append(value)
+        if len(held) == size:
+            yield _gateway_message(gateway, held)
+            pending[gateway] = []
+    for gateway, held in sorted(pending.items()):
+        if held:
+            yield _gateway_message(gateway, held)
+
+
+def _gateway_message(gateway: int, values: list[bytes]) -> tuple[bytes, bytes]:
+    return f"gateway-{gateway:05d}".encode(), b"[" + b",".join(values) + b"]"
+
+
 def copy_row(value: bytes) -> tuple[Any, ...]:
     """One message value as a ``vehicle_telemetry`` COPY record (``fleet_telemetry.consumers.sink.COLUMNS`` order)."""
     r = orjson.loads(value)
@@ -102,11 +137,14 @@ def copy_row(value: bytes) -> tuple[Any, ...]:
     )
 
 
-async def produce_file(settings: Settings, topic: str, path: Path) -> dict[int, int]:
-    """Publishes the dataset file to ``topic`` keyed by vehicle id; returns each partition's end offset.
+async def produce(settings: Settings, topic: str, messages: Iterable[tuple[bytes, bytes]],
+                  compression: str | None = DEFAULT_COMPRESSION, *, linger_ms: int = 50,
+                  max_batch_size: int = 1024 * 1024) -> dict[int, int]:
+    """Publishes ``(key, value)`` messages to ``topic``; returns each partition's end offset.
 
     Blocks until the broker acknowledged every record. The end offsets come from the
     acknowledgements, not from ListOffsets (which some brokers answer late).
+    ``compression`` is the producer's codec (``None``: none).
     """
     ends: dict[int, int] = {}
 
@@ -115,15 +153,24 @@ async def produce_file(settings: Settings, topic: str, path: Path) -> dict[int, 
             meta = future.result()
             ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
 
-    async with TelemetryProducer(settings, topic=topic, linger_ms=50, max_batch_size=1024 * 1024) as producer:
-        for value in read_dataset(path):
-            # "vehicle_id" is the first field of every generated value.
-            key = value[15:51]
+    async with TelemetryProducer(settings, topic=topic, compression_type=compression, linger_ms=linger_ms,
+                                 max_batch_size=max_batch_size) as producer:
+        for key, value in messages:
             future = await producer.producer.send(topic, value, key=key)
             future.add_done_callback(note)
         await producer.flush()
     await asyncio.sleep(0)  # let the last callbacks run
     return ends
+
+
+async def produce_file(settings: Settings, topic: str, path: Path, *, arrays_of: int | None = None,
+                       vehicles: int = 0, compression: str | None = DEFAULT_COMPRESSION) -> dict[int, int]:
+    """Publishes the dataset file to ``topic``, one reading per message keyed by vehicle id, or
+    with ``arrays_of`` as :func:`gateway_arrays` of ``vehicles``; see :func:`produce`."""
+    values = read_dataset(path)
+    if arrays_of:
+        return await produce(settings, topic, gateway_arrays(values, vehicles, arrays_of), compression)
+    return await produce(settings, topic, ((reading_key(v), v) for v in values), compression)
 
 
 async def register_fleet(conn: asyncpg.Connection, ids: list[UUID]) -> None:

@@ -11,7 +11,10 @@
 - CPU seconds of the process and all its descendants (``wait4`` rusage at exit, less a
   ``/proc`` sample taken at ``ready``), and the peak RSS of the largest of them;
 - CPU seconds of the PostgreSQL backends serving the contestant's database, sampled
-  from ``/proc`` (``None`` when PostgreSQL runs on another machine).
+  from ``/proc`` (``None`` when PostgreSQL runs on another machine);
+- with a profile asked for, py-spy's samples of the process and its children from
+  ``ready`` to the exit (the window the CPU figure covers), and the CPU seconds py-spy
+  itself took (it runs beside them, not inside the measured tree).
 
 Nothing here decides what is a good number; :mod:`bench.report` does the arithmetic.
 """
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -37,6 +42,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+READY_LOG = "partitions assigned"
+"""What a pipeline worker logs once it is about to work."""
 
 
 @dataclass
@@ -66,6 +73,7 @@ class ProcessRun:
     cpu_at_ready_s: float
     peak_rss_mb: float
     db_cpu_s: float | None
+    profiler_cpu_s: float | None = None
     metrics_text: list[str] = field(default_factory=list)
     stderr_tail: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -197,10 +205,42 @@ async def wait_for_metrics(ports: list[int], timeout: float) -> None:
                 await asyncio.sleep(0.1)
 
 
+def free_ports(count: int) -> int:
+    """A base port such that ``base .. base + count - 1`` are free on loopback now."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - count)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free ports on loopback")
+
+
+def profile_path(profile: str, tag: str) -> str:
+    """Where ``--profile FILE`` keeps the stacks of the run called ``tag``: FILE itself for
+    the single-worker run (empty tag), else ``FILE-tag`` before the suffix."""
+    if not tag:
+        return profile
+    stem, dot, suffix = profile.rpartition(".")
+    return f"{stem}-{tag}.{suffix}" if dot and "/" not in suffix else f"{profile}-{tag}"
+
+
 def py_spy() -> str | None:
     """Path of the ``py-spy`` profiler, beside this Python or on ``PATH``; ``None`` if absent."""
     beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
     return beside if os.path.exists(beside) else shutil.which("py-spy")
+
+
+def py_spy_command(executable: str, pid: int, output: str, rate: int) -> list[str]:
+    """py-spy sampling ``pid`` and its children ``rate`` times a second, without pausing them, into
+    ``output``: a flame graph for ``.svg``, speedscope for ``.json``, else collapsed stacks."""
+    fmt = "flamegraph" if output.endswith(".svg") else "speedscope" if output.endswith(".json") else "raw"
+    return [executable, "record", "--pid", str(pid), "--rate", str(rate), "--subprocesses", "--nonblocking",
+            "--format", fmt, "--output", output]
 
 
 class _Lines:
@@ -220,6 +260,27 @@ class _Lines:
             loop.call_soon_threadsafe(self.queue.put_nowait, (time.time(), name, line))
 
 
+async def _terminate(pid: int, exited: "asyncio.Future[Any]") -> None:
+    """SIGTERM to the session of ``pid``, then SIGKILL, each with 10 s to exit."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), 10.0)
+            return
+        except asyncio.TimeoutError:
+            continue
+
+
+async def _reap(child: "subprocess.Popen[bytes]") -> float:
+    """Waits for ``child`` to exit; returns the CPU seconds it took."""
+    _, _, usage = await asyncio.to_thread(os.wait4, child.pid, 0)
+    child.returncode = 0  # reaped here, not by Popen
+    return usage.ru_utime + usage.ru_stime
+
+
 async def run_contestant(
     cmd: list[str],
     env: dict[str, str],
@@ -232,6 +293,7 @@ async def run_contestant(
     on_ready: Any = None,
     after_done: Any = None,
     profile_out: str | None = None,
+    profile_rate: int = 100,
     ready_timeout: float = 120.0,
 ) -> ProcessRun:
     """Run ``cmd`` to its exit and measure it (see the module docstring).
@@ -240,21 +302,18 @@ async def run_contestant(
     phase starts its producer there); ``after_done`` (async, optional) once it is done.
     After ``timeout`` seconds (or ``ready_timeout`` without becoming ready: a broker it
     cannot talk to) the process's session is terminated (then killed), the run is
-    marked ``timed_out`` and ``failure`` says why. With ``profile_out``, ``py-spy`` samples the process and
-    its children into that file (it runs beside them, so it takes CPU from the run). Raises nothing for a failing process: the exit code
-    and the stderr tail say what happened.
+    marked ``timed_out`` and ``failure`` says why. With ``profile_out``, ``py-spy`` samples the
+    process and its children ``profile_rate`` times a second from ``ready`` to the exit into
+    that file (:func:`py_spy_command`; it runs beside them, so it takes CPU from the run,
+    reported as ``profiler_cpu_s``). Raises
+    nothing for a failing process: the exit code and the stderr tail say what happened.
     """
     loop = asyncio.get_running_loop()
     spawned = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     exited = asyncio.ensure_future(asyncio.to_thread(os.wait4, proc.pid, 0))
-    profiler = None
-    if profile_out:
-        fmt = "flamegraph" if profile_out.endswith(".svg") else "speedscope" if profile_out.endswith(".json") else "raw"
-        profiler = subprocess.Popen([py_spy() or "py-spy", "record", "--pid", str(proc.pid), "--subprocesses", "--nonblocking",
-                                     "--format", fmt, "--output", profile_out],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    profiler: subprocess.Popen[bytes] | None = None
     lines = _Lines(proc, loop)
     stop_sampling = asyncio.Event()
     sampler = asyncio.ensure_future(backend_cpu.run(stop_sampling)) if backend_cpu else None
@@ -289,6 +348,10 @@ async def run_contestant(
             ):
                 run.ready = float(event["t"]) if event is not None else at
                 run.cpu_at_ready_s = tree_cpu_seconds(proc.pid)
+                if profile_out:
+                    profiler = subprocess.Popen(
+                        py_spy_command(py_spy() or "py-spy", proc.pid, profile_out, profile_rate),
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 if backend_cpu is not None:
                     await backend_cpu.mark_ready()
                 if on_ready is not None:
@@ -313,16 +376,7 @@ async def run_contestant(
         if not exited.done():
             run.timed_out = True
             run.failure = run.failure or f"did not finish within {timeout:.0f} s"
-            for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    await asyncio.wait_for(asyncio.shield(exited), grace)
-                    break
-                except asyncio.TimeoutError:
-                    continue
+            await _terminate(proc.pid, exited)
         _, status, usage = await exited
         if run.done is None and watcher is not None and run.ready is not None and not run.timed_out:
             # The last commit came with the exit, between two polls.
@@ -335,7 +389,7 @@ async def run_contestant(
         run.peak_rss_mb = usage.ru_maxrss / 1024
     finally:
         if profiler is not None:
-            await asyncio.to_thread(profiler.wait)
+            run.profiler_cpu_s = await _reap(profiler)
         if watcher is not None:
             await watcher.stop()
         stop_sampling.set()

@@ -1,9 +1,13 @@
-"""The whole benchmark, phase by phase: dataset, contestants, latency, preload, report.
+"""The whole benchmark, phase by phase: dataset, contestants, latency, preload, codecs, report.
 
 Every contestant gets a database of its own, created and migrated for it, and a
 consumer group of its own on one pre-produced topic, so they all ingest the same bytes
 into the same table definition. Databases, topics and the fleet's Redis statuses are
 removed at the end unless ``keep`` is set.
+
+The pipeline's runs on the empty table are sampled by py-spy when it is installed, and
+each gets a per-stage breakdown of its CPU (:mod:`bench.breakdown`). The latency phase
+is :mod:`bench.latency`, the codec probe :mod:`bench.compression`.
 """
 
 from __future__ import annotations
@@ -13,8 +17,6 @@ import importlib.util
 import logging
 import os
 import platform
-import random
-import socket
 import sys
 import tempfile
 import time
@@ -27,31 +29,35 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
-import orjson
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
-from bench import databases, dataset, report
+from bench import breakdown, compression, databases, dataset, latency, report
 from bench.databases import with_database
-from bench.measure import BackendCpu, KafkaTarget, ProcessRun, run_contestant, scrape, wait_for_metrics
+from bench.measure import (READY_LOG, BackendCpu, KafkaTarget, ProcessRun, free_ports, profile_path, py_spy,
+                           run_contestant)
 from fleet_telemetry.consumers.status import status_key
 from fleet_telemetry.core.errors import ServiceUnavailable
-from fleet_telemetry.ingest.producer import TelemetryProducer
+from fleet_telemetry.ingest.producer import DEFAULT_COMPRESSION
 from fleet_telemetry.core.settings import Settings
-from fleet_telemetry.ingest.simulate import make_fleet
 from fleet_telemetry.ingest.topics import ensure_topics
 from fleet_telemetry.schema.migrate import apply_migrations
 
-CONTESTANTS = ("ceiling", "peer", "naive", "pipeline")
+CONTESTANTS = ("ceiling", "peer", "naive", "pipeline", "pipeline-arrays", "pipeline-x2")
+PIPELINES = ("pipeline", "pipeline-arrays", "pipeline-x2")
 DESCRIPTIONS = {
     "ceiling": "asyncpg binary COPY of the rows, in memory, straight into vehicle_telemetry",
     "peer": "Quix Streams application with its PostgreSQL sink",
     "naive": "aiokafka + asyncpg executemany per fetched batch, commit after each",
     "pipeline": "fleet consume: validation, COPY, Redis status",
+    "pipeline-arrays": f"fleet consume, the readings sent as JSON arrays of {dataset.GATEWAY_ARRAY} per message"
+                       " keyed by the gateway: validation, COPY, Redis status",
+    "pipeline-x2": "fleet consume --workers 2: validation, COPY, Redis status",
 }
-READY_LOG = "partitions assigned"
+BREAKDOWN_RATE = 250
+"""py-spy samples per second for the per-stage breakdown."""
 
 
 @dataclass
@@ -74,6 +80,8 @@ class Options:
     timeout: float | None = None
     pipeline_env: dict[str, str] = field(default_factory=dict)
     profile: str | None = None
+    breakdown: bool = True
+    codecs: tuple[str, ...] = ("gzip", "lz4", "zstd", "none")
     keep: bool = False
 
 
@@ -83,21 +91,6 @@ def peer_missing() -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{package} is not installed (pip install '.[bench]')"
     return None
-
-
-def free_ports(count: int) -> int:
-    """A base port such that ``base .. base + count - 1`` are free on loopback now."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - count)
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports on loopback")
 
 
 def conditions(pg_version: str) -> dict[str, Any]:
@@ -140,6 +133,7 @@ class Bench:
         self.fleet = dataset.fleet_ids(self.spec)
         self.geofences_on = options.geofences != "off"
         self.timeout = options.timeout or 120 + options.readings / 500
+        self.workdir = Path(tempfile.gettempdir())
 
     # --- resources ----------------------------------------------------------
 
@@ -255,9 +249,9 @@ class Bench:
         env.update(overrides)
         return env
 
-    def pipeline_command(self) -> list[str]:
+    def pipeline_command(self, workers: int | None = None) -> list[str]:
         return [sys.executable, "-m", "fleet_telemetry.cli", "consume",
-                "--stop-when-idle", str(self.o.idle_seconds), "--workers", str(self.o.workers)]
+                "--stop-when-idle", str(self.o.idle_seconds), "--workers", str(workers or self.o.workers)]
 
     def pipeline_env(self, url: str, topic: str, group: str, port: int) -> dict[str, str]:
         return self.child_env(
@@ -271,11 +265,13 @@ class Bench:
     async def measure(self, name: str, url: str, cmd: list[str], env: dict[str, str], *,
                       kafka: KafkaTarget | None, expected_rows: int, readings: int,
                       ready_marker: str | None = None, ports: list[int] | None = None,
-                      profile: str | None = None, **hooks: Any) -> tuple[dict[str, Any], ProcessRun]:
+                      profile: str | None = None, profile_rate: int = 100,
+                      **hooks: Any) -> tuple[dict[str, Any], ProcessRun]:
         database = unquote(urlsplit(url).path.lstrip("/"))
         run = await run_contestant(
             cmd, env, kafka=kafka, ready_marker=ready_marker, metrics_ports=ports,
-            backend_cpu=BackendCpu(self.admin_url, database), timeout=self.timeout, profile_out=profile, **hooks,
+            backend_cpu=BackendCpu(self.admin_url, database), timeout=self.timeout, profile_out=profile,
+            profile_rate=profile_rate, **hooks,
         )
         rows = await self.count_rows(url)
         failure = run.failure
@@ -315,116 +311,49 @@ class Bench:
                                        expected_rows=self.o.readings, readings=self.o.readings)
         return result
 
-    async def run_pipeline(self, label: str, url: str, topic: str, ends: dict[int, int], expected: int,
-                           profile: str | None = None) -> dict[str, Any]:
+    async def run_pipeline(self, label: str, url: str, topic: str, ends: dict[int, int], expected: int, *,
+                           workers: int | None = None, stage_breakdown: bool = False) -> dict[str, Any]:
+        """One ``fleet consume`` run over ``topic``; with ``stage_breakdown``, sampled for the breakdown."""
+        workers = workers or self.o.workers
         await self.clear_statuses()
         await ensure_topics(self.s, [topic + ".dlq"], partitions=1)
         self.topics.append(topic + ".dlq")
         group = f"bench-{self.tag}-{label}"
-        port = free_ports(self.o.workers)
-        result, _ = await self.measure(
-            label, url, self.pipeline_command(), self.pipeline_env(url, topic, group, port),
+        port = free_ports(workers)
+        stacks = None
+        if stage_breakdown and py_spy() is not None:
+            stacks = str(self.workdir / f"stacks-{label}.txt")
+        elif self.o.profile and label == "pipeline" and not self.o.breakdown:
+            stacks = self.o.profile
+        result, run = await self.measure(
+            label, url, self.pipeline_command(workers), self.pipeline_env(url, topic, group, port),
             kafka=KafkaTarget(self.s.kafka_bootstrap, topic, group, dict(ends)), expected_rows=expected,
-            readings=self.o.readings, ready_marker=READY_LOG, ports=list(range(port, port + self.o.workers)),
-            profile=profile,
+            readings=self.o.readings, ready_marker=READY_LOG, ports=list(range(port, port + workers)),
+            profile=stacks, profile_rate=BREAKDOWN_RATE if stage_breakdown else 100,
         )
-        result["workers"] = self.o.workers
+        result["workers"] = workers
         result["geofences"] = self.o.geofence_count if self.geofences_on else 0
         if self.geofences_on:
             result["description"] += f", geofence checks against {self.o.geofence_count:,} geofences, alert rules"
+        if stage_breakdown:
+            result["breakdown"] = self.stage_breakdown(label, stacks, result, run)
         return result
 
-    # --- latency at a fixed offered rate -------------------------------------------
-
-    async def run_latency(self, rate: float) -> dict[str, Any]:
-        """The pipeline consuming a live stream at ``rate`` readings/s; quantiles after the warm-up."""
-        o = self.o
-        url = await self.fresh_database("latency", geofences=self.geofences_on)
-        topic = await self.new_topic("live")
-        await self.clear_statuses()
-        await ensure_topics(self.s, [topic + ".dlq"], partitions=1)
-        self.topics.append(topic + ".dlq")
-        group = f"bench-{self.tag}-latency"
-        port = free_ports(o.workers)
-        ports = list(range(port, port + o.workers))
-        target = KafkaTarget(self.s.kafka_bootstrap, topic, group, {p: 0 for p in range(o.partitions)},
-                             still_producing=True)
-        state: dict[str, Any] = {"sent": 0, "warm": None, "warm_sent": 0, "elapsed": 0.0}
-        tasks: list[asyncio.Task[None]] = []
-        fleet = make_fleet(o.vehicles, o.seed)
-
-        async def produce() -> None:
-            def note(future: asyncio.Future[Any]) -> None:
-                if not future.cancelled() and future.exception() is None:
-                    meta = future.result()
-                    target.ends[meta.partition] = max(target.ends[meta.partition], meta.offset + 1)
-
-            async with TelemetryProducer(self.s, topic=topic) as producer:
-                started = time.monotonic()
-                cursor = 0
-                while (elapsed := time.monotonic() - started) < o.latency_seconds:
-                    due = int(rate * elapsed) - state["sent"]
-                    now = datetime.now(timezone.utc)
-                    for _ in range(max(0, due)):
-                        vehicle = fleet[cursor % len(fleet)]
-                        cursor += 1
-                        future = await producer.producer.send(
-                            topic, orjson.dumps(vehicle.step(now)), key=str(vehicle.id).encode())
-                        future.add_done_callback(note)
-                    state["sent"] += max(0, due)
-                    if state["warm"] is None and elapsed >= o.latency_warmup:
-                        state["warm"] = await asyncio.to_thread(lambda: [scrape(p) for p in ports])
-                        state["warm_sent"] = state["sent"]
-                        state["warm_at"] = time.monotonic()
-                    await asyncio.sleep(0.005)
-                state["elapsed"] = time.monotonic() - started
-                state["measured_s"] = time.monotonic() - state.get("warm_at", started)
-                await producer.flush()
-            await asyncio.sleep(0)
-            target.still_producing = False
-
-        async def on_ready() -> None:
-            await wait_for_metrics(ports, 30)
-            tasks.append(asyncio.create_task(produce()))
-
-        self.say(f"latency: offering {rate:,.0f} readings/s for {o.latency_seconds:.0f} s")
-        profile = None
-        if o.profile:
-            stem, dot, suffix = o.profile.rpartition(".")
-            profile = f"{stem}-latency.{suffix}" if dot else f"{o.profile}-latency"
-        run = await run_contestant(
-            self.pipeline_command(), self.pipeline_env(url, topic, group, port), kafka=target,
-            ready_marker=READY_LOG, metrics_ports=ports, timeout=o.latency_seconds + self.timeout, on_ready=on_ready,
-            profile_out=profile,
-        )
-        for task in tasks:
-            await task
-        rows = await self.count_rows(url)
-        out: dict[str, Any] = {"offered_rate": round(rate, 1), "duration_s": o.latency_seconds,
-                               "warmup_s": o.latency_warmup, "rows_stored": rows, "readings_sent": state["sent"]}
-        failure = None
-        if run.exit_code != 0 or run.timed_out:
-            failure = f"pipeline exited with status {run.exit_code}" + (" after the timeout" if run.timed_out else "")
-        elif rows != state["sent"]:
-            failure = f"stored {rows} rows, expected {state['sent']}"
-        elif not run.metrics_text or state["warm"] is None:
-            failure = "no metrics scraped after the warm-up (run longer than --latency-warmup)"
-        if failure is not None:
-            out.update(status="failed", reason=failure)
-            return out
-        name = "fleet_ingest_latency_seconds"
-        h = report.histogram(run.metrics_text, name).minus(report.histogram(state["warm"], name))
-        measured_readings = state["sent"] - state["warm_sent"]
-        out.update(
-            status="ok", reason=None, readings=int(h.count),
-            achieved_rate=round(measured_readings / max(state.get("measured_s", 1e-9), 1e-9), 1),
-            p50_s=report.quantile(h, 0.50), p95_s=report.quantile(h, 0.95), p99_s=report.quantile(h, 0.99),
-            mean_s=h.total / h.count if h.count else None,
-            buckets_s=[le for le, _ in h.buckets if le != float("inf")],
-            cpu_s=round(run.cpu_s, 3), peak_rss_mb=round(run.peak_rss_mb, 1),
-            internals=report.pipeline_internals(run.metrics_text),
-        )
-        return out
+    def stage_breakdown(self, label: str, stacks: str | None, result: dict[str, Any],
+                        run: ProcessRun) -> dict[str, Any]:
+        """The run's CPU per reading by stage from its py-spy stacks (kept at ``--profile`` if asked)."""
+        if stacks is None:
+            return {"status": "skipped", "reason": "py-spy is not installed (pip install '.[bench]')"}
+        path = Path(stacks)
+        text = path.read_text() if path.exists() else ""
+        if not text.strip():
+            return {"status": "skipped", "reason": "py-spy recorded no samples (is ptrace allowed here?)"}
+        if self.o.profile:
+            keep = Path(profile_path(self.o.profile, label.removeprefix("pipeline").lstrip("-")))
+            keep.write_text(text)
+        out = breakdown.breakdown(breakdown.parse_collapsed(text), result.get("cpu_us_per_reading"))
+        return {"status": "ok", "reason": None, "rate_hz": BREAKDOWN_RATE,
+                "profiler_cpu_s": None if run.profiler_cpu_s is None else round(run.profiler_cpu_s, 2), **out}
 
     # --- the whole run ---------------------------------------------------------------
 
@@ -440,69 +369,112 @@ class Bench:
                 "batch_max_age_ms": self.s.batch_max_age_ms, "max_batches_in_flight": self.s.max_batches_in_flight,
                 "idle_seconds": o.idle_seconds, "pipeline_env": o.pipeline_env,
                 "geofences": self.o.geofence_count if self.geofences_on else 0,
+                "producer_compression": compression.producer_codec_name(DEFAULT_COMPRESSION),
             },
             "contestants": {}, "ratios": {}, "failures": [],
         }
-        contestants: dict[str, dict[str, Any]] = result["contestants"]
+        if o.breakdown and py_spy() is None:
+            result["breakdown_skipped"] = "py-spy is not installed (pip install '.[bench]'): no per-stage breakdown"
+            self.say(result["breakdown_skipped"])
         with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
-            workdir = Path(tmp)
-            path = workdir / "dataset.jsonl"
-            started = time.monotonic()
-            size = dataset.write_dataset(self.spec, path)
-            generated_s = time.monotonic() - started
-            self.say(f"dataset: {o.readings:,} readings, {size / 1e6:.0f} MB, generated in {generated_s:.1f} s")
-            topic = await self.new_topic("telemetry")
-            started = time.monotonic()
-            ends = await dataset.produce_file(self.s, topic, path)
-            produced_s = time.monotonic() - started
-            self.say(f"dataset: produced to {topic} in {produced_s:.1f} s")
-            result["dataset"] = {
-                "readings": o.readings, "vehicles": o.vehicles, "partitions": o.partitions, "seed": o.seed,
-                "window_start": self.spec.start.isoformat(), "window_end": self.spec.end.isoformat(),
-                "bytes": size, "generated_s": round(generated_s, 2), "produced_s": round(produced_s, 2),
-                "partition_ends": {str(p): n for p, n in sorted(ends.items())},
-            }
-            if sum(ends.values()) != o.readings:
-                raise RuntimeError(f"the broker acknowledged {sum(ends.values())} of {o.readings} readings")
+            self.workdir = Path(tmp)
+            path = self.workdir / "dataset.jsonl"
             try:
-                for name in CONTESTANTS:
-                    if name not in o.contestants:
-                        continue
-                    if name == "peer" and (missing := peer_missing()):
-                        contestants[name] = report.skipped(name, DESCRIPTIONS[name], missing)
-                        self.say(f"peer: skipped: {missing}")
-                        continue
-                    self.say(f"{name}: running")
-                    url = await self.fresh_database(name, geofences=name == "pipeline" and self.geofences_on)
-                    if name == "ceiling":
-                        contestants[name] = await self.run_ceiling(url, path, o.readings)
-                    elif name == "pipeline":
-                        contestants[name] = await self.run_pipeline(
-                            "pipeline", url, topic, ends, o.readings, profile=o.profile)
-                    else:
-                        contestants[name] = await self.run_kafka_contestant(name, url, topic, ends, workdir)
-                pipeline = contestants.get("pipeline")
-                for other in ("ceiling", "peer", "naive"):
-                    if other in contestants:
-                        result["ratios"][f"pipeline/{other}"] = report.ratio(pipeline, contestants[other])
+                topics = await self.prepare_dataset(path, result)
+                await self.run_contestants(path, topics, result)
+                pipeline = result["contestants"].get("pipeline")
                 if pipeline is not None and pipeline["status"] == "ok" and o.latency_seconds > 0:
                     rate = o.latency_rate or pipeline["readings_per_s"] / 2
-                    result["latency"] = await self.run_latency(rate)
+                    result["latency"] = await latency.run_latency(self, rate)
                 if pipeline is not None and pipeline["status"] == "ok" and o.preload > 0:
-                    result["preload"] = await self.run_preload(path, topic, ends, pipeline, contestants.get("ceiling"))
+                    result["preload"] = await self.run_preload(path, topics["telemetry"][0], topics["telemetry"][1],
+                                                               pipeline, result["contestants"].get("ceiling"))
+                if o.codecs:
+                    result["codecs"] = await compression.measure_codecs(self, path, o.codecs)
             finally:
                 await self.cleanup()
         result["conditions"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-        for name, r in list(contestants.items()) + [
+        self.collect_failures(result)
+        result["goals"] = report.goals(result)
+        result["ok"] = not result["failures"]
+        return result
+
+    async def prepare_dataset(self, path: Path, result: dict[str, Any]) -> dict[str, tuple[str, dict[int, int]]]:
+        """Writes the dataset and produces it: ``{"telemetry": (topic, ends)}``, and ``"arrays"`` when
+        the gateway-batch contestant runs."""
+        o = self.o
+        started = time.monotonic()
+        size = dataset.write_dataset(self.spec, path)
+        generated_s = time.monotonic() - started
+        self.say(f"dataset: {o.readings:,} readings, {size / 1e6:.0f} MB, generated in {generated_s:.1f} s")
+        topic = await self.new_topic("telemetry")
+        started = time.monotonic()
+        ends = await dataset.produce_file(self.s, topic, path)
+        produced_s = time.monotonic() - started
+        self.say(f"dataset: produced to {topic} in {produced_s:.1f} s")
+        result["dataset"] = {
+            "readings": o.readings, "vehicles": o.vehicles, "partitions": o.partitions, "seed": o.seed,
+            "window_start": self.spec.start.isoformat(), "window_end": self.spec.end.isoformat(),
+            "bytes": size, "generated_s": round(generated_s, 2), "produced_s": round(produced_s, 2),
+            "partition_ends": {str(p): n for p, n in sorted(ends.items())},
+        }
+        if sum(ends.values()) != o.readings:
+            raise RuntimeError(f"the broker acknowledged {sum(ends.values())} of {o.readings} readings")
+        topics = {"telemetry": (topic, ends)}
+        if "pipeline-arrays" in o.contestants:
+            arrays = await self.new_topic("arrays")
+            array_ends = await dataset.produce_file(self.s, arrays, path, arrays_of=dataset.GATEWAY_ARRAY,
+                                                    vehicles=o.vehicles)
+            result["dataset"]["array_messages"] = sum(array_ends.values())
+            self.say(f"dataset: {sum(array_ends.values()):,} arrays of up to {dataset.GATEWAY_ARRAY} readings"
+                     f" produced to {arrays}")
+            topics["arrays"] = (arrays, array_ends)
+        return topics
+
+    async def run_contestants(self, path: Path, topics: dict[str, tuple[str, dict[int, int]]],
+                              result: dict[str, Any]) -> None:
+        """Every contestant asked for, in :data:`CONTESTANTS` order, then the throughput ratios."""
+        o = self.o
+        contestants: dict[str, dict[str, Any]] = result["contestants"]
+        topic, ends = topics["telemetry"]
+        for name in CONTESTANTS:
+            if name not in o.contestants:
+                continue
+            if name == "peer" and (missing := peer_missing()):
+                contestants[name] = report.skipped(name, DESCRIPTIONS[name], missing)
+                self.say(f"peer: skipped: {missing}")
+                continue
+            self.say(f"{name}: running")
+            url = await self.fresh_database(name.replace("-", "_"), geofences=name in PIPELINES and self.geofences_on)
+            if name == "ceiling":
+                contestants[name] = await self.run_ceiling(url, path, o.readings)
+            elif name in PIPELINES:
+                source, source_ends = topics["arrays"] if name == "pipeline-arrays" else (topic, ends)
+                contestants[name] = await self.run_pipeline(
+                    name, url, source, source_ends, o.readings, workers=2 if name == "pipeline-x2" else None,
+                    stage_breakdown=o.breakdown)
+            else:
+                contestants[name] = await self.run_kafka_contestant(name, url, topic, ends, self.workdir)
+        pipeline = contestants.get("pipeline")
+        for other in ("ceiling", "peer", "naive"):
+            if other in contestants:
+                result["ratios"][f"pipeline/{other}"] = report.ratio(pipeline, contestants[other])
+        for variant in ("pipeline-arrays", "pipeline-x2"):
+            if variant in contestants and "ceiling" in contestants:
+                result["ratios"][f"{variant}/ceiling"] = report.ratio(contestants[variant], contestants["ceiling"])
+
+    @staticmethod
+    def collect_failures(result: dict[str, Any]) -> None:
+        for name, r in list(result["contestants"].items()) + [
                 (f"{k} (preloaded)", v) for k, v in result.get("preload", {}).get("runs", {}).items()]:
             if r["status"] == "failed":
                 result["failures"].append(f"{name}: {r['reason']}")
         for phase in ("latency", "preload"):
             if result.get(phase, {}).get("status") == "failed":
                 result["failures"].append(f"{phase}: {result[phase]['reason']}")
-        result["goals"] = report.goals(result)
-        result["ok"] = not result["failures"]
-        return result
+        for codec, r in result.get("codecs", {}).items():
+            if r["status"] == "failed":
+                result["failures"].append(f"codec {codec}: {r['reason']}")
 
     async def run_preload(self, path: Path, topic: str, ends: dict[int, int], empty: dict[str, Any],
                           ceiling_empty: dict[str, Any] | None) -> dict[str, Any]:
