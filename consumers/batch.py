@@ -41,6 +41,12 @@ class Batch:
         self.offsets[tp] = offset + 1
         self.messages += 1
 
+    def note_range(self, tp: TopicPartition, first: int, last: int, messages: int) -> None:
+        """:meth:`note_offset` for ``messages`` records of ``tp``, from offset ``first`` to ``last``."""
+        self.first_offsets.setdefault(tp, first)
+        self.offsets[tp] = last + 1
+        self.messages += messages
+
     def extend(self, other: "Batch") -> None:
         """Appends ``other``'s readings, rejections and offsets (records read after this batch's)."""
         self.readings.extend(other.readings)

@@ -73,13 +73,18 @@ class DecodeStep:
     async def submit(self, item: Mapping[TopicPartition, Sequence[Any]]) -> None:
         time_rules = Rules(datetime.now(timezone.utc), self._max_future, self._retention)
         batch = Batch()
+        readings, rejections = batch.readings, batch.rejections
         for tp, messages in item.items():
+            if not messages:
+                continue
+            topic, partition = tp.topic, tp.partition
             for msg in messages:
-                out = decode_message(msg.value, key=msg.key, source=Source(tp.topic, tp.partition, msg.offset),
+                out = decode_message(msg.value, key=msg.key, source=Source(topic, partition, msg.offset),
                                      rules=time_rules)
-                batch.readings.extend(out.readings)
-                batch.rejections.extend(out.rejections)
-                batch.note_offset(tp, msg.offset)
+                readings += out.readings
+                if out.rejections:
+                    rejections += out.rejections
+            batch.note_range(tp, messages[0].offset, messages[-1].offset, len(messages))
             self._metrics.messages.inc(len(messages))
         await self.next_step.submit(batch)
 
