@@ -353,6 +353,11 @@ class KafkaLoop:
         """The partitions this member owns now (none before it joined)."""
         return set() if self._consumer is None else set(self._consumer.assignment())
 
+    def paused(self) -> set[TopicPartition]:
+        """The partitions paused now: while the strategy is behind, and in assign-and-seek
+        mode those finished."""
+        return set() if self._consumer is None else set(self._consumer.paused())
+
     @property
     def committed(self) -> dict[TopicPartition, int]:
         """Per partition, the offset this member last committed."""
@@ -517,7 +522,7 @@ class KafkaLoop:
         self._paused = False
         if self.metrics.paused_partitions is not None:
             self.metrics.paused_partitions.set(0)
-        log.info("partitions assigned", partitions=_names(partitions))
+        log.info("partitions assigned", partitions=_names(partitions), **self.options.log_fields)
 
     # --- commits, pause and lag ----------------------------------------------------
 

@@ -99,6 +99,10 @@ class Worker:
         """The partitions this worker owns now."""
         return set() if self._loop is None else self._loop.assignment()
 
+    def paused(self) -> set[TopicPartition]:
+        """The partitions this worker has paused because its writer is behind."""
+        return set() if self._loop is None else self._loop.paused()
+
     def _loop_options(self) -> LoopOptions:
         s = self.settings
         return LoopOptions.from_settings(
