@@ -7,11 +7,12 @@ Lifecycle of one loop::
     loop:    fetch (as many records as the strategy has room for) -> strategy.submit ->
              strategy.poll -> commit the offsets the strategy has finished -> lag gauge;
              partitions are paused while the strategy reports backpressure
-    revoke:  the strategy hands over everything fetched so far and waits for it (within
-             the shutdown deadline), the finished offsets are committed, then the revoked
-             partitions' state goes
+    revoke:  the strategy hands over everything fetched so far and waits for it, the
+             finished offsets are committed (both within the shutdown deadline), then the
+             revoked partitions' state goes
     stop:    (:meth:`KafkaLoop.stop`, or idle with ``stop_when_idle``) stop fetching, hand
-             over within the deadline, close the strategy, commit, leave the group
+             over, close the strategy and commit, all within the shutdown deadline (past
+             it: exit status 1, the uncommitted records are redelivered), leave the group
 
 What to do with the records is the :class:`Strategy`'s business (the telemetry pipeline,
 the command consumer). Offsets travel with the data: the strategy marks in its
@@ -320,7 +321,7 @@ class KafkaLoop:
     """Feeds one consumer group member's records to a :class:`Strategy` and commits what it finished.
 
     :meth:`run` returns the exit status: 0 after a clean stop, 1 when the shutdown
-    deadline passed with work unfinished (it will be redelivered). With
+    deadline passed with work unfinished or uncommitted (it will be redelivered). With
     ``options.seek`` it reads the planned :attr:`ranges` instead (no group, nothing
     committed, the strategy is handed only records before each partition's end) and
     stops once every partition is finished.
@@ -531,11 +532,12 @@ class KafkaLoop:
         False when some are left uncommitted.
 
         Without ``until``: one attempt, given up when the loop is asked to stop meanwhile;
-        a failure is logged and the offsets go with the next commit. With ``until`` (a ``time.monotonic()`` deadline), the last commit
-        before partitions go: transient failures are retried until the commit succeeds or
-        the deadline passes; then the offsets stay uncommitted (logged as an error) and
-        their records are redelivered. A commit the group refuses (it rebalanced) is
-        dropped: the partitions' new owner reads them again from the last commit.
+        a failure is logged and the offsets go with the next commit. With ``until`` (a
+        ``time.monotonic()`` deadline), the last commit before partitions go: transient
+        failures are retried until the commit succeeds or the deadline passes; then the
+        offsets stay uncommitted (logged as an error) and their records are redelivered.
+        A commit the group refuses (it rebalanced) is dropped: the partitions' new owner
+        reads them again from the last commit.
         """
         consumer = self._consumer
         if consumer is None or self.options.group is None:

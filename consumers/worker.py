@@ -119,8 +119,9 @@ class Worker:
 
     async def run(self) -> int:
         """Blocks until stopped (or idle with ``stop_when_idle``): 0 after a clean stop, 1
-        when work was left unwritten (it will be redelivered). Raises ``ServiceUnavailable``
-        when PostgreSQL does not answer at start-up."""
+        when work was left unwritten or uncommitted at the shutdown deadline (it will be
+        redelivered). Raises ``ServiceUnavailable`` when PostgreSQL does not answer at
+        start-up."""
         m = self.metrics
         async with open_outputs(self.settings, m, self._stopping) as outputs:
             pipeline = TelemetryPipeline(self.settings, outputs, m)
