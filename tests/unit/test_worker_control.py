@@ -18,12 +18,13 @@ from fleet_telemetry.consumers.batch import Batch, BatchingStep, BatchLimits
 from fleet_telemetry.consumers.kafka_loop import KafkaLoop, LoopMetrics, LoopOptions
 from fleet_telemetry.consumers.pipeline import Outputs, TelemetryPipeline
 from fleet_telemetry.consumers.sink import WriteOutcome
+from fleet_telemetry.consumers.stages import StatusStep
 from fleet_telemetry.core.metrics import PipelineMetrics
 from fleet_telemetry.core.reading import Reading
 from fleet_telemetry.core.retry import Backoff
 from fleet_telemetry.core.settings import Settings
 from tests.unit.test_kafka_loop import A, B, FakeConsumer, fetch, harness
-from tests.unit.test_stages import FakeDeadLetters, Rec, value
+from tests.unit.test_stages import FakeDeadLetters, FakeSink, Rec, Collect, reading, stored, value
 
 # --- a handover past its deadline while the writer is behind -----------------------------
 
@@ -151,6 +152,23 @@ def test_extending_an_empty_batch_takes_the_age_of_its_first_records() -> None:
     later.note_offset(A, 1)
     empty.extend(later)
     assert empty.started == first.started
+
+
+# --- positions while no batch comes -------------------------------------------------------
+
+
+async def test_positions_gathered_are_written_when_due_without_a_later_batch() -> None:
+    sink = FakeSink()
+    step = StatusStep(Collect(), None, sink, PipelineMetrics(), positions_interval=60)  # type: ignore[arg-type]
+    item = stored([reading(5), reading(1)])
+    await step.submit(item)
+    await step.flush_positions_when_due()
+    assert sink.positions == []  # not due yet
+    step._positions_flushed -= 60  # a minute passed without another batch
+    await step.flush_positions_when_due()
+    assert sink.positions == [{item.written.stored[1].vehicle_id: item.written.stored[1]}]
+    await step.flush_positions_when_due()
+    assert len(sink.positions) == 1  # nothing new: nothing written
 
 
 # --- the last commit within the shutdown deadline --------------------------------------
