@@ -29,6 +29,7 @@ class Batch:
     first_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     messages: int = 0
     started: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` when its first record was read: the batch's age counts from here."""
 
     def __len__(self) -> int:
         return len(self.readings) + len(self.rejections)
@@ -48,7 +49,10 @@ class Batch:
         self.messages += messages
 
     def extend(self, other: "Batch") -> None:
-        """Appends ``other``'s readings, rejections and offsets (records read after this batch's)."""
+        """Appends ``other``'s readings, rejections and offsets (records read after this
+        batch's); a batch without records yet takes ``other``'s start as its own."""
+        if not self.messages:
+            self.started = other.started
         self.readings.extend(other.readings)
         self.rejections.extend(other.rejections)
         for tp, first in other.first_offsets.items():

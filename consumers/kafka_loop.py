@@ -7,11 +7,12 @@ Lifecycle of one loop::
     loop:    fetch (as many records as the strategy has room for) -> strategy.submit ->
              strategy.poll -> commit the offsets the strategy has finished -> lag gauge;
              partitions are paused while the strategy reports backpressure
-    revoke:  the strategy hands over everything fetched so far and waits for it (within
-             the shutdown deadline), the finished offsets are committed, then the revoked
-             partitions' state goes
+    revoke:  the strategy hands over everything fetched so far and waits for it, the
+             finished offsets are committed (both within the shutdown deadline), then the
+             revoked partitions' state goes
     stop:    (:meth:`KafkaLoop.stop`, or idle with ``stop_when_idle``) stop fetching, hand
-             over within the deadline, close the strategy, commit, leave the group
+             over, close the strategy and commit, all within the shutdown deadline (past
+             it: exit status 1, the uncommitted records are redelivered), leave the group
 
 What to do with the records is the :class:`Strategy`'s business (the telemetry pipeline,
 the command consumer). Offsets travel with the data: the strategy marks in its
@@ -283,6 +284,23 @@ async def start_with_retry(start: Callable[[], Awaitable[T]], *, bootstrap: str,
         raise unavailable("Kafka", bootstrap, exc.cause) from None
 
 
+async def _unless_set(event: asyncio.Event, operation: Awaitable[None]) -> bool:
+    """Runs ``operation`` to its end (True), or cancels it once ``event`` is set (False)."""
+    work = asyncio.ensure_future(operation)
+    waiting = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({work, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        return False
+    work.result()
+    return True
+
+
 def _names(partitions: Collection[TopicPartition]) -> list[str]:
     return sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
 
@@ -303,7 +321,7 @@ class KafkaLoop:
     """Feeds one consumer group member's records to a :class:`Strategy` and commits what it finished.
 
     :meth:`run` returns the exit status: 0 after a clean stop, 1 when the shutdown
-    deadline passed with work unfinished (it will be redelivered). With
+    deadline passed with work unfinished or uncommitted (it will be redelivered). With
     ``options.seek`` it reads the planned :attr:`ranges` instead (no group, nothing
     committed, the strategy is handed only records before each partition's end) and
     stops once every partition is finished.
@@ -335,6 +353,11 @@ class KafkaLoop:
     def assignment(self) -> set[TopicPartition]:
         """The partitions this member owns now (none before it joined)."""
         return set() if self._consumer is None else set(self._consumer.assignment())
+
+    def paused(self) -> set[TopicPartition]:
+        """The partitions paused now: while the strategy is behind, and in assign-and-seek
+        mode those finished."""
+        return set() if self._consumer is None else set(self._consumer.paused())
 
     @property
     def committed(self) -> dict[TopicPartition, int]:
@@ -410,19 +433,25 @@ class KafkaLoop:
         return False
 
     async def _shutdown(self) -> int:
-        deadline = self.options.shutdown_timeout
+        """Hands over, closes the strategy and commits, all within the shutdown deadline."""
+        timeout = self.options.shutdown_timeout
+        deadline = time.monotonic() + timeout
         self._lifecycle("stopping: flushing in-flight batches", in_flight=self.strategy.in_flight)
         try:
-            await asyncio.wait_for(self.strategy.handover(), deadline)
+            await asyncio.wait_for(self._finish(), timeout)
         except asyncio.TimeoutError:
             self.strategy.abandon()
-            log.error("shutdown deadline passed; uncommitted work will be redelivered", deadline_s=deadline)
+            log.error("shutdown deadline passed; uncommitted work will be redelivered", deadline_s=timeout)
             return 1
-        await self.strategy.close()
-        await self.commit(final=True)
+        if not await self.commit(until=deadline):
+            return 1
         self._lifecycle("stopped cleanly", committed={f"{tp.topic}[{tp.partition}]": off
                                                       for tp, off in self._committed.items()})
         return 0
+
+    async def _finish(self) -> None:
+        await self.strategy.handover()
+        await self.strategy.close()
 
     # --- assign and seek --------------------------------------------------------------
 
@@ -466,16 +495,18 @@ class KafkaLoop:
     # --- the group ------------------------------------------------------------------
 
     async def handover(self, revoked: set[TopicPartition]) -> None:
-        """Before partitions go: finish everything fetched so far and commit it, then forget them."""
-        deadline = self.options.shutdown_timeout
+        """Before partitions go: finish everything fetched so far and commit it, then forget
+        them. The handover and the commit together take at most the shutdown deadline."""
+        timeout = self.options.shutdown_timeout
+        deadline = time.monotonic() + timeout
         try:
-            await asyncio.wait_for(self.strategy.handover(), deadline)
+            await asyncio.wait_for(self.strategy.handover(), timeout)
         except asyncio.TimeoutError:
             # Nothing unfinished is committed; the new owner reads it again from the
             # last commit and the sink drops what was already stored.
             log.error("partitions revoked before their batches were written; they will be redelivered",
-                            deadline_s=deadline)
-        await self.commit(final=True)
+                      deadline_s=timeout)
+        await self.commit(until=deadline)
         self.strategy.offsets.forget(revoked)
         lag = self.metrics.consumer_lag
         for tp in revoked:
@@ -492,26 +523,30 @@ class KafkaLoop:
         self._paused = False
         if self.metrics.paused_partitions is not None:
             self.metrics.paused_partitions.set(0)
-        log.info("partitions assigned", partitions=_names(partitions))
+        log.info("partitions assigned", partitions=_names(partitions), **self.options.log_fields)
 
     # --- commits, pause and lag ----------------------------------------------------
 
-    async def commit(self, *, final: bool = False) -> None:
-        """Commits the finished offsets of the assigned partitions that moved on.
+    async def commit(self, *, until: float | None = None) -> bool:
+        """Commits the finished offsets of the assigned partitions that moved on; returns
+        False when some are left uncommitted.
 
-        Not ``final``: one attempt; a failure is logged and the offsets go with the next
-        commit. ``final``: transient failures are retried until the commit succeeds. A
-        commit the group refuses (it rebalanced) is dropped: the partitions' new owner
+        Without ``until``: one attempt, given up when the loop is asked to stop meanwhile;
+        a failure is logged and the offsets go with the next commit. With ``until`` (a
+        ``time.monotonic()`` deadline), the last commit before partitions go: transient
+        failures are retried until the commit succeeds or the deadline passes; then the
+        offsets stay uncommitted (logged as an error) and their records are redelivered.
+        A commit the group refuses (it rebalanced) is dropped: the partitions' new owner
         reads them again from the last commit.
         """
         consumer = self._consumer
         if consumer is None or self.options.group is None:
-            return
+            return True
         assigned = consumer.assignment()
         offsets = {tp: off for tp, off in self.strategy.offsets.items()
                    if tp in assigned and off > self._committed.get(tp, -1)}
         if not offsets:
-            return
+            return True
         started = time.perf_counter()
 
         async def send() -> None:
@@ -521,20 +556,29 @@ class KafkaLoop:
             self._count_retry()
 
         try:
-            if final:
-                await retry(send, what="offset commit", backoff=self.options.backoff(), on_retry=count)
+            if until is None:
+                if not await _unless_set(self._stopping, send()):
+                    return False  # the shutdown's commit takes them, within its deadline
             else:
-                await send()
+                # aiokafka's own commit waits while the coordinator is away: the deadline
+                # bounds each attempt too, not only the retries between them.
+                retrying = retry(send, what="offset commit", backoff=self.options.backoff(), on_retry=count)
+                await asyncio.wait_for(retrying, max(0.0, until - time.monotonic()))
         except (CommitFailedError, IllegalStateError) as exc:
             log.warning("offset commit refused by the group", error=type(exc).__name__)
-            return
+            return True
+        except asyncio.TimeoutError:
+            log.error("offset commit gave up at the shutdown deadline; the uncommitted records will be redelivered",
+                      partitions=_names(offsets), deadline_s=self.options.shutdown_timeout)
+            return False
         except KafkaError as exc:
             log.warning("offset commit failed, will retry", error=type(exc).__name__)
             self._count_retry()
-            return
+            return False
         if self.metrics.commit_duration is not None:
             self.metrics.commit_duration.observe(time.perf_counter() - started)
         self._committed.update(offsets)
+        return True
 
     def _count_retry(self) -> None:
         if self.metrics.retries is not None:

@@ -8,11 +8,14 @@
 The writer task takes at most ``max_batches_in_flight`` batches waiting; while that
 queue is full the loop pauses its partitions. The publisher task takes one, so one
 batch's Redis and rules work overlaps the next batch's COPY. Only the commit step marks
-offsets committable, in batch order.
+offsets committable, in batch order. A timer writes the last-known positions gathered
+by the status step when they are due, also when no batch follows.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -40,6 +43,10 @@ class Outputs:
     rules: RuleEvaluator | None
 
 
+POSITIONS_TICK_SECONDS = 1.0
+"""How often the positions timer looks whether gathered positions are due to be written."""
+
+
 class TelemetryPipeline:
     """The :class:`~fleet_telemetry.consumers.kafka_loop.Strategy` of the telemetry worker."""
 
@@ -60,6 +67,7 @@ class TelemetryPipeline:
         self.decode = DecodeStep(self.batching, metrics, max_future=timedelta(seconds=s.max_future_seconds),
                                  retention=timedelta(days=s.raw_retention_days))
         metrics.batches_in_flight.set_function(lambda: self.batches_in_flight)
+        self._positions_timer: asyncio.Task[None] | None = None
 
     @property
     def batches_in_flight(self) -> int:
@@ -79,12 +87,31 @@ class TelemetryPipeline:
             await self.rules.start()
         self.writer.start()
         self.publisher.start()
+        self._positions_timer = asyncio.create_task(self._write_positions_when_due(), name="fleet-positions")
 
     async def stop(self) -> None:
+        timer, self._positions_timer = self._positions_timer, None
+        if timer is not None:
+            timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
         if self.rules is not None:
             await self.rules.stop()
         await self.writer.stop()
         await self.publisher.stop()
+
+    async def _write_positions_when_due(self) -> None:
+        while True:
+            await asyncio.sleep(POSITIONS_TICK_SECONDS)
+            await self.status.flush_positions_when_due()
+
+    def _check(self) -> None:
+        """Raises the failure that ended one of the pipeline's tasks (a bug in a later step)."""
+        self.writer.check()
+        self.publisher.check()
+        timer = self._positions_timer
+        if timer is not None and timer.done():
+            timer.result()
 
     def room(self) -> int:
         return self.batching.room()
@@ -93,8 +120,7 @@ class TelemetryPipeline:
         await self.decode.submit(records)
 
     async def poll(self) -> None:
-        self.writer.check()
-        self.publisher.check()
+        self._check()
         await self.batching.poll()
 
     async def handover(self) -> None:
@@ -106,6 +132,5 @@ class TelemetryPipeline:
         self.retrier.abandon()
 
     async def close(self) -> None:
-        self.writer.check()
-        self.publisher.check()
+        self._check()
         await self.status.flush_positions()

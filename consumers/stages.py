@@ -172,9 +172,13 @@ class StatusStep:
 
     async def _update_positions(self, newest: dict[UUID, Reading]) -> None:
         _keep_newest(self._positions, newest)
-        if time.monotonic() - self._positions_flushed < self._positions_interval:
-            return
-        await self.flush_positions()
+        await self.flush_positions_when_due()
+
+    async def flush_positions_when_due(self) -> None:
+        """Writes the positions gathered so far once ``positions_interval`` has passed since
+        the last write (the pipeline also calls it while no batch comes)."""
+        if self._positions and time.monotonic() - self._positions_flushed >= self._positions_interval:
+            await self.flush_positions()
 
     async def flush_positions(self) -> None:
         """Writes the positions gathered so far; on a transient failure keeps them for the next flush."""

@@ -99,6 +99,10 @@ class Worker:
         """The partitions this worker owns now."""
         return set() if self._loop is None else self._loop.assignment()
 
+    def paused(self) -> set[TopicPartition]:
+        """The partitions this worker has paused because its writer is behind."""
+        return set() if self._loop is None else self._loop.paused()
+
     def _loop_options(self) -> LoopOptions:
         s = self.settings
         return LoopOptions.from_settings(
@@ -115,8 +119,9 @@ class Worker:
 
     async def run(self) -> int:
         """Blocks until stopped (or idle with ``stop_when_idle``): 0 after a clean stop, 1
-        when work was left unwritten (it will be redelivered). Raises ``ServiceUnavailable``
-        when PostgreSQL does not answer at start-up."""
+        when work was left unwritten or uncommitted at the shutdown deadline (it will be
+        redelivered). Raises ``ServiceUnavailable`` when PostgreSQL does not answer at
+        start-up."""
         m = self.metrics
         async with open_outputs(self.settings, m, self._stopping) as outputs:
             pipeline = TelemetryPipeline(self.settings, outputs, m)

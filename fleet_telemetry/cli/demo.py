@@ -4,14 +4,16 @@ Starts what is missing of the local stack (``fleet services up``), applies the
 migrations, creates the topics, then runs a simulated fleet and a consumer worker side
 by side in this process and shows, every second, readings per second published and
 stored, duplicates, dead letters by reason and consumer lag. Ctrl-C (or SIGTERM) stops
-the simulator, lets the worker finish and commit its in-flight batches, prints a
-summary and exits 0.
+the simulator, lets the worker read what was published (a second Ctrl-C, or
+FLEET_SHUTDOWN_TIMEOUT_SECONDS, cuts that short), finish and commit its in-flight
+batches, prints a summary and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 import time
@@ -93,10 +95,10 @@ async def demo(settings: Settings, *, vehicles: int, rate: float, bad_ratio: flo
         print(f"demo: applied {len(applied)} migrations", file=sys.stderr)
     await ensure_topics(settings, [settings.telemetry_topic, settings.dlq_topic])
 
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda: hurry.set() if stop.is_set() else stop.set())
 
     worker = Worker(settings)
     if settings.metrics_port:
@@ -130,7 +132,7 @@ async def demo(settings: Settings, *, vehicles: int, rate: float, bad_ratio: flo
         view.finish()
         await sim_task  # raises if the simulator failed
         if not worker_task.done():
-            await asyncio.sleep(min(2.0, settings.batch_max_age_ms / 1000 * 2))  # let the last readings arrive
+            await _catch_up(worker, worker_task, stats.sent, settings.shutdown_timeout_seconds, hurry)
             worker.stop()
         code = await worker_task
     m = worker.metrics
@@ -142,6 +144,17 @@ async def demo(settings: Settings, *, vehicles: int, rate: float, bad_ratio: flo
         file=sys.stderr,
     )
     return code
+
+
+async def _catch_up(worker: Worker, running: "asyncio.Task[int]", published: int, timeout: float,
+                    hurry: asyncio.Event) -> None:
+    """Blocks until the worker has read every reading published, it stopped, ``timeout``
+    passed or ``hurry`` is set."""
+    deadline = time.monotonic() + timeout
+    while (worker.metrics.value("fleet_messages_total") < published and not running.done()
+           and not hurry.is_set() and time.monotonic() < deadline):
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(hurry.wait(), 0.1)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
