@@ -5,9 +5,9 @@
   a proxy whose link the soak cuts (``proxy``); never a restart of that server.
 - Redis: a private ``redis-server`` (``private``) or ``FLEET_REDIS_URL`` (``shared``),
   reached by the workers through a proxy the soak freezes (unresponsive) or cuts.
-- The broker: a private Tansu keeping its data in a private S3 (``private``), which the
-  soak restarts; or ``FLEET_KAFKA_BOOTSTRAP`` (``shared``), which it cannot restart, so
-  that fault is left out with a note.
+- The broker: ``FLEET_KAFKA_BOOTSTRAP`` (``shared``), which the soak does not restart, so
+  that fault is left out with a note; or a private Tansu keeping its data in a private
+  S3 (``private``), which the soak restarts.
 
 The workers get the proxied addresses; the soak's own producer and checks talk to the
 servers directly. Each run has its own database, topics, consumer group and vehicles.
@@ -52,8 +52,8 @@ class RigOptions:
     """``private``, ``shared`` or ``auto`` (private when redis-server is here)."""
     redis_fault: str = "freeze"
     """``freeze`` (unresponsive) or ``cut`` (connections dropped, new ones refused)."""
-    broker: str = "auto"
-    """``private``, ``shared`` or ``auto`` (private when Tansu and moto_server are here)."""
+    broker: str = "shared"
+    """``shared`` (not restarted) or ``private`` (restarted)."""
     partitions: int = 4
     geofences: int = 300
     seed: int = 7
@@ -194,8 +194,6 @@ async def _redis(rig: Rig, base: Settings, mode: str, stack: AsyncExitStack) -> 
 async def _broker(rig: Rig, base: Settings, mode: str, stack: AsyncExitStack, say: Say) -> str:
     """Sets up the broker; returns its bootstrap address."""
     binaries = PrivateBroker.binaries()
-    if mode == "auto":
-        mode = "private" if binaries is not None else "shared"
     if mode == "private":
         if binaries is None:
             raise UsageError("--broker private needs the Tansu binary (the 'stack' extra) and moto_server (moto[server])")
@@ -205,9 +203,9 @@ async def _broker(rig: Rig, base: Settings, mode: str, stack: AsyncExitStack, sa
         await rig.broker.start()
         rig.conditions["broker"] = "restart (SIGTERM, then start) of the soak's own Tansu, data kept in S3"
         return rig.broker.bootstrap
-    rig.conditions["broker"] = "left out: the soak cannot restart FLEET_KAFKA_BOOTSTRAP's broker"
-    rig.notes.append("broker restart left out: FLEET_KAFKA_BOOTSTRAP's broker is not one the soak can restart "
-                     "with its data kept (a private one needs the Tansu binary and moto_server)")
+    rig.conditions["broker"] = "left out: the soak does not restart FLEET_KAFKA_BOOTSTRAP's broker"
+    rig.notes.append("broker restart left out: the soak does not restart FLEET_KAFKA_BOOTSTRAP's broker, and a "
+                     "local Tansu keeps its topics in memory only (--broker private: see --help)")
     return base.kafka_bootstrap
 
 

@@ -97,7 +97,7 @@ class Stream:
     async def run(self) -> None:
         """Blocks until every message was sent and acknowledged (sent again while the
         broker fails it); raises what is not a transient failure."""
-        self._producer = await start_producer(self.settings, compression_type="gzip", linger_ms=20)
+        self._producer = await start_producer(self.settings, compression_type="gzip", linger_ms=100)
         try:
             started = time.monotonic()
             next_report = started + 10.0
