@@ -1,27 +1,27 @@
-"""``python -m bench.faults``: the pipeline under repeated faults, checked reading by reading.
+"""'python -m bench.faults': the pipeline under repeated faults, checked reading by reading.
 
-Runs the real pipeline, ``fleet consume --workers 2`` as a subprocess, on a database,
+Runs the real pipeline, 'fleet consume --workers 2' as a subprocess, on a database,
 topics, consumer group and fleet of its own, while a producer streams live readings
 from a simulated fleet with a share of broken messages, and causes these faults one at
 a time at seeded random moments:
 
 worker kill
-    SIGKILL of one of the two worker processes. ``fleet consume --workers N`` does not
+    SIGKILL of one of the two worker processes. 'fleet consume --workers N' does not
     replace a dead worker (the survivor takes over its partitions; the command exits
     when every worker has), so the soak plays the operator: it lets the survivor run
     alone for --alone-seconds, stops the command with SIGTERM (the survivor finishes
     its batches, commits and leaves the group) and starts it again.
 PostgreSQL outage
-    With a private server (``--postgres private``, the default when initdb and PostGIS
-    are here): ``pg_ctl stop -m immediate`` (a crash: no checkpoint, recovery on start),
-    --postgres-outage seconds down, then started again. Otherwise (``proxy``): the
+    With a private server ('--postgres private', the default when initdb and PostGIS
+    are here): 'pg_ctl stop -m immediate' (a crash: no checkpoint, recovery on start),
+    --postgres-outage seconds down, then started again. Otherwise ('proxy'): the
     workers reach FLEET_DATABASE_URL's server through a TCP proxy whose link is cut for
     that long (open connections dropped, new ones refused). The machine's own server is
     never restarted or reconfigured.
 Redis outage
     The workers reach Redis (a private redis-server, or FLEET_REDIS_URL) through a TCP
-    proxy that holds every byte for --redis-outage seconds (``freeze``: Redis
-    unresponsive, clients time out) or drops and refuses connections (``cut``).
+    proxy that holds every byte for --redis-outage seconds ('freeze': Redis
+    unresponsive, clients time out) or drops and refuses connections ('cut').
 broker restart
     Only with a broker that keeps its data over a restart, which the local stack's
     Tansu does not (memory storage: a restart loses every topic), and the soak does not
@@ -39,7 +39,7 @@ not dead-lettered); duplicated (a reading stored twice, or stored and dead-lette
 dead-lettered by reason, and dead letters repeated (dead letters are at least once: a
 worker killed between sending them and committing sends them again; reported, not a
 failure); misrouted (a broken message stored, a valid one dead-lettered, a wrong
-reason); statuses right (Redis ``vehicle:{id}:status`` holds each vehicle's newest
+reason); statuses right (Redis 'vehicle:{id}:status' holds each vehicle's newest
 stored reading); alerts duplicated (two open alerts per vehicle, type and geofence; an
 alert raised twice for one reading; two enters or two exits in a row); worker crashes
 (a worker or the command exiting without being killed); time.
@@ -283,6 +283,8 @@ class Soak:
     async def _cause(self, fault: Planned, rig: Rig, command: ConsumeCommand) -> str:
         if fault.kind == KILL:
             pid = await command.kill_worker(self.rng, fault.seconds)
+            if pid is None:
+                return "no worker was running to kill; fleet consume started again"
             return (f"SIGKILL worker {pid}; the other ran alone {fault.seconds:g} s;"
                     " fleet consume stopped (SIGTERM) and started again")
         if fault.kind == POSTGRES:
@@ -314,42 +316,42 @@ class Soak:
                 "broken_by_kind": dict(sorted(kinds.items())), "sent_again": ledger.resent}
 
 
+def soak(args: argparse.Namespace) -> dict[str, Any]:
+    """One soak as 'args' ask, progress on stderr unless '--quiet'; returns the result.
+    Raises :class:`FleetError` for bad usage and for a service it cannot reach."""
+    from fleet_telemetry.cli.main import load_settings
+    from fleet_telemetry.core.logs import configure_logging
+
+    options = options_from(args)
+    settings = load_settings()
+    configure_logging("console", "error")
+    # The soak's own producer and readers meet the faults too; their retries are expected.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(f"soak: {line}", file=sys.stderr, flush=True)
+
+    try:
+        return asyncio.run(Soak(settings, options, say).run())
+    except OSError as exc:
+        raise ServiceUnavailable(
+            f"a connection failed ({type(exc).__name__}: {exc}); start the local stack"
+            " (fleet services up) or set FLEET_DATABASE_URL, FLEET_REDIS_URL, FLEET_KAFKA_BOOTSTRAP"
+        ) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from fleet_telemetry.cli.main import load_settings
-        from fleet_telemetry.core.logs import configure_logging
-
-        options = options_from(args)
-        settings = load_settings()
-        configure_logging("console", "error")
-        # The soak's own producer and readers meet the faults too; their retries are expected.
-        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-
-        def say(line: str) -> None:
-            if not args.quiet:
-                print(f"soak: {line}", file=sys.stderr, flush=True)
-
-        try:
-            result = asyncio.run(Soak(settings, options, say).run())
-        except OSError as exc:
-            raise ServiceUnavailable(
-                f"a connection failed ({type(exc).__name__}: {exc}); start the local stack"
-                " (fleet services up) or set FLEET_DATABASE_URL, FLEET_REDIS_URL, FLEET_KAFKA_BOOTSTRAP"
-            ) from None
-    except FleetError as exc:
-        sys.stderr.write(f"soak: {exc}\n")
-        return exc.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("soak: interrupted\n")
-        return 130
-    print(render(result))
+        result = soak(args)
+    except (FleetError, KeyboardInterrupt) as exc:  # Ctrl-C: the rig was removed on the way out
+        sys.stderr.write(f"soak: {exc or 'interrupted'}\n")
+        return exc.exit_code if isinstance(exc, FleetError) else 130
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
-    if not result["ok"]:
-        sys.stderr.write("soak: FAILED: " + "; ".join(result["failures"]) + "\n")
-        return 1
-    return 0
+    print(render(result))
+    return 0 if result["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -131,12 +131,17 @@ class ConsumeCommand:
         self.stats.stop_codes.append(code)
         return code
 
-    async def kill_worker(self, rng: Random, alone_seconds: float) -> int:
+    async def kill_worker(self, rng: Random, alone_seconds: float) -> int | None:
         """SIGKILLs one worker (chosen by ``rng``); after ``alone_seconds`` with the
-        survivors, restarts the command. Returns the killed pid."""
+        survivors, restarts the command. Returns the killed pid, None when no worker
+        was running (the command is restarted all the same)."""
         async with self._busy:
-            assert self._proc is not None, "the command is not running"
-            pid = rng.choice(sorted(worker_children(self._proc.pid)))
+            live = sorted(worker_children(self._proc.pid)) if self._proc is not None else []
+            if not live:
+                await self.stop()
+                await self.start()
+                return None
+            pid = rng.choice(live)
             self._killed.add(pid)
             os.kill(pid, signal.SIGKILL)
             self.stats.kills += 1
