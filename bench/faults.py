@@ -192,7 +192,7 @@ async def caught_up(settings: Settings, ledger: Ledger, timeout: float) -> bool:
         tp = TopicPartition(topic, partition)
         ends[tp] = max(ends.get(tp, 0), offset + 1)
     watcher = AIOKafkaConsumer(group_id=settings.consumer_group, enable_auto_commit=False,
-                               **settings.kafka_client_options())  # type: ignore[arg-type]
+                               **settings.kafka_client_options())
     await watcher.start()
     try:
         for tp, end in (await watcher.end_offsets(list(ends))).items():
@@ -233,7 +233,10 @@ class Soak:
                 result = await self._stream_under_faults(rig, command)
             finally:
                 await command.close()
-            result["workers"]["final_stop_code"] = command.stats.stop_codes[-1] if command.stats.stop_codes else None
+            stats = command.stats
+            result["workers"] = {"starts": stats.starts, "kills": stats.kills,
+                                 "crashes": [c.__dict__ for c in stats.crashes],
+                                 "final_stop_code": stats.stop_codes[-1] if stats.stop_codes else None}
             self.say("checking: rows, dead letters, statuses, alerts")
             result["found"] = await verdict(rig.settings.database_url, rig.settings.redis_url, rig.settings,
                                             rig.settings.dlq_topic, self._ledger, ids)
@@ -273,8 +276,6 @@ class Soak:
             "conditions": self._conditions(rig),
             "sent": self._sent(stream.ledger),
             "faults": done, "faults_left_out": left_out,
-            "workers": {"starts": command.stats.starts, "kills": command.stats.kills,
-                        "crashes": [c.__dict__ for c in command.stats.crashes]},
             "caught_up": up_to_date,
             "time": {"stream_s": round(stream_s, 1), "catch_up_s": round(catch_up_s, 1) if up_to_date else None,
                      "catch_up_timeout_s": timeout},

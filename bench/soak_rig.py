@@ -210,7 +210,7 @@ async def _broker(rig: Rig, base: Settings, mode: str, stack: AsyncExitStack, sa
 
 
 async def _drop_topics(settings: Settings, topics: list[str]) -> None:
-    admin = AIOKafkaAdminClient(**settings.kafka_client_options())  # type: ignore[arg-type]
+    admin = AIOKafkaAdminClient(**settings.kafka_client_options())
     try:
         await admin.start()
         await admin.delete_topics(topics)

@@ -18,7 +18,6 @@ import asyncio
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +180,3 @@ class ConsumeCommand:
                 await asyncio.sleep(1.0)
                 await self.start()
 
-
-def monotonic_since(start: float) -> Callable[[], float]:
-    return lambda: time.monotonic() - start
