@@ -20,17 +20,23 @@ import redis.asyncio as aioredis
 
 from fleet_telemetry.core.reading import Reading, status_time
 
-# One call updates a chunk of vehicles. KEYS: status keys; ARGV[1]: TTL seconds;
-# ARGV[i + 1]: a JSON array of the fields of FIELDS for KEYS[i], "" for a field to
-# remove. `time` is fixed-width RFC 3339, so text order is time order; a status only
-# moves forward, and only a newer reading renews its TTL.
+# One call updates a chunk of vehicles. KEYS: per vehicle, its status key and its
+# newest-time key; ARGV[1]: the status TTL; ARGV[2]: how long the newest time is kept;
+# ARGV[i + 2]: a JSON array of the fields of FIELDS for vehicle i, "" for a field to
+# remove. `time` is fixed-width RFC 3339, so text order is time order. A status only
+# moves forward, and only a newer reading renews its TTL. The newest time outlives the
+# status (FLEET_RAW_RETENTION_DAYS), so a late or replayed reading cannot bring back an
+# older status once the status itself has expired.
 FIELDS = ("time", "lat", "lon", "speed", "fuel_level", "heading", "driver_id", "updated_at")
 _UPDATE_STATUSES = """
 local names = {'time', 'lat', 'lon', 'speed', 'fuel_level', 'heading', 'driver_id', 'updated_at'}
 local moved = 0
-for i, key in ipairs(KEYS) do
-  local v = cjson.decode(ARGV[i + 1])
+for i = 1, #KEYS, 2 do
+  local key, newest_key = KEYS[i], KEYS[i + 1]
+  local v = cjson.decode(ARGV[(i + 1) / 2 + 2])
   local current = redis.call('HGET', key, 'time')
+  local newest = redis.call('GET', newest_key)
+  if newest and ((not current) or current < newest) then current = newest end
   if (not current) or current < v[1] then
     local set, del = {}, {}
     for j = 1, #names do
@@ -44,6 +50,7 @@ for i, key in ipairs(KEYS) do
     redis.call('HSET', key, unpack(set))
     if #del > 0 then redis.call('HDEL', key, unpack(del)) end
     redis.call('EXPIRE', key, ARGV[1])
+    redis.call('SET', newest_key, v[1], 'EX', ARGV[2])
     moved = moved + 1
   end
 end
@@ -62,6 +69,11 @@ ORDER BY vehicle_id, start_time DESC
 
 def status_key(vehicle_id: UUID | str) -> str:
     return f"vehicle:{vehicle_id}:status"
+
+
+def newest_key(vehicle_id: UUID | str) -> str:
+    """The time of the newest status ever written for the vehicle (kept longer than the status)."""
+    return f"vehicle:{vehicle_id}:status:newest"
 
 
 def newest_per_vehicle(readings: Iterable[Reading]) -> dict[UUID, Reading]:
@@ -85,10 +97,12 @@ class StatusWriter:
     Redis Cluster would need the keys in one hash slot.
     """
 
-    def __init__(self, redis: aioredis.Redis, pool: asyncpg.Pool, ttl_seconds: int = 300) -> None:
+    def __init__(self, redis: aioredis.Redis, pool: asyncpg.Pool, ttl_seconds: int = 300,
+                 newest_seconds: int = 30 * 86_400) -> None:
         self._redis = redis
         self._pool = pool
         self._ttl = ttl_seconds
+        self._newest_ttl = max(newest_seconds, ttl_seconds)
         self._script = redis.register_script(_UPDATE_STATUSES)
 
     async def active_drivers(self, vehicle_ids: list[UUID]) -> dict[UUID, UUID]:
@@ -109,13 +123,14 @@ class StatusWriter:
         values: list[bytes] = []
         for vehicle_id, r in newest.items():
             driver = drivers.get(vehicle_id)
-            keys.append(status_key(vehicle_id))
+            keys += (status_key(vehicle_id), newest_key(vehicle_id))
             values.append(orjson.dumps([
                 status_time(r.time), repr(r.lat), repr(r.lon), _text(r.speed), _text(r.fuel_level),
                 _text(r.heading), "" if driver is None else str(driver), updated_at,
             ]))
         async with self._redis.pipeline(transaction=False) as pipe:
-            for i in range(0, len(keys), _CHUNK):
-                await self._script(keys=keys[i:i + _CHUNK], args=[self._ttl, *values[i:i + _CHUNK]], client=pipe)
+            for i in range(0, len(values), _CHUNK):
+                await self._script(keys=keys[2 * i:2 * (i + _CHUNK)],
+                                   args=[self._ttl, self._newest_ttl, *values[i:i + _CHUNK]], client=pipe)
             results = await pipe.execute()
         return int(sum(results))
