@@ -76,14 +76,8 @@ async def open_outputs(settings: Settings, metrics: PipelineMetrics,
 class Worker:
     """One member of the consumer group. ``run`` returns the process exit status."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        metrics: PipelineMetrics | None = None,
-        stop_when_idle: float | None = None,
-        worker_index: int = 0,
-    ) -> None:
+    def __init__(self, settings: Settings, *, metrics: PipelineMetrics | None = None,
+                 stop_when_idle: float | None = None, worker_index: int = 0) -> None:
         self.settings = settings
         self.metrics = metrics or PipelineMetrics()
         self.stop_when_idle = stop_when_idle
