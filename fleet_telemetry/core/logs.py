@@ -55,7 +55,10 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
                     renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
-        cache_logger_on_first_use=True,
+        # Not cached: a logger then follows a later configure() (a second set-up, a
+        # test capturing logs) wherever it was first used. Logging is per batch, never
+        # per reading, so the lookup costs nothing that counts.
+        cache_logger_on_first_use=False,
     )
     root = logging.getLogger()
     ours = [h for h in root.handlers if isinstance(h, _LibraryHandler)]
