@@ -209,7 +209,7 @@ class RuleEvaluator(Protocol):
 
 
 class RulesStep:
-    """Geofences and alert rules over the batch's stored readings (the rule engine).
+    """Geofences and alert rules over the batch's stored and duplicate readings (the rule engine).
 
     Blocks until the batch's states, transitions and alerts are committed; transient
     failures are retried by ``retrier`` (the engine re-reads what it needs after a
@@ -230,9 +230,13 @@ class RulesStep:
         await self.engine.stop()
 
     async def submit(self, item: Stored) -> None:
-        if item.live:
-            stored = item.written.stored
-            await self._retry("postgresql", lambda: self.engine.after_write(stored))
+        live = item.live
+        if live:
+            # The stored readings and the duplicates: a duplicate may never have been
+            # evaluated (a write that committed and then failed, a worker that died
+            # before this step). The engine skips whatever is not newer than a vehicle's
+            # last evaluated reading, so evaluating one twice changes nothing.
+            await self._retry("postgresql", lambda: self.engine.after_write(live))
         await self.next_step.submit(item)
 
 

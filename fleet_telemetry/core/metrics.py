@@ -64,7 +64,8 @@ class PipelineMetrics(MetricSet):
             "fleet_rule_evaluation_seconds",
             "Time to evaluate geofences and alert rules for one batch, state writes included.", _DURATION_BUCKETS)
         self.late_readings = self._counter(
-            "fleet_late_readings", "Readings stored but not evaluated by the rules: older than the vehicle's newest.")
+            "fleet_late_readings",
+            "Readings the rules skipped: not newer than the vehicle's newest evaluated one (late data, repeats).")
         self.geofences_active = self._gauge("fleet_geofences_active", "Active geofences in this worker's index.")
         # How the worker spends its time, and what holds it back.
         self.copy_duration = self._histogram(

@@ -165,15 +165,15 @@ class FakeEngine:
         self.seen.append(readings)
 
 
-async def test_the_rules_see_the_stored_readings_once_written_and_retry_transient_failures() -> None:
+async def test_the_rules_see_the_stored_readings_and_the_duplicates_and_retry_transient_failures() -> None:
     metrics, nxt, engine = PipelineMetrics(), Collect(), FakeEngine(failures=1)
     step = RulesStep(nxt, engine, retrier(metrics))  # type: ignore[arg-type]
     fresh, again = reading(1), reading(9)
     item = stored([fresh], duplicates=[again])
     await step.submit(item)
-    assert engine.seen == [[fresh]] and nxt.got == [item]
+    assert engine.seen == [[fresh, again]] and nxt.got == [item]
     await step.submit(stored([]))
-    assert engine.seen == [[fresh]] and len(nxt.got) == 2
+    assert engine.seen == [[fresh, again]] and len(nxt.got) == 2
 
 
 async def test_commit_marks_the_batch_offsets_committable() -> None:
