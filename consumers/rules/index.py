@@ -15,7 +15,14 @@ from fleet_telemetry.consumers.rules.geometry import M_PER_DEGREE, Geofence, pol
 # A fence whose bounding box spans more grid cells than this is tested by bounding box.
 _MAX_CELLS_PER_FENCE = 4096
 
+# Cells on a side of a block (a power of two): segments away from every fence boundary
+# are ruled out a block at a time.
+_BLOCK_SHIFT = 3
+# How far around a segment (in cells) its cells are looked at: rounding never hides a cell.
+_MARGIN = 1e-6
+
 NOWHERE: frozenset[int] = frozenset()
+NO_FENCES: dict[int, Geofence] = {}
 """No fence at all."""
 
 
@@ -59,8 +66,8 @@ class GeofenceIndex:
                 else:
                     boundary.setdefault(key, []).append(fence)
         self.large: tuple[Geofence, ...] = tuple(large)
-        limits = [f.speed_limit_kmh for f in self.fences.values() if f.speed_limit_kmh is not None]
-        self.lowest_speed_limit = min(limits, default=math.inf)
+        self._limits = {f.id: f.speed_limit_kmh for f in self.fences.values() if f.speed_limit_kmh is not None}
+        self._lowest: dict[frozenset[int], float] = {NOWHERE: math.inf}
         dwells = [f.dwell_seconds for f in self.fences.values() if f.dwell_seconds is not None]
         self.shortest_dwell = min(dwells, default=math.inf)
         shared: dict[frozenset[int], frozenset[int]] = {}
@@ -68,6 +75,16 @@ class GeofenceIndex:
         for key in inside.keys() | boundary.keys():
             ids = frozenset(inside.get(key, ()))
             self._cells[key] = Cell(shared.setdefault(ids, ids), tuple(boundary.get(key, ())))
+        # For the segments: the fences whose boundary passes each block of cells; and the
+        # blocks with a cell of any fence in or next to them (around the others: no fence).
+        self._blocks: dict[int, dict[int, Geofence]] = {}
+        for key, group in boundary.items():
+            ix, iy = _cell_of(key)
+            self._blocks.setdefault(((ix >> _BLOCK_SHIFT) << 20) + (iy >> _BLOCK_SHIFT), {}).update(
+                (f.id, f) for f in group)
+        occupied = {(ix >> _BLOCK_SHIFT, iy >> _BLOCK_SHIFT) for ix, iy in map(_cell_of, self._cells)}
+        self._near = frozenset(((bx + dx) << 20) + by + dy for bx, by in occupied for dx in (-1, 0, 1)
+                               for dy in (-1, 0, 1))
 
     def __len__(self) -> int:
         return len(self.fences)
@@ -75,6 +92,26 @@ class GeofenceIndex:
     def key(self, lon: float, lat: float) -> int:
         cell = self.cell
         return (int(lon // cell) << 20) + int(lat // cell)
+
+    def apart(self, ix: int, iy: int, lon: float, lat: float) -> bool:
+        """Whether cell (``ix``, ``iy``) is in no fence, and no fence's boundary can meet a
+        segment from it to (``lon``, ``lat``): nothing around them is in the index."""
+        if self.large or ((ix >> _BLOCK_SHIFT) << 20) + (iy >> _BLOCK_SHIFT) in self._near:
+            return False
+        cell = self.cell
+        dx = (int(lon // cell) >> _BLOCK_SHIFT) - (ix >> _BLOCK_SHIFT)
+        dy = (int(lat // cell) >> _BLOCK_SHIFT) - (iy >> _BLOCK_SHIFT)
+        return -1 <= dx <= 1 and -1 <= dy <= 1
+
+    def lowest_limit(self, ids: frozenset[int]) -> float:
+        """The lowest speed limit of the fences ``ids`` (infinite when none has one)."""
+        low = self._lowest.get(ids)
+        if low is None:
+            limits = self._limits
+            low = min((limits[i] for i in ids if i in limits), default=math.inf)
+            if len(self._lowest) < _MAX_CELLS_PER_FENCE:
+                self._lowest[ids] = low
+        return low
 
     def containing(self, lon: float, lat: float) -> frozenset[int]:
         """Ids of the fences that cover the point."""
@@ -96,7 +133,11 @@ class GeofenceIndex:
         return found, clear
 
     def near_segment(self, lon1: float, lat1: float, lon2: float, lat2: float) -> Collection[Geofence]:
-        """Fences whose boundary may meet the segment's bounding box."""
+        """Fences whose boundary may meet the segment: those of the boundary cells the segment
+        passes (with a margin of a millionth of a cell), and the large ones.
+
+        Every fence whose boundary the segment meets is among them; each fence at most once.
+        """
         cell = self.cell
         x0, x1 = int(lon1 // cell), int(lon2 // cell)
         y0, y1 = int(lat1 // cell), int(lat2 // cell)
@@ -105,18 +146,27 @@ class GeofenceIndex:
         if y0 > y1:
             y0, y1 = y1, y0
         if (x1 - x0 + 1) * (y1 - y0 + 1) > 4 * _MAX_CELLS_PER_FENCE:
-            bx0, bx1 = sorted((lon1, lon2))
-            by0, by1 = sorted((lat1, lat2))
-            return [f for f in self.fences.values()
-                    if f.bbox[0] <= bx1 and f.bbox[2] >= bx0 and f.bbox[1] <= by1 and f.bbox[3] >= by0]
-        get = self._cells.get
-        found: set[Geofence] = set(self.large)
-        for ix in range(x0, x1 + 1):
-            for iy in range(y0, y1 + 1):
-                hit = get((ix << 20) + iy)
-                if hit is not None and hit.boundary:
-                    found.update(hit.boundary)
-        return found
+            w, e = sorted((lon1, lon2))
+            s, n = sorted((lat1, lat2))
+            return [f for f in self.fences.values() if f.bbox[0] <= e and f.bbox[2] >= w and f.bbox[1] <= n
+                    and f.bbox[3] >= s]
+        get = self._blocks.get
+        bx0, bx1, by0, by1 = x0 >> _BLOCK_SHIFT, x1 >> _BLOCK_SHIFT, y0 >> _BLOCK_SHIFT, y1 >> _BLOCK_SHIFT
+        if bx0 == bx1 and by0 == by1 and not self.large:
+            return get((bx0 << 20) + by0, NO_FENCES).values()
+        found: dict[int, Geofence] = {f.id: f for f in self.large}
+        for bx in range(bx0, bx1 + 1):
+            for by in range(by0, by1 + 1):
+                hit = get((bx << 20) + by)
+                if hit is not None:
+                    found.update(hit)
+        return found.values()
+
+
+def _cell_of(key: int) -> tuple[int, int]:
+    """The (column, row) of a cell key ``(column << 20) + row`` (rows of latitudes: below 2**19 in size)."""
+    iy = ((key + (1 << 19)) & ((1 << 20) - 1)) - (1 << 19)
+    return (key - iy) >> 20, iy
 
 
 def _classify(fence: Geofence, cell: float, x0: int, y0: int, x1: int, y1: int) -> list[tuple[int, bool]]:

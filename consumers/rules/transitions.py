@@ -94,7 +94,12 @@ def advance(
     jumping across a small fence). Readings closer in time than the dwell are not tested:
     a visit between them would be shorter than the dwell, which does not count either.
     """
-    key = index.key(lon, lat)
+    cell = index.cell
+    ix, iy = int(lon // cell), int(lat // cell)
+    key = (ix << 20) + iy
+    if not fences and (index.apart(ix, iy, lon, lat) if previous is None
+                       else index.apart(ix, iy, previous.lon, previous.lat)):
+        return Position(time, lat, lon, NOWHERE, key, True)  # no fence here, nor on the way
     inside_now, clear = index.locate(key, lon, lat)
     settled = True
     if (fences or inside_now) and not (
