@@ -9,8 +9,9 @@ In a database of its own (created on FLEET_DATABASE_URL's server, migrated, drop
 the end) it creates the benchmark's geofences (``bench.dataset.create_geofences``: circles
 and squares around the fleet's cities, some with speed limits or dwells) and loads them
 the way a worker does; the readings are the benchmark's dataset (``bench.dataset``), one
-reading per vehicle in turn, decoded once into :class:`~fleet_telemetry.core.reading.Reading`
-objects before anything is timed. Then, for each of ``--repeat`` rounds:
+reading per vehicle in turn, each batch decoded into :class:`~fleet_telemetry.core.reading.Reading`
+objects just before it is timed (as fresh as from a worker's decoder). Then, for each of
+``--repeat`` rounds:
 
 1. ``evaluate``: every batch of ``--batch`` readings grouped per vehicle and through the
    pure rules, starting from empty states (what ``after_write`` does but for the
@@ -82,10 +83,10 @@ SELECT (SELECT count(*) FROM geofence_transitions) AS transitions,
 """
 
 
-def readings(spec: dataset.DatasetSpec) -> list[Reading]:
-    """The dataset's readings, decoded (as the worker's decoder would give them)."""
+def decode(values: list[bytes]) -> list[Reading]:
+    """Message values as readings (as the worker's decoder gives them)."""
     out = []
-    for value in dataset.generate(spec):
+    for value in values:
         r = orjson.loads(value)
         out.append(Reading(
             UUID(r["vehicle_id"]), datetime.fromisoformat(r["time"]), r["lat"], r["lon"], r["speed"],
@@ -94,9 +95,11 @@ def readings(spec: dataset.DatasetSpec) -> list[Reading]:
     return out
 
 
-def batches(rs: list[Reading], size: int) -> Iterator[list[Reading]]:
-    for i in range(0, len(rs), size):
-        yield rs[i:i + size]
+def batches(values: list[bytes], size: int) -> Iterator[list[Reading]]:
+    """The dataset in batches of ``size``, each decoded just before it is handed out: the
+    rules meet a batch fresh from the decoder, as in a worker."""
+    for i in range(0, len(values), size):
+        yield decode(values[i:i + size])
 
 
 def evaluation_digest(results: list[Evaluation]) -> str:
@@ -112,20 +115,22 @@ def evaluation_digest(results: list[Evaluation]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_evaluate(index: GeofenceIndex, settings: Settings, rs: list[Reading], size: int,
+def run_evaluate(index: GeofenceIndex, settings: Settings, values: list[bytes], size: int,
                  now: datetime) -> tuple[float, list[Evaluation]]:
     """Every batch through ``evaluate`` from empty states; returns (CPU seconds, results)."""
     th = thresholds_from_settings(settings)
     states: dict[UUID, VehicleState] = {}
     results = []
-    started = time.process_time()
-    for batch in batches(rs, size):
+    cpu = 0.0
+    for batch in batches(values, size):
+        started = time.process_time()
         groups = by_vehicle(batch)
         for vid in groups:
             if vid not in states:
                 states[vid] = VehicleState()
         results.append(evaluate(states, groups, index, th, now))
-    return time.process_time() - started, results
+        cpu += time.process_time() - started
+    return cpu, results
 
 
 class StatementCounter:
@@ -136,13 +141,18 @@ class StatementCounter:
 
     def __call__(self, record: Any) -> None:
         self.count += 1
+        import collections, os
+        if os.environ.get("RB_TRACE"):
+            global _TRACE
+            _TRACE = globals().get("_TRACE") or collections.Counter()
+            _TRACE[" ".join(record.query.split())[:60]] += 1
 
     async def attach(self, conn: asyncpg.Connection) -> None:
         await init_connection(conn)
         conn.add_query_logger(self)
 
 
-async def run_after_write(url: str, settings: Settings, rs: list[Reading], size: int) -> dict[str, Any]:
+async def run_after_write(url: str, settings: Settings, values: list[bytes], size: int) -> dict[str, Any]:
     """Every batch through a fresh engine's ``after_write``; the client's CPU and wall time."""
     admin = await asyncpg.connect(url)
     try:
@@ -155,10 +165,11 @@ async def run_after_write(url: str, settings: Settings, rs: list[Reading], size:
         engine = RuleEngine(pool, None, settings, PipelineMetrics())
         await engine.refresh_geofences()
         counter.count = 0
-        cpu, wall = time.process_time(), time.perf_counter()
-        for batch in batches(rs, size):
+        cpu = wall = 0.0
+        for batch in batches(values, size):
+            started, clock = time.process_time(), time.perf_counter()
             await engine.after_write(batch)
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            cpu, wall = cpu + time.process_time() - started, wall + time.perf_counter() - clock
         statements = counter.count
         await engine.flush()  # the states not written yet, so the rows compare between runs
         async with pool.acquire() as conn:
@@ -189,20 +200,20 @@ async def main(args: argparse.Namespace) -> int:
         finally:
             await conn.close()
         settings = base.model_copy(update={"database_url": url})
-        rs = readings(spec)
-        n = len(rs)
+        values = list(dataset.generate(spec))
+        n = len(values)
         print(f"{n:,} readings of {args.vehicles:,} vehicles over {args.hours} h, {len(index):,} geofences"
               f" (grid cell {index.cell:.5f} deg), batches of {args.batch:,}", flush=True)
         now = spec.end + timedelta(minutes=1)
         if args.profile:
             profiler = cProfile.Profile()
             profiler.enable()
-            run_evaluate(index, settings, rs, args.batch, now)
+            run_evaluate(index, settings, values, args.batch, now)
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").dump_stats(args.profile)
         best_eval = best_cpu = best_wall = float("inf")
         for round_ in range(args.repeat):
-            seconds, results = run_evaluate(index, settings, rs, args.batch, now)
+            seconds, results = run_evaluate(index, settings, values, args.batch, now)
             best_eval = min(best_eval, seconds)
             transitions = sum(len(r.transitions) for r in results)
             actions = sum(len(r.actions) for r in results)
@@ -211,12 +222,13 @@ async def main(args: argparse.Namespace) -> int:
                   flush=True)
             if args.no_database:
                 continue
-            w = await run_after_write(url, settings, rs, args.batch)
+            w = await run_after_write(url, settings, values, args.batch)
             best_cpu, best_wall = min(best_cpu, w["cpu"]), min(best_wall, w["wall"])
             print(f"round {round_ + 1}: after_write {w['cpu'] / n * 1e6:6.2f} us client CPU/reading,"
                   f" {w['wall'] / n * 1e6:6.2f} us wall/reading, {w['statements'] / (n / args.batch):.1f}"
                   f" statements/batch ({w['transitions']:,} transitions, {w['alerts']:,} alerts,"
                   f" {w['fence_states']:,} fence states; rows digest {w['digest'][:16]})", flush=True)
+        if globals().get("_TRACE"): print(_TRACE)
         print(f"best: evaluate {best_eval / n * 1e6:.2f} us CPU/reading", end="")
         if not args.no_database:
             print(f"; after_write {best_cpu / n * 1e6:.2f} us client CPU/reading,"

@@ -7,7 +7,7 @@ Pure code: rebuilt from the ``geofences`` rows whenever they change
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from fleet_telemetry.consumers.rules.geometry import M_PER_DEGREE, Geofence, polygons_cover
@@ -22,7 +22,6 @@ _BLOCK_SHIFT = 3
 _MARGIN = 1e-6
 
 NOWHERE: frozenset[int] = frozenset()
-NO_FENCES: dict[int, Geofence] = {}
 """No fence at all."""
 
 
@@ -77,11 +76,11 @@ class GeofenceIndex:
             self._cells[key] = Cell(shared.setdefault(ids, ids), tuple(boundary.get(key, ())))
         # For the segments: the fences whose boundary passes each block of cells; and the
         # blocks with a cell of any fence in or next to them (around the others: no fence).
-        self._blocks: dict[int, dict[int, Geofence]] = {}
+        blocks: dict[int, dict[int, Geofence]] = {}
         for key, group in boundary.items():
             ix, iy = _cell_of(key)
-            self._blocks.setdefault(((ix >> _BLOCK_SHIFT) << 20) + (iy >> _BLOCK_SHIFT), {}).update(
-                (f.id, f) for f in group)
+            blocks.setdefault(((ix >> _BLOCK_SHIFT) << 20) + (iy >> _BLOCK_SHIFT), {}).update((f.id, f) for f in group)
+        self._blocks = {key: tuple((*f.bbox, f) for f in group.values()) for key, group in blocks.items()}
         occupied = {(ix >> _BLOCK_SHIFT, iy >> _BLOCK_SHIFT) for ix, iy in map(_cell_of, self._cells)}
         self._near = frozenset(((bx + dx) << 20) + by + dy for bx, by in occupied for dx in (-1, 0, 1)
                                for dy in (-1, 0, 1))
@@ -132,35 +131,33 @@ class GeofenceIndex:
                 found = found.union(hits)
         return found, clear
 
-    def near_segment(self, lon1: float, lat1: float, lon2: float, lat2: float) -> Collection[Geofence]:
-        """Fences whose boundary may meet the segment: those of the boundary cells the segment
-        passes (with a margin of a millionth of a cell), and the large ones.
+    def near_segment(self, lon1: float, lat1: float, lon2: float, lat2: float) -> Sequence[Geofence]:
+        """Fences whose bounding box meets the segment's and whose boundary may pass through
+        a cell of the segment's box (each fence once).
 
-        Every fence whose boundary the segment meets is among them; each fence at most once.
+        Every fence whose boundary the segment meets is among them.
         """
+        w, e = (lon1, lon2) if lon1 <= lon2 else (lon2, lon1)
+        s, n = (lat1, lat2) if lat1 <= lat2 else (lat2, lat1)
         cell = self.cell
-        x0, x1 = int(lon1 // cell), int(lon2 // cell)
-        y0, y1 = int(lat1 // cell), int(lat2 // cell)
-        if x0 > x1:
-            x0, x1 = x1, x0
-        if y0 > y1:
-            y0, y1 = y1, y0
+        x0, x1, y0, y1 = int(w // cell), int(e // cell), int(s // cell), int(n // cell)
         if (x1 - x0 + 1) * (y1 - y0 + 1) > 4 * _MAX_CELLS_PER_FENCE:
-            w, e = sorted((lon1, lon2))
-            s, n = sorted((lat1, lat2))
-            return [f for f in self.fences.values() if f.bbox[0] <= e and f.bbox[2] >= w and f.bbox[1] <= n
-                    and f.bbox[3] >= s]
+            return [f for f in self.fences.values()
+                    if f.bbox[0] <= e and f.bbox[2] >= w and f.bbox[1] <= n and f.bbox[3] >= s]
         get = self._blocks.get
         bx0, bx1, by0, by1 = x0 >> _BLOCK_SHIFT, x1 >> _BLOCK_SHIFT, y0 >> _BLOCK_SHIFT, y1 >> _BLOCK_SHIFT
         if bx0 == bx1 and by0 == by1 and not self.large:
-            return get((bx0 << 20) + by0, NO_FENCES).values()
-        found: dict[int, Geofence] = {f.id: f for f in self.large}
+            return [f for fw, fs, fe, fn, f in get((bx0 << 20) + by0, ()) if fw <= e and fe >= w and fs <= n and fn >= s]
+        found: dict[int, Geofence] = {}
         for bx in range(bx0, bx1 + 1):
             for by in range(by0, by1 + 1):
-                hit = get((bx << 20) + by)
-                if hit is not None:
-                    found.update(hit)
-        return found.values()
+                for fw, fs, fe, fn, f in get((bx << 20) + by, ()):
+                    if fw <= e and fe >= w and fs <= n and fn >= s:
+                        found[f.id] = f
+        for f in self.large:
+            if f.bbox[0] <= e and f.bbox[2] >= w and f.bbox[1] <= n and f.bbox[3] >= s:
+                found[f.id] = f
+        return list(found.values())
 
 
 def _cell_of(key: int) -> tuple[int, int]:

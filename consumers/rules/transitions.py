@@ -161,11 +161,8 @@ def _crossings(
     out: list[Transition],
 ) -> None:
     lon1, lat1 = previous.lon, previous.lat
-    x0, x1 = (lon1, lon2) if lon1 <= lon2 else (lon2, lon1)
-    y0, y1 = (lat1, lat2) if lat1 <= lat2 else (lat2, lat1)
     candidates = [f for f in index.near_segment(lon1, lat1, lon2, lat2)
-                  if f.bbox[0] <= x1 and f.bbox[2] >= x0 and f.bbox[1] <= y1 and f.bbox[3] >= y0
-                  and f.id not in previous.inside and f.id not in inside_now]
+                  if f.id not in previous.inside and f.id not in inside_now]
     if not candidates or sphere_distance_m(lon1, lat1, lon2, lat2) < CROSSING_MIN_SEGMENT_M:
         return
     for fence in candidates:
