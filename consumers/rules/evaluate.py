@@ -63,23 +63,25 @@ def evaluate(
     to decide whether a reading is fresh enough to resolve an ``offline`` alert.
     """
     out = Evaluation()
+    actions, transitions, evaluated = out.actions, out.transitions, out.states
     fresh_after = now - timedelta(seconds=th.offline_seconds)
+    stale_before = fresh_after + CLOCK_SKEW if th.offline_seconds else None
     for vid, rs in groups.items():
         vs = states[vid]
         last = vs.last_time
-        todo = _unevaluated(rs, last, out)
-        if not todo:
-            continue
-        events = len(out.actions) + len(out.transitions)
+        if len(rs) > 1 or (last is not None and rs[0].time <= last):
+            rs = _unevaluated(rs, last, out)
+            if not rs:
+                continue
+        events = len(actions) + len(transitions)
         had_fences = bool(vs.fences)
-        _vehicle(vid, vs, todo, index, th, out)
-        out.states[vid] = vs
-        if len(out.actions) + len(out.transitions) != events:
+        _vehicle(vid, vs, rs, index, th, out)
+        evaluated[vid] = vs
+        if len(actions) + len(transitions) != events:
             out.urgent.add(vid)
         if had_fences or vs.fences:
             out.fences_changed.add(vid)
-        if (th.offline_seconds and last is not None and last < fresh_after + CLOCK_SKEW
-                and todo[-1].time >= fresh_after):
+        if stale_before is not None and last is not None and last < stale_before and rs[-1].time >= fresh_after:
             out.back_online.append(vid)
             out.urgent.add(vid)
     return out
