@@ -141,11 +141,6 @@ class StatementCounter:
 
     def __call__(self, record: Any) -> None:
         self.count += 1
-        import collections, os
-        if os.environ.get("RB_TRACE"):
-            global _TRACE
-            _TRACE = globals().get("_TRACE") or collections.Counter()
-            _TRACE[" ".join(record.query.split())[:60]] += 1
 
     async def attach(self, conn: asyncpg.Connection) -> None:
         await init_connection(conn)
@@ -181,7 +176,7 @@ async def run_after_write(url: str, settings: Settings, values: list[bytes], siz
 
 async def main(args: argparse.Namespace) -> int:
     configure_logging("console", "warning")
-    base = Settings(_env_file=None)
+    base = Settings()
     spec = dataset.DatasetSpec(
         readings=args.readings, vehicles=args.vehicles, seed=args.seed,
         end=args.end or dataset.window_ending_now(timedelta(hours=args.hours)), span=timedelta(hours=args.hours),
@@ -228,7 +223,6 @@ async def main(args: argparse.Namespace) -> int:
                   f" {w['wall'] / n * 1e6:6.2f} us wall/reading, {w['statements'] / (n / args.batch):.1f}"
                   f" statements/batch ({w['transitions']:,} transitions, {w['alerts']:,} alerts,"
                   f" {w['fence_states']:,} fence states; rows digest {w['digest'][:16]})", flush=True)
-        if globals().get("_TRACE"): print(_TRACE)
         print(f"best: evaluate {best_eval / n * 1e6:.2f} us CPU/reading", end="")
         if not args.no_database:
             print(f"; after_write {best_cpu / n * 1e6:.2f} us client CPU/reading,"
