@@ -18,8 +18,8 @@ _MAX_CELLS_PER_FENCE = 4096
 # Cells on a side of a block (a power of two): segments away from every fence boundary
 # are ruled out a block at a time.
 _BLOCK_SHIFT = 3
-# How far around a segment (in cells) its cells are looked at: rounding never hides a cell.
-_MARGIN = 1e-6
+# A segment whose box spans more cells than this finds its fences by block.
+_CELLS_BEFORE_BLOCKS = 16
 
 NOWHERE: frozenset[int] = frozenset()
 """No fence at all."""
@@ -74,8 +74,10 @@ class GeofenceIndex:
         for key in inside.keys() | boundary.keys():
             ids = frozenset(inside.get(key, ()))
             self._cells[key] = Cell(shared.setdefault(ids, ids), tuple(boundary.get(key, ())))
-        # For the segments: the fences whose boundary passes each block of cells; and the
-        # blocks with a cell of any fence in or next to them (around the others: no fence).
+        # For the segments: the fences whose boundary passes each cell, and each block of
+        # cells, with their bounding boxes; and the blocks with a cell of any fence in or
+        # next to them (around the others there is no fence).
+        self._edges = {key: tuple((*f.bbox, f) for f in group) for key, group in boundary.items()}
         blocks: dict[int, dict[int, Geofence]] = {}
         for key, group in boundary.items():
             ix, iy = _cell_of(key)
@@ -133,7 +135,7 @@ class GeofenceIndex:
 
     def near_segment(self, lon1: float, lat1: float, lon2: float, lat2: float) -> Sequence[Geofence]:
         """Fences whose bounding box meets the segment's and whose boundary may pass through
-        a cell of the segment's box (each fence once).
+        a cell of the segment's box, or of its blocks of cells (each fence once).
 
         Every fence whose boundary the segment meets is among them.
         """
@@ -144,14 +146,17 @@ class GeofenceIndex:
         if (x1 - x0 + 1) * (y1 - y0 + 1) > 4 * _MAX_CELLS_PER_FENCE:
             return [f for f in self.fences.values()
                     if f.bbox[0] <= e and f.bbox[2] >= w and f.bbox[1] <= n and f.bbox[3] >= s]
-        get = self._blocks.get
-        bx0, bx1, by0, by1 = x0 >> _BLOCK_SHIFT, x1 >> _BLOCK_SHIFT, y0 >> _BLOCK_SHIFT, y1 >> _BLOCK_SHIFT
-        if bx0 == bx1 and by0 == by1 and not self.large:
-            return [f for fw, fs, fe, fn, f in get((bx0 << 20) + by0, ()) if fw <= e and fe >= w and fs <= n and fn >= s]
+        if (x1 - x0 + 1) * (y1 - y0 + 1) <= _CELLS_BEFORE_BLOCKS:
+            get = self._edges.get
+        else:  # a long segment: fewer look-ups by block
+            get = self._blocks.get
+            x0, x1, y0, y1 = x0 >> _BLOCK_SHIFT, x1 >> _BLOCK_SHIFT, y0 >> _BLOCK_SHIFT, y1 >> _BLOCK_SHIFT
+        if x0 == x1 and y0 == y1 and not self.large:
+            return [f for fw, fs, fe, fn, f in get((x0 << 20) + y0, ()) if fw <= e and fe >= w and fs <= n and fn >= s]
         found: dict[int, Geofence] = {}
-        for bx in range(bx0, bx1 + 1):
-            for by in range(by0, by1 + 1):
-                for fw, fs, fe, fn, f in get((bx << 20) + by, ()):
+        for gx in range(x0, x1 + 1):
+            for gy in range(y0, y1 + 1):
+                for fw, fs, fe, fn, f in get((gx << 20) + gy, ()):
                     if fw <= e and fe >= w and fs <= n and fn >= s:
                         found[f.id] = f
         for f in self.large:

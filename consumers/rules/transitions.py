@@ -70,6 +70,11 @@ class Position(NamedTuple):
     """No side change was pending after this reading."""
 
 
+_new = tuple.__new__
+"""``_new(Position, (time, lat, lon, inside, key, settled))`` is ``Position(...)`` without
+the Python-level ``__new__`` of a NamedTuple: the hot path builds one per reading."""
+
+
 def advance(
     vehicle_id: Any,
     fences: dict[int, FenceState],
@@ -99,7 +104,7 @@ def advance(
     key = (ix << 20) + iy
     if not fences and (index.apart(ix, iy, lon, lat) if previous is None
                        else index.apart(ix, iy, previous.lon, previous.lat)):
-        return Position(time, lat, lon, NOWHERE, key, True)  # no fence here, nor on the way
+        return _new(Position, (time, lat, lon, NOWHERE, key, True))  # no fence here, nor on the way
     inside_now, clear = index.locate(key, lon, lat)
     settled = True
     if (fences or inside_now) and not (
@@ -112,7 +117,7 @@ def advance(
         if gap >= min(default_dwell, index.shortest_dwell):
             _crossings(vehicle_id, fences, index, previous, time, lat, lon, inside_now, gap, default_dwell,
                        transitions)
-    return Position(time, lat, lon, inside_now, key, settled)
+    return _new(Position, (time, lat, lon, inside_now, key, settled))
 
 
 def _sides(
