@@ -18,8 +18,6 @@ _MAX_CELLS_PER_FENCE = 4096
 # Cells on a side of a block (a power of two): segments away from every fence boundary
 # are ruled out a block at a time.
 _BLOCK_SHIFT = 3
-# A segment whose box spans more cells than this finds its fences by block.
-_CELLS_BEFORE_BLOCKS = 16
 
 NOWHERE: frozenset[int] = frozenset()
 """No fence at all."""
@@ -34,6 +32,8 @@ class Cell(NamedTuple):
 
 
 _EMPTY_CELL = Cell(NOWHERE, ())
+_Boxed = tuple[float, float, float, float, Geofence]
+"""A fence after its bounding box (west, south, east, north)."""
 
 
 class GeofenceIndex:
@@ -74,15 +74,19 @@ class GeofenceIndex:
         for key in inside.keys() | boundary.keys():
             ids = frozenset(inside.get(key, ()))
             self._cells[key] = Cell(shared.setdefault(ids, ids), tuple(boundary.get(key, ())))
-        # For the segments: the fences whose boundary passes each cell, and each block of
-        # cells, with their bounding boxes; and the blocks with a cell of any fence in or
-        # next to them (around the others there is no fence).
-        self._edges = {key: tuple((*f.bbox, f) for f in group) for key, group in boundary.items()}
+        # For the segments: the fences whose boundary passes the 3 x 3 cells around each
+        # cell, and each block of cells, with their bounding boxes; and the blocks with a
+        # cell of any fence in or next to them (around the others there is no fence).
+        around: dict[int, dict[int, Geofence]] = {}
         blocks: dict[int, dict[int, Geofence]] = {}
         for key, group in boundary.items():
             ix, iy = _cell_of(key)
+            for dx in (-1, 0, 1):
+                for dy in (-1, 0, 1):
+                    around.setdefault(((ix + dx) << 20) + iy + dy, {}).update((f.id, f) for f in group)
             blocks.setdefault(((ix >> _BLOCK_SHIFT) << 20) + (iy >> _BLOCK_SHIFT), {}).update((f.id, f) for f in group)
-        self._blocks = {key: tuple((*f.bbox, f) for f in group.values()) for key, group in blocks.items()}
+        self._around = _with_boxes(around)
+        self._blocks = _with_boxes(blocks)
         occupied = {(ix >> _BLOCK_SHIFT, iy >> _BLOCK_SHIFT) for ix, iy in map(_cell_of, self._cells)}
         self._near = frozenset(((bx + dx) << 20) + by + dy for bx, by in occupied for dx in (-1, 0, 1)
                                for dy in (-1, 0, 1))
@@ -135,7 +139,7 @@ class GeofenceIndex:
 
     def near_segment(self, lon1: float, lat1: float, lon2: float, lat2: float) -> Sequence[Geofence]:
         """Fences whose bounding box meets the segment's and whose boundary may pass through
-        a cell of the segment's box, or of its blocks of cells (each fence once).
+        a cell near the segment's box (each fence once).
 
         Every fence whose boundary the segment meets is among them.
         """
@@ -146,16 +150,18 @@ class GeofenceIndex:
         if (x1 - x0 + 1) * (y1 - y0 + 1) > 4 * _MAX_CELLS_PER_FENCE:
             return [f for f in self.fences.values()
                     if f.bbox[0] <= e and f.bbox[2] >= w and f.bbox[1] <= n and f.bbox[3] >= s]
-        if (x1 - x0 + 1) * (y1 - y0 + 1) <= _CELLS_BEFORE_BLOCKS:
-            get = self._edges.get
+        if x1 - x0 < 3 and y1 - y0 < 3 and not self.large:  # the common case: one look-up
+            return [f for fw, fs, fe, fn, f in self._around.get(((x0 + 1) << 20) + y0 + 1, ())
+                    if fw <= e and fe >= w and fs <= n and fn >= s]
+        if x1 - x0 < 6 and y1 - y0 < 6:  # the 3 x 3 cells around every third cell
+            get, step = self._around.get, 3
+            x0, x1, y0, y1 = x0 + 1, x1 + 1, y0 + 1, y1 + 1
         else:  # a long segment: fewer look-ups by block
-            get = self._blocks.get
+            get, step = self._blocks.get, 1
             x0, x1, y0, y1 = x0 >> _BLOCK_SHIFT, x1 >> _BLOCK_SHIFT, y0 >> _BLOCK_SHIFT, y1 >> _BLOCK_SHIFT
-        if x0 == x1 and y0 == y1 and not self.large:
-            return [f for fw, fs, fe, fn, f in get((x0 << 20) + y0, ()) if fw <= e and fe >= w and fs <= n and fn >= s]
         found: dict[int, Geofence] = {}
-        for gx in range(x0, x1 + 1):
-            for gy in range(y0, y1 + 1):
+        for gx in range(x0, x1 + 1, step):
+            for gy in range(y0, y1 + 1, step):
                 for fw, fs, fe, fn, f in get((gx << 20) + gy, ()):
                     if fw <= e and fe >= w and fs <= n and fn >= s:
                         found[f.id] = f
@@ -163,6 +169,10 @@ class GeofenceIndex:
             if f.bbox[0] <= e and f.bbox[2] >= w and f.bbox[1] <= n and f.bbox[3] >= s:
                 found[f.id] = f
         return list(found.values())
+
+
+def _with_boxes(groups: dict[int, dict[int, Geofence]]) -> dict[int, tuple[_Boxed, ...]]:
+    return {key: tuple((*f.bbox, f) for f in group.values()) for key, group in groups.items()}
 
 
 def _cell_of(key: int) -> tuple[int, int]:

@@ -238,12 +238,13 @@ def test_every_segment_that_meets_a_fence_finds_it_among_the_candidates() -> Non
         points = interesting_points(rng, fences, index.cell)
         pairs = passes(rng, fences, index.cell)
         met = 0
-        for _ in range(3000):
+        for _ in range(4000):
             a, b = rng.choice(points), rng.choice(points)
             if rng.random() < 0.3:
                 a, b = rng.choice(pairs)
-            elif rng.random() < 0.5:  # short segments, some along a grid line
-                b = (a[0] + rng.uniform(-0.01, 0.01), a[1] if rng.random() < 0.3 else a[1] + rng.uniform(-0.01, 0.01))
+            elif rng.random() < 0.8:  # up to a few cells long, some along a grid line
+                d, heading = rng.uniform(0, 8) * index.cell, rng.uniform(0, 2 * math.pi)
+                b = (a[0] + d * math.cos(heading), a[1] if rng.random() < 0.2 else a[1] + d * math.sin(heading))
             candidates = {f.id for f in index.near_segment(a[0], a[1], b[0], b[1])}
             for f in fences:
                 if f.covers(*a) or f.covers(*b) or f.crossing(a[0], a[1], b[0], b[1]) is None:
