@@ -102,25 +102,35 @@ def batches(values: list[bytes], size: int) -> Iterator[list[Reading]]:
         yield decode(values[i:i + size])
 
 
-def evaluation_digest(results: list[Evaluation]) -> str:
-    """What a run decided, independent of the order inside one reading's transitions."""
-    h = hashlib.sha256()
-    for result in results:
+class Decisions:
+    """What a run decided, in a digest independent of the order of one reading's
+    transitions, and counted; each batch's result is dropped once added (a worker keeps
+    none, and the garbage collector would walk through them all)."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.transitions = self.actions = 0
+
+    def add(self, result: Evaluation) -> None:
         ts = sorted((str(t.vehicle_id), t.geofence_id, t.kind, t.time.isoformat(), round(t.lat, 9),
                      round(t.lon, 9), t.crossing) for t in result.transitions)
         acts = sorted((str(a.vehicle_id), a.type, a.geofence_id or 0, a.reading_time.isoformat(), a.action,
                        orjson.dumps(a.details, option=orjson.OPT_SORT_KEYS).decode()) for a in result.actions)
-        h.update(repr((ts, acts, result.late, sorted(map(str, result.urgent)), sorted(map(str, result.back_online))))
-                 .encode())
-    return h.hexdigest()[:16]
+        self._hash.update(repr((ts, acts, result.late, sorted(map(str, result.urgent)),
+                                sorted(map(str, result.back_online)))).encode())
+        self.transitions += len(ts)
+        self.actions += len(acts)
+
+    def digest(self) -> str:
+        return self._hash.hexdigest()[:16]
 
 
 def run_evaluate(index: GeofenceIndex, settings: Settings, values: list[bytes], size: int,
-                 now: datetime) -> tuple[float, list[Evaluation]]:
-    """Every batch through ``evaluate`` from empty states; returns (CPU seconds, results)."""
+                 now: datetime) -> tuple[float, Decisions]:
+    """Every batch through ``evaluate`` from empty states; returns (CPU seconds, what it decided)."""
     th = thresholds_from_settings(settings)
     states: dict[UUID, VehicleState] = {}
-    results = []
+    decisions = Decisions()
     cpu = 0.0
     for batch in batches(values, size):
         started = time.process_time()
@@ -128,9 +138,10 @@ def run_evaluate(index: GeofenceIndex, settings: Settings, values: list[bytes], 
         for vid in groups:
             if vid not in states:
                 states[vid] = VehicleState()
-        results.append(evaluate(states, groups, index, th, now))
+        result = evaluate(states, groups, index, th, now)
         cpu += time.process_time() - started
-    return cpu, results
+        decisions.add(result)
+    return cpu, decisions
 
 
 class StatementCounter:
@@ -208,13 +219,10 @@ async def main(args: argparse.Namespace) -> int:
             pstats.Stats(profiler).sort_stats("tottime").dump_stats(args.profile)
         best_eval = best_cpu = best_wall = float("inf")
         for round_ in range(args.repeat):
-            seconds, results = run_evaluate(index, settings, values, args.batch, now)
+            seconds, decisions = run_evaluate(index, settings, values, args.batch, now)
             best_eval = min(best_eval, seconds)
-            transitions = sum(len(r.transitions) for r in results)
-            actions = sum(len(r.actions) for r in results)
-            print(f"round {round_ + 1}: evaluate {seconds / n * 1e6:6.2f} us CPU/reading"
-                  f" ({transitions:,} transitions, {actions:,} alert actions, digest {evaluation_digest(results)})",
-                  flush=True)
+            print(f"round {round_ + 1}: evaluate {seconds / n * 1e6:6.2f} us CPU/reading ({decisions.transitions:,}"
+                  f" transitions, {decisions.actions:,} alert actions, digest {decisions.digest()})", flush=True)
             if args.no_database:
                 continue
             w = await run_after_write(url, settings, values, args.batch)

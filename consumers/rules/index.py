@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
-
 from fleet_telemetry.consumers.rules.geometry import M_PER_DEGREE, Geofence, polygons_cover
 
 # A fence whose bounding box spans more grid cells than this is tested by bounding box.
@@ -23,17 +21,8 @@ NOWHERE: frozenset[int] = frozenset()
 """No fence at all."""
 
 
-class Cell(NamedTuple):
-    """What one grid cell knows: fences that cover all of it, and fences whose boundary
-    may cross it (those need the exact test)."""
-
-    inside: frozenset[int]
-    boundary: tuple[Geofence, ...]
-
-
-_EMPTY_CELL = Cell(NOWHERE, ())
-_Boxed = tuple[float, float, float, float, Geofence]
-"""A fence after its bounding box (west, south, east, north)."""
+_Boxed = tuple[float, float, float, float, int]
+"""A fence's id after its bounding box (west, south, east, north)."""
 
 
 class GeofenceIndex:
@@ -43,6 +32,9 @@ class GeofenceIndex:
     boundary may pass through it. A point in a cell without boundary fences is decided
     by one dictionary look-up; only points in boundary cells get the exact test. Fences
     too large for the grid are tested by bounding box, then exactly.
+
+    The grid holds fence ids and numbers only: nothing for the garbage collector to walk
+    through on each full collection.
     """
 
     def __init__(self, fences: Iterable[Geofence]) -> None:
@@ -52,7 +44,7 @@ class GeofenceIndex:
         # About six cells across a typical fence, so most cells are wholly in or out.
         self.cell = min(1.0, max(0.0005, median / 6))
         inside: dict[int, set[int]] = {}
-        boundary: dict[int, list[Geofence]] = {}
+        boundary: dict[int, list[int]] = {}
         large: list[Geofence] = []
         for fence in self.fences.values():
             x0, y0, x1, y1 = (int(v // self.cell) for v in fence.bbox)
@@ -63,33 +55,36 @@ class GeofenceIndex:
                 if full:
                     inside.setdefault(key, set()).add(fence.id)
                 else:
-                    boundary.setdefault(key, []).append(fence)
+                    boundary.setdefault(key, []).append(fence.id)
         self.large: tuple[Geofence, ...] = tuple(large)
         self._limits = {f.id: f.speed_limit_kmh for f in self.fences.values() if f.speed_limit_kmh is not None}
         self._lowest: dict[frozenset[int], float] = {NOWHERE: math.inf}
         dwells = [f.dwell_seconds for f in self.fences.values() if f.dwell_seconds is not None]
         self.shortest_dwell = min(dwells, default=math.inf)
         shared: dict[frozenset[int], frozenset[int]] = {}
-        self._cells: dict[int, Cell] = {}
-        for key in inside.keys() | boundary.keys():
-            ids = frozenset(inside.get(key, ()))
-            self._cells[key] = Cell(shared.setdefault(ids, ids), tuple(boundary.get(key, ())))
+        self._inside = {key: shared.setdefault(frozenset(ids), frozenset(ids)) for key, ids in inside.items()}
+        """Per cell: the fences that cover all of it."""
+        self._edges = {key: tuple(ids) for key, ids in boundary.items()}
+        """Per cell: the fences whose boundary may pass through it."""
         # For the segments: the fences whose boundary passes the 3 x 3 cells around each
         # cell, and each block of cells, with their bounding boxes; and the blocks with a
         # cell of any fence in or next to them (around the others there is no fence).
-        around: dict[int, dict[int, Geofence]] = {}
-        blocks: dict[int, dict[int, Geofence]] = {}
-        for key, group in boundary.items():
+        around: dict[int, dict[int, None]] = {}
+        blocks: dict[int, dict[int, None]] = {}
+        for key, ids in boundary.items():
             ix, iy = _cell_of(key)
             for dx in (-1, 0, 1):
                 for dy in (-1, 0, 1):
-                    around.setdefault(((ix + dx) << 20) + iy + dy, {}).update((f.id, f) for f in group)
-            blocks.setdefault(((ix >> _BLOCK_SHIFT) << 20) + (iy >> _BLOCK_SHIFT), {}).update((f.id, f) for f in group)
-        self._around = _with_boxes(around)
-        self._blocks = _with_boxes(blocks)
-        occupied = {(ix >> _BLOCK_SHIFT, iy >> _BLOCK_SHIFT) for ix, iy in map(_cell_of, self._cells)}
+                    around.setdefault(((ix + dx) << 20) + iy + dy, {}).update(dict.fromkeys(ids))
+            blocks.setdefault(((ix >> _BLOCK_SHIFT) << 20) + (iy >> _BLOCK_SHIFT), {}).update(dict.fromkeys(ids))
+        self._around = self._with_boxes(around)
+        self._blocks = self._with_boxes(blocks)
+        occupied = {(ix >> _BLOCK_SHIFT, iy >> _BLOCK_SHIFT) for ix, iy in map(_cell_of, inside.keys() | boundary.keys())}
         self._near = frozenset(((bx + dx) << 20) + by + dy for bx, by in occupied for dx in (-1, 0, 1)
                                for dy in (-1, 0, 1))
+
+    def _with_boxes(self, groups: dict[int, dict[int, None]]) -> dict[int, tuple[_Boxed, ...]]:
+        return {key: tuple((*self.fences[fid].bbox, fid) for fid in ids) for key, ids in groups.items()}
 
     def __len__(self) -> int:
         return len(self.fences)
@@ -124,18 +119,14 @@ class GeofenceIndex:
 
     def locate(self, key: int, lon: float, lat: float) -> tuple[frozenset[int], bool]:
         """(fences covering the point, whether its cell is free of fence boundaries)."""
-        cell = self._cells.get(key, _EMPTY_CELL)
-        found = cell.inside
-        clear = not cell.boundary and not self.large
-        if cell.boundary:
-            hits = [f.id for f in cell.boundary if f.covers(lon, lat)]
-            if hits:
-                found = found.union(hits)
-        if self.large:
-            hits = [f.id for f in self.large if f.covers(lon, lat)]
-            if hits:
-                found = found.union(hits)
-        return found, clear
+        found = self._inside.get(key, NOWHERE)
+        edges = self._edges.get(key)
+        if edges is None and not self.large:
+            return found, True
+        fences = self.fences
+        hits = [fid for fid in edges if fences[fid].covers(lon, lat)] if edges is not None else []
+        hits += [f.id for f in self.large if f.covers(lon, lat)]
+        return (found.union(hits) if hits else found), False
 
     def near_segment(self, lon1: float, lat1: float, lon2: float, lat2: float) -> Sequence[Geofence]:
         """Fences whose bounding box meets the segment's and whose boundary may pass through
@@ -150,8 +141,9 @@ class GeofenceIndex:
         if (x1 - x0 + 1) * (y1 - y0 + 1) > 4 * _MAX_CELLS_PER_FENCE:
             return [f for f in self.fences.values()
                     if f.bbox[0] <= e and f.bbox[2] >= w and f.bbox[1] <= n and f.bbox[3] >= s]
+        fences = self.fences
         if x1 - x0 < 3 and y1 - y0 < 3 and not self.large:  # the common case: one look-up
-            return [f for fw, fs, fe, fn, f in self._around.get(((x0 + 1) << 20) + y0 + 1, ())
+            return [fences[fid] for fw, fs, fe, fn, fid in self._around.get(((x0 + 1) << 20) + y0 + 1, ())
                     if fw <= e and fe >= w and fs <= n and fn >= s]
         if x1 - x0 < 6 and y1 - y0 < 6:  # the 3 x 3 cells around every third cell
             get, step = self._around.get, 3
@@ -162,17 +154,13 @@ class GeofenceIndex:
         found: dict[int, Geofence] = {}
         for gx in range(x0, x1 + 1, step):
             for gy in range(y0, y1 + 1, step):
-                for fw, fs, fe, fn, f in get((gx << 20) + gy, ()):
+                for fw, fs, fe, fn, fid in get((gx << 20) + gy, ()):
                     if fw <= e and fe >= w and fs <= n and fn >= s:
-                        found[f.id] = f
+                        found[fid] = fences[fid]
         for f in self.large:
             if f.bbox[0] <= e and f.bbox[2] >= w and f.bbox[1] <= n and f.bbox[3] >= s:
                 found[f.id] = f
         return list(found.values())
-
-
-def _with_boxes(groups: dict[int, dict[int, Geofence]]) -> dict[int, tuple[_Boxed, ...]]:
-    return {key: tuple((*f.bbox, f) for f in group.values()) for key, group in groups.items()}
 
 
 def _cell_of(key: int) -> tuple[int, int]:
