@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+
 from fleet_telemetry.consumers.rules.geometry import M_PER_DEGREE, Geofence, polygons_cover
 
 # A fence whose bounding box spans more grid cells than this is tested by bounding box.
@@ -33,8 +34,11 @@ class GeofenceIndex:
     by one dictionary look-up; only points in boundary cells get the exact test. Fences
     too large for the grid are tested by bounding box, then exactly.
 
-    The grid holds fence ids and numbers only: nothing for the garbage collector to walk
-    through on each full collection.
+    A segment between two readings finds the fences it may cross in the cells around it
+    (one look-up for a short one, blocks of 8 x 8 cells for a long one); a reading with
+    nothing of the grid in the blocks around it and the previous reading is
+    :meth:`apart` from every fence. The grid holds fence ids and numbers only: nothing
+    for the garbage collector to walk through on each full collection.
     """
 
     def __init__(self, fences: Iterable[Geofence]) -> None:
@@ -79,7 +83,8 @@ class GeofenceIndex:
             blocks.setdefault(((ix >> _BLOCK_SHIFT) << 20) + (iy >> _BLOCK_SHIFT), {}).update(dict.fromkeys(ids))
         self._around = self._with_boxes(around)
         self._blocks = self._with_boxes(blocks)
-        occupied = {(ix >> _BLOCK_SHIFT, iy >> _BLOCK_SHIFT) for ix, iy in map(_cell_of, inside.keys() | boundary.keys())}
+        occupied = {(ix >> _BLOCK_SHIFT, iy >> _BLOCK_SHIFT)
+                    for ix, iy in map(_cell_of, inside.keys() | boundary.keys())}
         self._near = frozenset(((bx + dx) << 20) + by + dy for bx, by in occupied for dx in (-1, 0, 1)
                                for dy in (-1, 0, 1))
 

@@ -78,7 +78,8 @@ WITH u AS (
     WHERE EXISTS (SELECT 1 FROM geofences g WHERE g.id = u.f AND g.is_active AND g.deleted_at IS NULL)
 ), gone AS (
     DELETE FROM vehicle_geofence_state AS s
-    WHERE s.vehicle_id = ANY($1::uuid[]) AND NOT EXISTS (SELECT 1 FROM u WHERE u.v = s.vehicle_id AND u.f = s.geofence_id)
+    WHERE s.vehicle_id = ANY($1::uuid[])
+      AND NOT EXISTS (SELECT 1 FROM u WHERE u.v = s.vehicle_id AND u.f = s.geofence_id)
 )
 INSERT INTO vehicle_geofence_state (vehicle_id, geofence_id, inside, since, pending_since, pending_lat,
                                     pending_lon, speeding_since, speeding_max, speeding_open)

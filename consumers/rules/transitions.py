@@ -98,6 +98,10 @@ def advance(
     fence, an enter and an exit are recorded at the interpolated times (sparse readings
     jumping across a small fence). Readings closer in time than the dwell are not tested:
     a visit between them would be shorter than the dwell, which does not count either.
+
+    The common reading costs a few operations: one of a vehicle outside every fence, with
+    no fence anywhere near it or the previous reading (:meth:`GeofenceIndex.apart`), is
+    only placed.
     """
     cell = index.cell
     ix, iy = int(lon // cell), int(lat // cell)

@@ -115,7 +115,8 @@ def passes(rng: random.Random, fences: list[Geofence], cell: float) -> list[Pass
             d1, d2 = (reach + rng.uniform(0, 24) * cell for _ in range(2))
             off = rng.uniform(-1.2, 1.2) * reach
             ux, uy = math.cos(a), math.sin(a)
-            out.append(((cx - ux * d1 - uy * off, cy - uy * d1 + ux * off), (cx + ux * d2 - uy * off, cy + uy * d2 + ux * off)))
+            out.append(((cx - ux * d1 - uy * off, cy - uy * d1 + ux * off),
+                        (cx + ux * d2 - uy * off, cy + uy * d2 + ux * off)))
     return out
 
 
