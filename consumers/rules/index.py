@@ -73,14 +73,14 @@ class GeofenceIndex:
         # For the segments: the fences whose boundary passes the 3 x 3 cells around each
         # cell, and each block of cells, with their bounding boxes; and the blocks with a
         # cell of any fence in or next to them (around the others there is no fence).
-        around: dict[int, dict[int, None]] = {}
-        blocks: dict[int, dict[int, None]] = {}
+        around: dict[int, list[int]] = {}
+        blocks: dict[int, list[int]] = {}
         for key, ids in boundary.items():
             ix, iy = _cell_of(key)
-            for dx in (-1, 0, 1):
-                for dy in (-1, 0, 1):
-                    around.setdefault(((ix + dx) << 20) + iy + dy, {}).update(dict.fromkeys(ids))
-            blocks.setdefault(((ix >> _BLOCK_SHIFT) << 20) + (iy >> _BLOCK_SHIFT), {}).update(dict.fromkeys(ids))
+            for column in ((ix - 1) << 20, ix << 20, (ix + 1) << 20):
+                for row in (iy - 1, iy, iy + 1):
+                    around.setdefault(column + row, []).extend(ids)
+            blocks.setdefault(((ix >> _BLOCK_SHIFT) << 20) + (iy >> _BLOCK_SHIFT), []).extend(ids)
         self._around = self._with_boxes(around)
         self._blocks = self._with_boxes(blocks)
         occupied = {(ix >> _BLOCK_SHIFT, iy >> _BLOCK_SHIFT)
@@ -88,8 +88,10 @@ class GeofenceIndex:
         self._near = frozenset(((bx + dx) << 20) + by + dy for bx, by in occupied for dx in (-1, 0, 1)
                                for dy in (-1, 0, 1))
 
-    def _with_boxes(self, groups: dict[int, dict[int, None]]) -> dict[int, tuple[_Boxed, ...]]:
-        return {key: tuple((*self.fences[fid].bbox, fid) for fid in ids) for key, ids in groups.items()}
+    def _with_boxes(self, groups: dict[int, list[int]]) -> dict[int, tuple[_Boxed, ...]]:
+        """Each group's fences once, after their bounding boxes."""
+        boxed = {fid: (*f.bbox, fid) for fid, f in self.fences.items()}
+        return {key: tuple(boxed[fid] for fid in dict.fromkeys(ids)) for key, ids in groups.items()}
 
     def __len__(self) -> int:
         return len(self.fences)
