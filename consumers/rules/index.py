@@ -150,8 +150,10 @@ class GeofenceIndex:
                     if f.bbox[0] <= e and f.bbox[2] >= w and f.bbox[1] <= n and f.bbox[3] >= s]
         fences = self.fences
         if x1 - x0 < 3 and y1 - y0 < 3 and not self.large:  # the common case: one look-up
-            return [fences[fid] for fw, fs, fe, fn, fid in self._around.get(((x0 + 1) << 20) + y0 + 1, ())
-                    if fw <= e and fe >= w and fs <= n and fn >= s]
+            around = self._around.get(((x0 + 1) << 20) + y0 + 1)
+            if around is None:
+                return ()
+            return [fences[fid] for fw, fs, fe, fn, fid in around if fw <= e and fe >= w and fs <= n and fn >= s]
         if x1 - x0 < 6 and y1 - y0 < 6:  # the 3 x 3 cells around every third cell
             get, step = self._around.get, 3
             x0, x1, y0, y1 = x0 + 1, x1 + 1, y0 + 1, y1 + 1

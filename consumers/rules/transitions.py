@@ -7,6 +7,7 @@ one reading and returns the transitions it confirmed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -119,8 +120,10 @@ def advance(
             and abs(lon - previous.lon) + abs(lat - previous.lat) >= CROSSING_MIN_SEGMENT_M / M_PER_DEGREE):
         gap = (time - previous.time).total_seconds()
         if gap >= min(default_dwell, index.shortest_dwell):
-            _crossings(vehicle_id, fences, index, previous, time, lat, lon, inside_now, gap, default_dwell,
-                       transitions)
+            near = index.near_segment(previous.lon, previous.lat, lon, lat)
+            if near:
+                _crossings(vehicle_id, fences, near, previous, time, lat, lon, inside_now, gap, default_dwell,
+                           transitions)
     return _new(Position, (time, lat, lon, inside_now, key, settled))
 
 
@@ -165,13 +168,13 @@ def _dwell(fence: Geofence, default_dwell: float) -> float:
 
 
 def _crossings(
-    vehicle_id: Any, fences: dict[int, FenceState], index: GeofenceIndex, previous: Position,
+    vehicle_id: Any, fences: dict[int, FenceState], near: Sequence[Geofence], previous: Position,
     time: datetime, lat2: float, lon2: float, inside_now: frozenset[int], seconds: float, default_dwell: float,
     out: list[Transition],
 ) -> None:
+    """The fences of ``near`` the segment from ``previous`` passes through, both ends outside."""
     lon1, lat1 = previous.lon, previous.lat
-    candidates = [f for f in index.near_segment(lon1, lat1, lon2, lat2)
-                  if f.id not in previous.inside and f.id not in inside_now]
+    candidates = [f for f in near if f.id not in previous.inside and f.id not in inside_now]
     if not candidates or sphere_distance_m(lon1, lat1, lon2, lat2) < CROSSING_MIN_SEGMENT_M:
         return
     for fence in candidates:
