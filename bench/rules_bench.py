@@ -3,7 +3,12 @@
 Usage (from the repository root, with the local stack running)::
 
     python -m bench.rules_bench [--readings 100000] [--vehicles 2000] [--hours 2] [--geofences 1000]
-                                [--batch 5000] [--repeat 3] [--no-database] [--profile FILE]
+                                [--batch 5000] [--repeat 3] [--end TIME] [--no-database] [--profile FILE]
+
+The defaults are the conditions of the pipeline's profile (a reading per vehicle every
+144 s); ``--vehicles 5000 --readings 200000 --hours 0.4 --batch 2000`` is closer to the
+full benchmark (a reading per vehicle every 36 s, each vehicle once per batch). Two
+versions of the rules compare with the same ``--end``: the digests must be equal.
 
 In a database of its own (created on FLEET_DATABASE_URL's server, migrated, dropped at
 the end) it creates the benchmark's geofences (``bench.dataset.create_geofences``: circles
