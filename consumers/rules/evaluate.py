@@ -26,7 +26,7 @@ from fleet_telemetry.consumers.rules.checks import (
     check_overspeed,
 )
 from fleet_telemetry.consumers.rules.index import GeofenceIndex
-from fleet_telemetry.consumers.rules.model import OVERHEATING, Evaluation, Thresholds, VehicleState
+from fleet_telemetry.consumers.rules.model import GPS_JUMP, OVERHEATING, Evaluation, Thresholds, VehicleState
 from fleet_telemetry.consumers.rules.transitions import Position, advance
 from fleet_telemetry.core.reading import Reading
 
@@ -63,23 +63,25 @@ def evaluate(
     to decide whether a reading is fresh enough to resolve an ``offline`` alert.
     """
     out = Evaluation()
+    actions, transitions, evaluated = out.actions, out.transitions, out.states
     fresh_after = now - timedelta(seconds=th.offline_seconds)
+    stale_before = fresh_after + CLOCK_SKEW if th.offline_seconds else None
     for vid, rs in groups.items():
         vs = states[vid]
         last = vs.last_time
-        todo = _unevaluated(rs, last, out)
-        if not todo:
-            continue
-        events = len(out.actions) + len(out.transitions)
+        if len(rs) > 1 or (last is not None and rs[0].time <= last):
+            rs = _unevaluated(rs, last, out)
+            if not rs:
+                continue
+        events = len(actions) + len(transitions)
         had_fences = bool(vs.fences)
-        _vehicle(vid, vs, todo, index, th, out)
-        out.states[vid] = vs
-        if len(out.actions) + len(out.transitions) != events:
+        _vehicle(vid, vs, rs, index, th, out)
+        evaluated[vid] = vs
+        if len(actions) + len(transitions) != events:
             out.urgent.add(vid)
         if had_fences or vs.fences:
             out.fences_changed.add(vid)
-        if (th.offline_seconds and last is not None and last < fresh_after + CLOCK_SKEW
-                and todo[-1].time >= fresh_after):
+        if stale_before is not None and last is not None and last < stale_before and rs[-1].time >= fresh_after:
             out.back_online.append(vid)
             out.urgent.add(vid)
     return out
@@ -108,7 +110,8 @@ def _vehicle(vid: UUID, vs: VehicleState, rs: list[Reading], index: GeofenceInde
     transitions = out.transitions
     use_fences = bool(index.fences)
     dwell = th.dwell_seconds
-    lowest_limit = min(th.overspeed_kmh, index.lowest_speed_limit)
+    speed_limit = th.overspeed_kmh
+    max_gps_speed = th.max_gps_speed_kmh
     low_fuel = th.low_fuel_percent
     refuel = th.fuel_hysteresis_percent
     overheat = th.overheat_c
@@ -120,9 +123,13 @@ def _vehicle(vid: UUID, vs: VehicleState, rs: list[Reading], index: GeofenceInde
 
         # Where the vehicle is: an implausible GPS jump is flagged, and the vehicle does not move there.
         accepted = True
-        if previous is not None and (vs.suspect is not None
-                                     or abs(lat - previous.lat) + abs(lon - previous.lon) > JUMP_MIN_DEGREES):
-            accepted, previous = check_jump(vid, vs, r, previous, th, actions)
+        if previous is not None:
+            degrees = abs(lat - previous.lat) + abs(lon - previous.lon)
+            if vs.suspect is not None or (degrees > JUMP_MIN_DEGREES and not (
+                    # a move check_jump accepts at first sight, with no jump alert to resolve
+                    GPS_JUMP not in vs.open and (seconds := (t - previous.time).total_seconds()) > 0
+                    and degrees * 111_320 / seconds * 3.6 <= max_gps_speed)):
+                accepted, previous = check_jump(vid, vs, r, previous, th, actions)
         if accepted:
             if use_fences or vs.fences:
                 here = advance(vid, vs.fences, index, previous, t, lat, lon, dwell, transitions)
@@ -137,7 +144,8 @@ def _vehicle(vid: UUID, vs: VehicleState, rs: list[Reading], index: GeofenceInde
             stationary = speed is not None and speed <= stationary_kmh
 
         # What it reports: each rule only when the reading may change something.
-        if speed is not None and (speed > lowest_limit or vs.episodes):
+        if speed is not None and (vs.episodes or speed > speed_limit
+                                  or (here.inside and speed > index.lowest_limit(here.inside))):
             vs.episodes = check_overspeed(vid, vs, t, speed, index, here.inside, th, actions)
         fuel = r.fuel_level
         if fuel is not None:

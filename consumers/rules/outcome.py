@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -78,10 +79,10 @@ class Written:
     """The kind of each transition row inserted."""
 
     def count(self, metrics: PipelineMetrics) -> None:
-        for kind, action in self.alerts:
-            metrics.alerts.labels(type=kind, action=action).inc()
-        for kind in self.transitions:
-            metrics.geofence_transitions.labels(kind=kind).inc()
+        for (kind, action), n in Counter(self.alerts).items():
+            metrics.alerts.labels(type=kind, action=action).inc(n)
+        for kind, n in Counter(self.transitions).items():
+            metrics.geofence_transitions.labels(kind=kind).inc(n)
 
 
 async def lock_live_geofences(conn: asyncpg.Connection, ids: set[int]) -> set[int]:

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -67,14 +67,27 @@ SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::float8[], $4::float8[], 
 ON CONFLICT (vehicle_id) DO NOTHING
 RETURNING vehicle_id
 """
-_DELETE_FENCE_STATES = "DELETE FROM vehicle_geofence_state WHERE vehicle_id = ANY($1::uuid[])"
-_INSERT_FENCE_STATES = """
+# The vehicles' geofence rows replaced in one statement: the rows named in the arrays are
+# upserted (for active geofences only), the vehicles' other rows deleted (the two never
+# touch the same row).
+_REPLACE_FENCE_STATES = """
+WITH u AS (
+    SELECT u.* FROM unnest($2::uuid[], $3::int8[], $4::bool[], $5::timestamptz[], $6::timestamptz[], $7::float8[],
+                           $8::float8[], $9::timestamptz[], $10::float8[], $11::bool[])
+           AS u(v, f, inside, since, ps, plat, plon, ss, smax, sopen)
+    WHERE EXISTS (SELECT 1 FROM geofences g WHERE g.id = u.f AND g.is_active AND g.deleted_at IS NULL)
+), gone AS (
+    DELETE FROM vehicle_geofence_state AS s
+    WHERE s.vehicle_id = ANY($1::uuid[])
+      AND NOT EXISTS (SELECT 1 FROM u WHERE u.v = s.vehicle_id AND u.f = s.geofence_id)
+)
 INSERT INTO vehicle_geofence_state (vehicle_id, geofence_id, inside, since, pending_since, pending_lat,
                                     pending_lon, speeding_since, speeding_max, speeding_open)
-SELECT u.* FROM unnest($1::uuid[], $2::int8[], $3::bool[], $4::timestamptz[], $5::timestamptz[], $6::float8[],
-                       $7::float8[], $8::timestamptz[], $9::float8[], $10::bool[])
-       AS u(v, f, inside, since, ps, plat, plon, ss, smax, sopen)
-WHERE EXISTS (SELECT 1 FROM geofences g WHERE g.id = u.f AND g.is_active AND g.deleted_at IS NULL)
+SELECT * FROM u
+ON CONFLICT (vehicle_id, geofence_id) DO UPDATE
+SET inside = excluded.inside, since = excluded.since, pending_since = excluded.pending_since,
+    pending_lat = excluded.pending_lat, pending_lon = excluded.pending_lon, speeding_since = excluded.speeding_since,
+    speeding_max = excluded.speeding_max, speeding_open = excluded.speeding_open, updated_at = now()
 """
 
 
@@ -99,18 +112,23 @@ class StateStore:
         self.states: dict[UUID, VehicleState] = {}
         self._persisted: dict[UUID, datetime | None] = {}
         """``vehicle_rule_state.last_time`` as this worker last read or wrote it (None: no row)."""
+        self._unwritten: set[UUID] = set()
+        """The vehicles of ``_persisted`` without a row."""
         self.dirty: set[UUID] = set()
         self._fences_dirty: set[UUID] = set()
 
-    def unwritten(self, vehicles: Iterable[UUID]) -> set[UUID]:
+    def unwritten(self, vehicles: Collection[UUID]) -> set[UUID]:
         """Those of ``vehicles`` that have no state row yet."""
-        return {vid for vid in vehicles if self._persisted.get(vid) is None}
+        if not self._unwritten:
+            return set()
+        return {vid for vid in self._unwritten if vid in vehicles}
 
     def forget(self, vehicles: Iterable[UUID]) -> None:
         """Drops the cached states of ``vehicles``: they are read again when next needed."""
         for vid in vehicles:
             self.states.pop(vid, None)
             self._persisted.pop(vid, None)
+            self._unwritten.discard(vid)
             self.dirty.discard(vid)
             self._fences_dirty.discard(vid)
 
@@ -126,10 +144,12 @@ class StateStore:
             for vid in vehicles:
                 self.states[vid] = VehicleState()
                 self._persisted[vid] = None
+                self._unwritten.add(vid)
             for row in rows:
                 vid = row["vehicle_id"]
                 self.states[vid] = _state_from_row(row, fences.get(vid, {}), index)
                 self._persisted[vid] = row["last_time"]
+                self._unwritten.discard(vid)
             first = {row["vehicle_id"]: min(r.time for r in groups[row["vehicle_id"]]) for row in rows}
             gaps = [(row["vehicle_id"], row["last_time"], first[row["vehicle_id"]]) for row in rows
                     if row["last_time"] < first[row["vehicle_id"]]]
@@ -164,7 +184,9 @@ class StateStore:
             self.dirty.update(result.states)
             self._fences_dirty.update(result.fences_changed)
         for vid in vehicles:
-            self._persisted[vid] = self.states[vid].last_time
+            last = self._persisted[vid] = self.states[vid].last_time
+            if last is not None:
+                self._unwritten.discard(vid)
         self.dirty -= vehicles
         self._fences_dirty -= vehicles
         return gone
@@ -220,7 +242,6 @@ async def _write_fence_states(
     geofences ``gone``, are not stored)."""
     if not changed:
         return
-    await conn.execute(_DELETE_FENCE_STATES, changed)
     cols: list[list[Any]] = [[] for _ in range(10)]
     for vid in changed:
         vs = states[vid]
@@ -231,8 +252,7 @@ async def _write_fence_states(
                                          f.pending_since, f.pending_lat, f.pending_lon,
                                          f.speeding_since, f.speeding_max, f.speeding_open)):
                 col.append(value)
-    if cols[0]:
-        await conn.execute(_INSERT_FENCE_STATES, *cols)
+    await conn.execute(_REPLACE_FENCE_STATES, changed, *cols)
 
 
 def _fence_states(rows: list[Any]) -> dict[UUID, dict[int, FenceState]]:

@@ -7,6 +7,7 @@ one reading and returns the transitions it confirmed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -70,6 +71,11 @@ class Position(NamedTuple):
     """No side change was pending after this reading."""
 
 
+_new = tuple.__new__
+"""``_new(Position, (time, lat, lon, inside, key, settled))`` is ``Position(...)`` without
+the Python-level ``__new__`` of a NamedTuple: the hot path builds one per reading."""
+
+
 def advance(
     vehicle_id: Any,
     fences: dict[int, FenceState],
@@ -93,8 +99,17 @@ def advance(
     fence, an enter and an exit are recorded at the interpolated times (sparse readings
     jumping across a small fence). Readings closer in time than the dwell are not tested:
     a visit between them would be shorter than the dwell, which does not count either.
+
+    The common reading costs a few operations: one of a vehicle outside every fence, with
+    no fence anywhere near it or the previous reading (:meth:`GeofenceIndex.apart`), is
+    only placed.
     """
-    key = index.key(lon, lat)
+    cell = index.cell
+    ix, iy = int(lon // cell), int(lat // cell)
+    key = (ix << 20) + iy
+    if not fences and (index.apart(ix, iy, lon, lat) if previous is None
+                       else index.apart(ix, iy, previous.lon, previous.lat)):
+        return _new(Position, (time, lat, lon, NOWHERE, key, True))  # no fence here, nor on the way
     inside_now, clear = index.locate(key, lon, lat)
     settled = True
     if (fences or inside_now) and not (
@@ -105,9 +120,11 @@ def advance(
             and abs(lon - previous.lon) + abs(lat - previous.lat) >= CROSSING_MIN_SEGMENT_M / M_PER_DEGREE):
         gap = (time - previous.time).total_seconds()
         if gap >= min(default_dwell, index.shortest_dwell):
-            _crossings(vehicle_id, fences, index, previous, time, lat, lon, inside_now, gap, default_dwell,
-                       transitions)
-    return Position(time, lat, lon, inside_now, key, settled)
+            near = index.near_segment(previous.lon, previous.lat, lon, lat)
+            if near:
+                _crossings(vehicle_id, fences, near, previous, time, lat, lon, inside_now, gap, default_dwell,
+                           transitions)
+    return _new(Position, (time, lat, lon, inside_now, key, settled))
 
 
 def _sides(
@@ -151,16 +168,13 @@ def _dwell(fence: Geofence, default_dwell: float) -> float:
 
 
 def _crossings(
-    vehicle_id: Any, fences: dict[int, FenceState], index: GeofenceIndex, previous: Position,
+    vehicle_id: Any, fences: dict[int, FenceState], near: Sequence[Geofence], previous: Position,
     time: datetime, lat2: float, lon2: float, inside_now: frozenset[int], seconds: float, default_dwell: float,
     out: list[Transition],
 ) -> None:
+    """The fences of ``near`` the segment from ``previous`` passes through, both ends outside."""
     lon1, lat1 = previous.lon, previous.lat
-    x0, x1 = (lon1, lon2) if lon1 <= lon2 else (lon2, lon1)
-    y0, y1 = (lat1, lat2) if lat1 <= lat2 else (lat2, lat1)
-    candidates = [f for f in index.near_segment(lon1, lat1, lon2, lat2)
-                  if f.bbox[0] <= x1 and f.bbox[2] >= x0 and f.bbox[1] <= y1 and f.bbox[3] >= y0
-                  and f.id not in previous.inside and f.id not in inside_now]
+    candidates = [f for f in near if f.id not in previous.inside and f.id not in inside_now]
     if not candidates or sphere_distance_m(lon1, lat1, lon2, lat2) < CROSSING_MIN_SEGMENT_M:
         return
     for fence in candidates:
