@@ -14,7 +14,8 @@ import pytest
 
 from fleet_telemetry.consumers.worker import Worker
 from fleet_telemetry.core.settings import Settings
-from tests.integration.streams import TcpProxy, publish, run_worker, wait_for
+from bench.soak_proxy import LinkProxy
+from tests.integration.streams import publish, run_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +100,7 @@ async def test_two_workers_share_the_partitions_and_store_every_reading_once(top
 
 async def test_postgresql_going_away_mid_stream_loses_nothing(topics, producer, db, make_vehicles) -> None:
     target = urlsplit(topics.database_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    proxy = LinkProxy(target.hostname or "127.0.0.1", target.port or 5432)
     await proxy.start()
     via_proxy = urlunsplit(target._replace(netloc=f"{target.username}@127.0.0.1:{proxy.port}"))
     settings = topics.model_copy(update={"database_url": via_proxy, "batch_max_readings": 200,
