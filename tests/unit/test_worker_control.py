@@ -136,7 +136,7 @@ async def test_a_batch_ages_from_its_first_record_not_from_an_idle_spell_before_
     await batching.submit(one)
     await batching.poll()
     assert nxt.got == [], "a one-record batch went at once after an idle spell"
-    assert batching.open.age() < 0.5
+    assert batching.open.age() < 30  # counted from its first record, not the idle minute
     batching.open.started -= 0.5  # its own age passed
     await batching.poll()
     assert len(nxt.got) == 1
@@ -206,7 +206,7 @@ async def test_the_final_commit_gives_up_at_the_shutdown_deadline_and_exits_1(ha
         h.loop.stop()
         code = await asyncio.wait_for(task, 5)
     assert code == 1
-    assert time.monotonic() - started < 0.3 + 0.2
+    assert time.monotonic() - started < 0.3 + 2.0  # the deadline, not the 5 s wait below it
     assert consumer.attempts >= 1 and consumer.commits == [] and consumer.stopped
     gave_up = [e for e in logs if e["event"].startswith("offset commit gave up")]
     assert gave_up and gave_up[0]["log_level"] == "error" and gave_up[0]["partitions"] == ["t[0]"]
@@ -229,7 +229,7 @@ async def test_one_deadline_covers_the_handover_and_the_final_commit() -> None:
     started = time.monotonic()
     h.loop.stop()
     assert await asyncio.wait_for(task, 5) == 1
-    assert time.monotonic() - started < 0.3 + 0.2
+    assert time.monotonic() - started < 0.3 + 2.0  # the deadline, not the 5 s wait below it
 
 
 async def test_a_revoke_during_a_broker_outage_hands_over_within_the_deadline() -> None:
@@ -243,7 +243,7 @@ async def test_a_revoke_during_a_broker_outage_hands_over_within_the_deadline() 
     started = time.monotonic()
     with structlog.testing.capture_logs() as logs:
         await asyncio.wait_for(consumer.listener.on_partitions_revoked({A, B}), 5)
-    assert time.monotonic() - started < 0.3 + 0.2
+    assert time.monotonic() - started < 0.3 + 2.0  # the deadline, not the 5 s wait below it
     assert consumer.attempts >= 1
     assert dict(h.strategy.offsets.items()) == {} and h.loop.committed == {}
     assert any(e["event"].startswith("offset commit gave up") for e in logs)
@@ -275,5 +275,5 @@ async def test_a_stop_while_a_commit_waits_on_an_absent_broker_is_not_held_up_by
     started = time.monotonic()
     h.loop.stop()
     assert await asyncio.wait_for(task, 5) == 1  # the final commit gives up at the deadline
-    assert time.monotonic() - started < 0.3 + 0.2
+    assert time.monotonic() - started < 0.3 + 2.0  # the deadline, not the 5 s wait below it
     assert consumer.attempts == 2
