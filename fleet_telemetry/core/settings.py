@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     """Raw readings older than this are dead-lettered as ``outside_retention``."""
 
     # --- consumer tuning -------------------------------------------------------
+    gc_threshold: int = Field(default=20_000, ge=0)
+    """Allocations between two collections of the workers' garbage collector (Python's
+    default is 700); 0 keeps Python's defaults."""
     event_loop: Literal["uvloop", "asyncio"] = "asyncio"
     """The workers' event loop: ``uvloop`` (libuv, cheaper per I/O event) or the standard
     ``asyncio`` loop; ``uvloop`` falls back to ``asyncio`` where it is not installed."""
