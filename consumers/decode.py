@@ -309,7 +309,7 @@ def _decode_one(
 
 
 def _reading(
-    obj: dict[str, Any], raw: bytes | dict[str, Any], key: bytes | None, source: Source, rules: Rules
+    obj: dict[str, Any], raw: bytes, key: bytes | None, source: Source, rules: Rules
 ) -> Reading:
     vehicle_id = _vehicle_id(obj.get("vehicle_id"))
     time = _time(obj.get("time"))
