@@ -28,6 +28,7 @@ from uuid import UUID
 
 import msgspec
 import orjson
+from asyncpg.pgproto.pgproto import UUID as _PgUUID
 from msgspec import Meta
 
 from fleet_telemetry.core.reading import (
@@ -72,7 +73,7 @@ class _Wire(msgspec.Struct, forbid_unknown_fields=True):
     top-level fields takes the field-by-field path, which ignores them after checking
     that they are JSON (skipping them here would not)."""
 
-    vehicle_id: UUID
+    vehicle_id: str
     time: Union[datetime, int]
     lat: Annotated[float, Meta(ge=-90.0, le=90.0)]
     lon: Annotated[float, Meta(ge=-180.0, le=180.0)]
@@ -84,9 +85,8 @@ class _Wire(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _WIRE = msgspec.json.Decoder(_Wire)
-_ENGINE = msgspec.json.Decoder(_Engine)
+_ENGINE = msgspec.json.Decoder(Union[_Engine, None])
 _ELEMENTS = msgspec.json.Decoder(list[msgspec.Raw])
-_NO_ENGINE = (b"", b"null")
 _MAX_ENGINE_DEPTH = 254  # what orjson writes, so what the sink can store as jsonb
 
 
@@ -197,6 +197,12 @@ def _fast(value: bytes, key: bytes | None, source: Source, rules: Rules) -> Read
         wire = _WIRE.decode(value)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
+    vehicle_id = _UUIDS.get(wire.vehicle_id)
+    if vehicle_id is None:
+        try:
+            vehicle_id = _vehicle_id(wire.vehicle_id)
+        except _Invalid:
+            return None
     sent = wire.time
     if isinstance(sent, int):
         try:
@@ -216,21 +222,27 @@ def _fast(value: bytes, key: bytes | None, source: Source, rules: Rules) -> Read
     if moment > rules.latest or moment < rules.oldest:
         return None
     engine: dict[str, Any] | None = None
-    raw_engine = bytes(wire.engine_status)
-    if raw_engine not in _NO_ENGINE:
-        if (raw_engine[:1] != b"{" or b"\\u0000" in raw_engine
-                or raw_engine.count(b"{") + raw_engine.count(b"[") >= _MAX_ENGINE_DEPTH):
-            return None
+    engine_json: bytes | None = None
+    raw_engine = wire.engine_status
+    if raw_engine:
+        # No NUL character can be here (no escapes at all on this path), and an object
+        # under _MAX_ENGINE_DEPTH bytes cannot nest that deep.
+        if len(raw_engine) >= _MAX_ENGINE_DEPTH:
+            text = bytes(raw_engine)
+            if text.count(b"{") + text.count(b"[") >= _MAX_ENGINE_DEPTH:
+                return None
         try:
-            _ENGINE.decode(raw_engine)
+            checked = _ENGINE.decode(raw_engine)  # an object with valid known keys, or null
         except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             return None
-        try:
-            engine = orjson.loads(raw_engine)
-        except orjson.JSONDecodeError:  # deeper than orjson's limit, for one
-            return None
-    return Reading(wire.vehicle_id, moment, wire.lat, wire.lon, wire.speed, wire.fuel_level, wire.heading,
-                   wire.odometer_km, engine, source, key, value)
+        if checked is not None:
+            engine_json = bytes(raw_engine)
+            try:
+                engine = orjson.loads(engine_json)
+            except orjson.JSONDecodeError:  # deeper than orjson's limit, for one
+                return None
+    return Reading(vehicle_id, moment, wire.lat, wire.lon, wire.speed, wire.fuel_level, wire.heading,
+                   wire.odometer_km, engine, source, key, value, engine_json)
 
 
 def _fast_array(value: bytes, key: bytes | None, source: Source, rules: Rules) -> list[Reading] | None:
@@ -341,8 +353,10 @@ _UUID_CACHE_LIMIT = 200_000
 
 
 def _vehicle_id(value: Any) -> UUID:
-    # A fleet repeats the same few thousand ids; parsing each once is a large share of
-    # the decoder's time. The cache is bounded and only holds ids that parsed.
+    """The vehicle id as asyncpg's UUID (a :class:`uuid.UUID` whose hash is computed once
+    and which asyncpg writes without converting it): every stage keys dictionaries and
+    sets by it, several times per reading. A fleet repeats the same few thousand ids, so
+    each is parsed once; the cache is bounded and only holds ids that parsed."""
     cached = _UUIDS.get(value) if type(value) is str else None
     if cached is not None:
         return cached
@@ -351,7 +365,7 @@ def _vehicle_id(value: Any) -> UUID:
     if not isinstance(value, str):
         raise _Invalid(INVALID_READING, f"field 'vehicle_id' is {_kind(value)}, expected a UUID string")
     try:
-        parsed = UUID(value)
+        parsed = _PgUUID(UUID(value).bytes)
     except ValueError:
         raise _Invalid(INVALID_READING, f"field 'vehicle_id' is {_show(value)}, not a UUID") from None
     if len(_UUIDS) >= _UUID_CACHE_LIMIT:

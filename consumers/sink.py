@@ -54,7 +54,8 @@ WHERE p.time < excluded.time
 
 
 def _jsonb_encode(value: Any) -> bytes:
-    return b"\x01" + orjson.dumps(value)
+    """jsonb's binary input (version 1, then the text); JSON text the decoder kept goes as it is."""
+    return b"\x01" + (value if type(value) is bytes else orjson.dumps(value))
 
 
 def _jsonb_decode(data: bytes) -> Any:
@@ -163,7 +164,7 @@ class TelemetrySink:
     async def _store(self, conn: asyncpg.Connection, accepted: list[Reading], outcome: WriteOutcome) -> None:
         rows = [
             (r.time, r.vehicle_id, ewkb_point(r.lon, r.lat), r.speed, r.fuel_level,
-             r.heading, r.odometer_km, r.engine_status)
+             r.heading, r.odometer_km, r.engine_status if r.engine_json is None else r.engine_json)
             for r in accepted
         ]
         times = [r.time for r in accepted]

@@ -73,6 +73,9 @@ class Reading:
     raw: bytes | dict[str, Any]
     """What a dead letter of this reading carries: the message bytes for a single
     reading, the element's own JSON text for a reading inside an array."""
+    engine_json: bytes | None = None
+    """``engine_status`` as the JSON text the device sent, when the decoder kept it: what
+    the sink stores as jsonb, so the object is not encoded again."""
 
     @property
     def identity(self) -> tuple[UUID, datetime]:

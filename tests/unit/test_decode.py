@@ -272,3 +272,29 @@ def test_an_element_nested_deeper_than_the_encoders_go_is_dead_lettered_as_sent(
     first, second = decode(value).rejections
     assert (first.reason, first.source.index, first.value) == ("invalid_reading", 0, element)
     assert (second.source.index, second.value) == (1, b'{"vehicle_id": "x"}')
+
+
+def test_vehicle_ids_are_asyncpg_uuids_equal_and_hashed_like_the_standard_ones() -> None:
+    """Every stage keys dictionaries by the vehicle id: the decoder's ids must be
+    interchangeable with ``uuid.UUID`` (asyncpg returns its own type from queries)."""
+    from asyncpg.pgproto.pgproto import UUID as PgUUID
+
+    for raw in (orjson.dumps(reading()), orjson.dumps(reading(speed="fast")),
+                orjson.dumps(reading(vehicle_id=VID.replace("-", "")))):
+        out = decode_checked(raw, key=None, source=Source("t", 0, 0), rules=RULES)
+        fast = decode(raw)
+        for r in out.readings + fast.readings:
+            assert type(r.vehicle_id) is PgUUID
+            assert r.vehicle_id == UUID(VID) and hash(r.vehicle_id) == hash(UUID(VID))
+            assert {UUID(VID): 1}[r.vehicle_id] == 1
+
+
+def test_the_one_pass_decoding_keeps_engine_status_as_sent() -> None:
+    engine = b'{"rpm":800,"vendor":{"a":[1,2]},"ignition":false}'
+    raw = b'{"vehicle_id":"%s","time":"2026-11-25T11:59:00+01:00","lat":1,"lon":2,"engine_status":%s}' % (
+        VID.encode(), engine)
+    (r,) = decode(raw).readings
+    assert r.engine_json == engine
+    assert r.engine_status == {"rpm": 800, "vendor": {"a": [1, 2]}, "ignition": False}
+    (null,) = decode(orjson.dumps(reading(engine_status=None))).readings
+    assert (null.engine_status, null.engine_json) == (None, None)
