@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time as monotonic_clock
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -42,6 +42,18 @@ _MARK_HOURS = (
     " SELECT DISTINCT date_trunc('hour', t, 'UTC') FROM unnest($1::timestamptz[]) AS u(t)"
     " ON CONFLICT (hour) DO NOTHING"
 )
+_ONE_HOUR = timedelta(hours=1)
+
+
+def hour_marks(times: list[datetime]) -> list[datetime]:
+    """Times whose hours are the hours ``times`` touch, for ``_MARK_HOURS``: the earliest
+    and the latest when they are at most an hour apart (then every time lies in one of
+    their two hours: a live stream's batch, at the cost of a ``min`` and a ``max``), else
+    all of them (a batch of late or replayed readings spread wider)."""
+    earliest, latest = min(times), max(times)
+    return [earliest, latest] if latest - earliest <= _ONE_HOUR else times
+
+
 _REGISTERED = "SELECT id FROM vehicles WHERE id = ANY($1::uuid[]) AND deleted_at IS NULL"
 _UPSERT_POSITIONS = """
 INSERT INTO vehicle_positions AS p (vehicle_id, time, location, speed, updated_at)
@@ -142,6 +154,9 @@ class TelemetrySink:
             return outcome
         async with self._pool.acquire() as conn:
             unknown = await self._registry.unknown(conn, {r.vehicle_id for r in readings})
+            if not unknown and len({(r.vehicle_id, r.time) for r in readings}) == len(readings):
+                await self._store_all(conn, readings, outcome)  # the common batch: every reading new to it
+                return outcome
             accepted: list[Reading] = []
             seen: set[tuple[UUID, datetime]] = set()
             for reading in readings:
@@ -153,13 +168,15 @@ class TelemetrySink:
                 else:
                     seen.add(identity)
                     accepted.append(reading)
-            if not accepted:
-                return outcome
-            try:
-                await self._store(conn, accepted, outcome)
-            except _DATA_ERRORS:
-                await self._store_isolating(conn, accepted, outcome)
+            if accepted:
+                await self._store_all(conn, accepted, outcome)
         return outcome
+
+    async def _store_all(self, conn: asyncpg.Connection, accepted: list[Reading], outcome: WriteOutcome) -> None:
+        try:
+            await self._store(conn, accepted, outcome)
+        except _DATA_ERRORS:
+            await self._store_isolating(conn, accepted, outcome)
 
     async def _store(self, conn: asyncpg.Connection, accepted: list[Reading], outcome: WriteOutcome) -> None:
         rows = [
@@ -171,7 +188,7 @@ class TelemetrySink:
         try:
             async with conn.transaction():
                 await conn.copy_records_to_table("vehicle_telemetry", records=rows, columns=COLUMNS)
-                await conn.execute(_MARK_HOURS, times)
+                await conn.execute(_MARK_HOURS, hour_marks(times))
             outcome.stored.extend(accepted)
         except asyncpg.exceptions.UniqueViolationError:
             new = await self._write_skipping_stored(conn, rows, times)

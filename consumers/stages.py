@@ -25,7 +25,7 @@ from aiokafka.structs import TopicPartition
 from fleet_telemetry.consumers.batch import Batch
 from fleet_telemetry.consumers.chain import Retrier, Step
 from fleet_telemetry.consumers.deadletter import DeadLetters, refused, unknown_vehicle
-from fleet_telemetry.consumers.decode import Rules, decode_message
+from fleet_telemetry.consumers.decode import Decoded, Rules, decode_into
 from fleet_telemetry.consumers.kafka_loop import Committable
 from fleet_telemetry.consumers.sink import TelemetrySink, WriteOutcome
 from fleet_telemetry.consumers.status import StatusWriter, newest_per_vehicle
@@ -73,17 +73,13 @@ class DecodeStep:
     async def submit(self, item: Mapping[TopicPartition, Sequence[Any]]) -> None:
         time_rules = Rules(datetime.now(timezone.utc), self._max_future, self._retention)
         batch = Batch()
-        readings, rejections = batch.readings, batch.rejections
+        out = Decoded(batch.readings, batch.rejections)
         for tp, messages in item.items():
             if not messages:
                 continue
             topic, partition = tp.topic, tp.partition
             for msg in messages:
-                out = decode_message(msg.value, key=msg.key, source=Source(topic, partition, msg.offset),
-                                     rules=time_rules)
-                readings += out.readings
-                if out.rejections:
-                    rejections += out.rejections
+                decode_into(msg.value, msg.key, Source(topic, partition, msg.offset), time_rules, out)
             batch.note_range(tp, messages[0].offset, messages[-1].offset, len(messages))
             self._metrics.messages.inc(len(messages))
         await self.next_step.submit(batch)

@@ -30,7 +30,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from fleet_telemetry.consumers.deadletter import unknown_vehicle
-from fleet_telemetry.consumers.decode import Rules, decode_message
+from fleet_telemetry.consumers.decode import Decoded, Rules, decode_into
 from fleet_telemetry.consumers.sink import TelemetrySink, VehicleRegistry, WriteOutcome, create_pool
 from fleet_telemetry.core.errors import unavailable
 from fleet_telemetry.core.reading import Reading, Rejection
@@ -114,13 +114,12 @@ class ChunkProcessor:
 
     async def process(self, payload: Lines | Records) -> ChunkResult:
         """The chunk's counts and rejects lines, once its readings are written."""
-        readings: list[Reading] = []
-        rejections: list[Rejection] = []
+        decoded = Decoded()
+        readings, rejections = decoded.readings, decoded.rejections
         dead_letters: dict[tuple[int, int], dict[str, str]] = {}
+        rules = self._plan.rules
         for key, value, source, dead_letter in messages(payload, rejections):
-            decoded = decode_message(value, key=key, source=source, rules=self._plan.rules)
-            readings.extend(decoded.readings)
-            rejections.extend(decoded.rejections)
+            decode_into(value, key, source, rules, decoded)
             if dead_letter is not None:
                 dead_letters[(source.partition, source.offset)] = dead_letter
         result = ChunkResult(Counts(read=len(readings) + len(rejections)))
