@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 
 from fleet_telemetry.consumers.rules.geo_sets import drop_sets
 from fleet_telemetry.core.errors import UsageError, unavailable
+from fleet_telemetry.core.redis_keys import NO_PREFIX, RedisKeys
 from fleet_telemetry.core.retry import is_transient
 from fleet_telemetry.core.settings import Settings
 
@@ -257,7 +258,7 @@ async def list_geofences(conn: asyncpg.Connection, include_inactive: bool) -> li
     } for r in await conn.fetch(_LIST, include_inactive)]
 
 
-async def remove(conn: asyncpg.Connection, ids: list[int], redis_url: str) -> Removal:
+async def remove(conn: asyncpg.Connection, ids: list[int], redis_url: str, keys: RedisKeys = NO_PREFIX) -> Removal:
     """Soft-deletes the geofences and closes what was open for them, in one transaction:
     an exit for each vehicle inside, the vehicles' sides of them forgotten, their open
     alerts resolved. Then drops their Redis ``geofence:{id}`` sets.
@@ -280,7 +281,7 @@ async def remove(conn: asyncpg.Connection, ids: list[int], redis_url: str) -> Re
             closed[row["geofence_id"]].alerts_resolved.append(row["id"])
     redis = aioredis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
-        dropped = await drop_sets(redis, found)
+        dropped = await drop_sets(redis, found, keys)
     finally:
         await redis.aclose()
     for c in closed.values():

@@ -65,6 +65,8 @@ def _handler(action: Action) -> Handler:
             # SQLSTATE classes 22 and 23: input that broke a rule the writers do not check first.
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"refused by PostgreSQL: {message}") from None
+        if action.writes:
+            await dashboard.invalidate_for(settings)
         _print(result, args.json, action.columns)
         return 0
 
@@ -115,7 +117,7 @@ async def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
     try:
         async with Database.from_settings(settings, max_size=2) as database:
             cache = dashboard.DashboardCache(redis, dashboard.database_compute(database),
-                                             settings.dashboard_cache_seconds)
+                                             settings.dashboard_cache_seconds, key=settings.redis_keys.dashboard)
             if args.refresh:
                 stats, cached = await cache.refresh(), False
             else:
@@ -124,14 +126,15 @@ async def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
         await redis.aclose()
     _print(stats, args.json)
     if not args.json:
-        print(f"(from the cache {dashboard.DASHBOARD_KEY})" if cached else "(computed now)")
+        print(f"(from the cache {settings.redis_keys.dashboard})" if cached else "(computed now)")
     return 0
 
 
 def _register_dashboard(sub: Any) -> None:
     parser = sub.add_parser("dashboard", help="dashboard aggregates, cached in Redis",
                             description="Revenue, active vehicles, maintenance costs and open jobs, served from"
-                            f" Redis key {dashboard.DASHBOARD_KEY} for FLEET_DASHBOARD_CACHE_SECONDS.")
+                            f" Redis key {dashboard.DASHBOARD_KEY} (after FLEET_REDIS_KEY_PREFIX) for"
+                            " FLEET_DASHBOARD_CACHE_SECONDS or until a write changes them.")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--refresh", action="store_true", help="recompute now and replace the cached value")
     parser.set_defaults(handler=_dashboard)

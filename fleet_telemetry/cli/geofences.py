@@ -106,7 +106,7 @@ async def _list(conn: asyncpg.Connection, args: argparse.Namespace, settings: Se
 
 
 async def _remove(conn: asyncpg.Connection, args: argparse.Namespace, settings: Settings) -> int:
-    removal = await remove(conn, args.ids, settings.redis_url)
+    removal = await remove(conn, args.ids, settings.redis_url, settings.redis_keys)
     if not removal.redis_answered:
         sys.stderr.write("fleet geofences: Redis not reachable; the workers drop the geofence:{id} keys\n")
     data = {"removed": removal.removed, "closed": [
