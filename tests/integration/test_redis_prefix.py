@@ -22,7 +22,10 @@ from fleet_telemetry.core.metrics import PipelineMetrics
 from fleet_telemetry.core.reading import Reading, Source
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.fleetops import dashboard
+from fleet_telemetry.fleetops.commands import CommandConsumer, command_value
 from fleet_telemetry.fleetops.db import Database
+from fleet_telemetry.ingest.producer import start_producer
+from fleet_telemetry.ingest.topics import ensure_topics
 from tests.databases import create_database, drop_database
 from tests.integration.cli import fleet
 
@@ -169,3 +172,27 @@ def test_a_prefix_with_a_space_is_refused_with_one_line(settings: Settings) -> N
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("fleet dashboard: invalid configuration FLEET_REDIS_KEY_PREFIX:")
+
+
+async def test_a_command_applied_by_the_consumer_invalidates_the_dashboard_cache(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    tag = uuid.uuid4().hex[:10]
+    settings = settings.model_copy(update={
+        "redis_key_prefix": f"test-{tag}:", "commands_topic": f"test.commands.{tag}",
+        "commands_dlq_topic": f"test.commands.dlq.{tag}", "commands_group": f"test-commands-{tag}"})
+    await ensure_topics(settings, [settings.commands_topic, settings.commands_dlq_topic], partitions=1)
+    try:
+        before = dashboard_figures(settings)
+        producer = await start_producer(settings)
+        try:
+            await producer.send_and_wait(settings.commands_topic, command_value(
+                "vehicle.register", {"vin": f"CMD{tag[:10].upper()}", "license_plate": f"CMD-{tag[:6].upper()}"},
+                command_id=uuid.uuid4()))
+        finally:
+            await producer.stop()
+        assert await asyncio.wait_for(CommandConsumer(settings, stop_when_idle=2.0).run(), timeout=120) == 0
+        assert await redis_client.exists(settings.redis_keys.dashboard) == 0
+        assert dashboard_figures(settings)["active_vehicles"] == before["active_vehicles"] + 1
+    finally:
+        await forget(redis_client, settings.redis_key_prefix)
