@@ -2,7 +2,7 @@
 
 Each :class:`~fleet_telemetry.core.reading.Rejection` becomes one record on the dead-letter topic with
 the original key, the original bytes (or the array element as JSON) and the headers of
-CONTRACT.md, "Dead letters". :meth:`DeadLetters.publish` returns only when the broker
+docs/interface.md, "Dead letters". :meth:`DeadLetters.publish` returns only when the broker
 has acknowledged every record, so the caller can commit the source offsets after it.
 
 A dead letter always fits the dead-letter topic (:func:`fit`): a record the broker

@@ -43,6 +43,7 @@ class Lookups(Protocol):
     async def topics(self) -> set[str]: ...
     def partitions_for_topic(self, topic: str) -> set[int] | None: ...
     async def beginning_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]: ...
     async def offsets_for_times(self, timestamps: dict[TopicPartition, int]) -> Mapping[TopicPartition, Any]: ...
 
 
@@ -107,6 +108,10 @@ class OffsetLookup:
 
     async def beginning_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         return dict(await self._consumer.beginning_offsets(partitions))
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Per partition, the offset the next record will get (the high watermark)."""
+        return dict(await self._consumer.end_offsets(partitions))
 
     async def offsets_at(self, partitions: list[TopicPartition], timestamp_ms: int) -> dict[TopicPartition, int]:
         """Per partition, the first offset whose record time is at or after ``timestamp_ms``,

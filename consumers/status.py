@@ -1,4 +1,4 @@
-"""Live vehicle status in Redis: ``vehicle:{id}:status`` hashes (CONTRACT.md, "Redis keys").
+"""Live vehicle status in Redis: ``vehicle:{id}:status`` hashes (docs/interface.md, "Redis keys").
 
 One update per vehicle per batch, from its newest reading. Each update is a Lua script,
 so it is atomic, and it compares event times first: an older reading that arrives late
@@ -19,6 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from fleet_telemetry.core.reading import Reading, status_time
+from fleet_telemetry.core.redis_keys import NO_PREFIX, RedisKeys
 
 # One call updates a chunk of vehicles. KEYS: per vehicle, its status key and its
 # newest-time key; ARGV[1]: the status TTL; ARGV[2]: how long the newest time is kept;
@@ -67,13 +68,13 @@ ORDER BY vehicle_id, start_time DESC
 """
 
 
-def status_key(vehicle_id: UUID | str) -> str:
-    return f"vehicle:{vehicle_id}:status"
+def status_key(vehicle_id: UUID | str, keys: RedisKeys = NO_PREFIX) -> str:
+    return keys.vehicle_status(vehicle_id)
 
 
-def newest_key(vehicle_id: UUID | str) -> str:
+def newest_key(vehicle_id: UUID | str, keys: RedisKeys = NO_PREFIX) -> str:
     """The time of the newest status ever written for the vehicle (kept longer than the status)."""
-    return f"vehicle:{vehicle_id}:status:newest"
+    return keys.vehicle_newest(vehicle_id)
 
 
 def newest_per_vehicle(readings: Iterable[Reading]) -> dict[UUID, Reading]:
@@ -98,8 +99,9 @@ class StatusWriter:
     """
 
     def __init__(self, redis: aioredis.Redis, pool: asyncpg.Pool, ttl_seconds: int = 300,
-                 newest_seconds: int = 30 * 86_400) -> None:
+                 newest_seconds: int = 30 * 86_400, keys: RedisKeys = NO_PREFIX) -> None:
         self._redis = redis
+        self._keys = keys
         self._pool = pool
         self._ttl = ttl_seconds
         self._newest_ttl = max(newest_seconds, ttl_seconds)
@@ -123,7 +125,7 @@ class StatusWriter:
         values: list[bytes] = []
         for vehicle_id, r in newest.items():
             driver = drivers.get(vehicle_id)
-            keys += (status_key(vehicle_id), newest_key(vehicle_id))
+            keys += (self._keys.vehicle_status(vehicle_id), self._keys.vehicle_newest(vehicle_id))
             values.append(orjson.dumps([
                 status_time(r.time), repr(r.lat), repr(r.lon), _text(r.speed), _text(r.fuel_level),
                 _text(r.heading), "" if driver is None else str(driver), updated_at,

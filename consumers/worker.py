@@ -63,7 +63,7 @@ async def open_outputs(settings: Settings, metrics: PipelineMetrics,
             yield Outputs(
                 sink=TelemetrySink(pool, VehicleRegistry(s.vehicle_cache_seconds)),
                 dead_letters=DeadLetters(producer, s.dlq_topic, s.dlq_max_message_bytes),
-                status=StatusWriter(redis, pool, s.status_ttl_seconds, s.raw_retention_days * 86_400),
+                status=StatusWriter(redis, pool, s.status_ttl_seconds, s.raw_retention_days * 86_400, s.redis_keys),
                 rules=RuleEngine(pool, redis, s, metrics) if s.rules_enabled else None,
             )
         finally:

@@ -1,4 +1,4 @@
-"""The gateway side: a producer client for telemetry readings (CONTRACT.md, version 1).
+"""The gateway side: a producer client for telemetry readings (docs/interface.md, version 1).
 
 Readings are keyed by ``vehicle_id`` so one vehicle's readings stay ordered in one
 partition; values are UTF-8 JSON, one reading or an array (a gateway's batch). The

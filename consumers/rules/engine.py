@@ -136,7 +136,7 @@ class RuleEngine:
         self._metrics.geofences_active.set(len(index))
         log.info("geofences loaded", active=len(index), cell_deg=index.cell, removed=len(gone))
         if gone and self._redis is not None:
-            await drop_sets(self._redis, gone)
+            await drop_sets(self._redis, gone, self._settings.redis_keys)
         return True
 
     # --- the hook -----------------------------------------------------------------
@@ -179,7 +179,7 @@ class RuleEngine:
             log.info("nothing written for geofences removed meanwhile", geofences=sorted(gone))
         transitions = [t for t in result.transitions if t.geofence_id not in gone]
         if transitions and self._redis is not None:
-            await update_members(self._redis, transitions)
+            await update_members(self._redis, transitions, self._settings.redis_keys)
 
     async def _evaluate_and_commit(self, groups: dict[UUID, list[Reading]]) -> tuple[Evaluation, set[int]]:
         """One attempt: evaluate the batch against the cached states and commit it; returns

@@ -13,17 +13,19 @@ import redis.asyncio as aioredis
 import structlog
 
 from fleet_telemetry.consumers.rules.transitions import Transition
+from fleet_telemetry.core.redis_keys import NO_PREFIX, RedisKeys
 from fleet_telemetry.core.retry import is_transient
 
 log = structlog.get_logger("fleet.rules")
 
 
-def geofence_key(geofence_id: int) -> str:
+def geofence_key(geofence_id: int, keys: RedisKeys = NO_PREFIX) -> str:
     """The Redis GEO set of the vehicles inside a geofence (schema/README.md)."""
-    return f"geofence:{geofence_id}"
+    return keys.geofence(geofence_id)
 
 
-async def update_members(redis: aioredis.Redis, transitions: Iterable[Transition]) -> None:
+async def update_members(redis: aioredis.Redis, transitions: Iterable[Transition],
+                         keys: RedisKeys = NO_PREFIX) -> None:
     """GEOADD on a confirmed enter, ZREM on a confirmed exit (interpolated crossings are
     not memberships); the last transition per vehicle and fence wins. A Redis that does
     not answer is logged and skipped."""
@@ -37,9 +39,9 @@ async def update_members(redis: aioredis.Redis, transitions: Iterable[Transition
         async with redis.pipeline(transaction=False) as pipe:
             for (fid, vid), t in final.items():
                 if t.kind == "enter":
-                    pipe.geoadd(geofence_key(fid), (t.lon, t.lat, str(vid)))
+                    pipe.geoadd(keys.geofence(fid), (t.lon, t.lat, str(vid)))
                 else:
-                    pipe.zrem(geofence_key(fid), str(vid))
+                    pipe.zrem(keys.geofence(fid), str(vid))
             await pipe.execute()
     except Exception as exc:
         if not is_transient(exc):
@@ -47,13 +49,13 @@ async def update_members(redis: aioredis.Redis, transitions: Iterable[Transition
         log.warning("redis unreachable, geofence members not updated", error=type(exc).__name__)
 
 
-async def drop_sets(redis: aioredis.Redis, geofence_ids: Iterable[int]) -> bool:
+async def drop_sets(redis: aioredis.Redis, geofence_ids: Iterable[int], keys: RedisKeys = NO_PREFIX) -> bool:
     """Deletes the sets of geofences no longer active; False if Redis did not answer."""
-    keys = [geofence_key(fid) for fid in geofence_ids]
-    if not keys:
+    names = [keys.geofence(fid) for fid in geofence_ids]
+    if not names:
         return True
     try:
-        await redis.delete(*keys)
+        await redis.delete(*names)
     except Exception as exc:
         if not is_transient(exc):
             raise

@@ -1,4 +1,4 @@
-"""``fleet vehicles|drivers|customers|assignments|jobs|maintenance|dashboard|commands``.
+"""``fleet vehicles|drivers|customers|assignments|jobs|maintenance|alerts|dashboard|commands``.
 
 The entity commands are built from the table in :mod:`fleet_telemetry.cli.fleetops_table`.
 Each opens the database (writes on the primary, read-only queries on a replica when
@@ -24,6 +24,7 @@ from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.fleetops import commands, dashboard
 from fleet_telemetry.fleetops.db import Database
+from fleet_telemetry.fleetops.vehicles import resolve_vehicle
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
@@ -60,18 +61,36 @@ def _handler(action: Action) -> Handler:
     async def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             async with Database.from_settings(settings, max_size=2) as database:
-                result = await _call(action, database, action.arguments(args))
+                await _resolve_vehicles(action, args, database)
+                result = await _call(action, database, action.arguments(args), settings)
         except (asyncpg.exceptions.DataError, asyncpg.exceptions.IntegrityConstraintViolationError) as exc:
             # SQLSTATE classes 22 and 23: input that broke a rule the writers do not check first.
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"refused by PostgreSQL: {message}") from None
-        _print(result, args.json, action.columns)
+        if action.writes:
+            await dashboard.invalidate_for(settings)
+        if action.render is not None and not args.json:
+            print(action.render(result))
+        else:
+            _print(result, args.json, action.columns)
         return 0
 
     return run
 
 
-async def _call(action: Action, database: Database, kwargs: dict[str, Any]) -> Any:
+async def _resolve_vehicles(action: Action, args: argparse.Namespace, database: Database) -> None:
+    """Replaces each vehicle named by id, VIN or plate with its id (on the primary, so a
+    vehicle just registered is found)."""
+    named = [o.destination for o in action.options if o.vehicle and getattr(args, o.destination) is not None]
+    if named:
+        async with database.write() as conn:
+            for destination in named:
+                setattr(args, destination, await resolve_vehicle(conn, getattr(args, destination)))
+
+
+async def _call(action: Action, database: Database, kwargs: dict[str, Any], settings: Settings) -> Any:
+    if action.with_settings:
+        return await action.call(database, settings=settings, **kwargs)
     if action.takes_database:
         return await action.call(database, **kwargs)
     async with (database.write() if action.writes else database.read()) as conn:
@@ -115,7 +134,7 @@ async def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
     try:
         async with Database.from_settings(settings, max_size=2) as database:
             cache = dashboard.DashboardCache(redis, dashboard.database_compute(database),
-                                             settings.dashboard_cache_seconds)
+                                             settings.dashboard_cache_seconds, key=settings.redis_keys.dashboard)
             if args.refresh:
                 stats, cached = await cache.refresh(), False
             else:
@@ -124,14 +143,15 @@ async def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
         await redis.aclose()
     _print(stats, args.json)
     if not args.json:
-        print(f"(from the cache {dashboard.DASHBOARD_KEY})" if cached else "(computed now)")
+        print(f"(from the cache {settings.redis_keys.dashboard})" if cached else "(computed now)")
     return 0
 
 
 def _register_dashboard(sub: Any) -> None:
     parser = sub.add_parser("dashboard", help="dashboard aggregates, cached in Redis",
                             description="Revenue, active vehicles, maintenance costs and open jobs, served from"
-                            f" Redis key {dashboard.DASHBOARD_KEY} for FLEET_DASHBOARD_CACHE_SECONDS.")
+                            f" Redis key {dashboard.DASHBOARD_KEY} (after FLEET_REDIS_KEY_PREFIX) for"
+                            " FLEET_DASHBOARD_CACHE_SECONDS or until a write changes them.")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--refresh", action="store_true", help="recompute now and replace the cached value")
     parser.set_defaults(handler=_dashboard)

@@ -1,4 +1,4 @@
-"""The table behind ``fleet vehicles|drivers|customers|assignments|jobs|maintenance``.
+"""The table behind ``fleet vehicles|drivers|customers|assignments|jobs|maintenance|alerts``.
 
 Every action of these groups is one :class:`Action` row: its options (flag, type, help)
 and the writer or query it calls. An option's value goes either into the mapping the
@@ -11,20 +11,26 @@ shape, add/update/delete/show/list, written once in :func:`entity_actions` from 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
 
 import asyncpg
 import orjson
+import redis.asyncio as aioredis
 
+from fleet_telemetry.consumers.rules.model import ALERT_TYPES
 from fleet_telemetry.core.errors import UsageError
+from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.fleetops import assignments, customers, drivers, jobs, maintenance, queries, vehicles
 from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.errors import InvalidInput
 from fleet_telemetry.fleetops.values import parse_date, parse_month, parse_number, parse_point, parse_time
+from fleet_telemetry.views import alerts
+from fleet_telemetry.views.vehicle_status import vehicle_status
 
 # --- argument types: one readable line on bad input ---------------------------------------------
 
@@ -44,6 +50,22 @@ def time_arg(text: str) -> datetime:
     except InvalidInput:
         raise argparse.ArgumentTypeError(
             f"not an RFC 3339 time with offset (e.g. 2025-01-31T08:00:00Z) or 'now': {text!r}") from None
+
+
+_AGO = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def since_arg(text: str) -> datetime:
+    """``--since``: an RFC 3339 time with offset, or how long ago (``30s``, ``15m``, ``2h``, ``7d``)."""
+    ago = _AGO.fullmatch(text.strip())
+    if ago is not None:
+        return datetime.now(timezone.utc) - timedelta(seconds=float(ago[1]) * _UNIT_SECONDS[ago[2]])
+    try:
+        return parse_time(text, "time")
+    except InvalidInput:
+        raise argparse.ArgumentTypeError(
+            f"not an RFC 3339 time with offset (2025-01-31T08:00:00Z) or a time ago (30m, 2h, 7d): {text!r}") from None
 
 
 def count_arg(text: str) -> int:
@@ -118,6 +140,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
     help: str | None = None
+    vehicle: bool = False
 
     @property
     def destination(self) -> str:
@@ -140,7 +163,9 @@ class Action:
     ``takes_database``, the :class:`Database`; then the keyword arguments of
     :meth:`arguments`: writers get ``actor`` (option ``--actor``), and the field options
     are passed as one mapping under the keyword ``gather``. ``columns`` are the columns a
-    list prints as text; ``description`` is the longer help, if any."""
+    list prints as text; ``description`` is the longer help, if any. With
+    ``with_settings`` ``call`` gets the :class:`Database` and the keyword ``settings``;
+    ``render`` turns the result into the text shown without ``--json``."""
 
     name: str
     help: str
@@ -151,6 +176,8 @@ class Action:
     columns: tuple[str, ...] = ()
     description: str | None = None
     takes_database: bool = False
+    with_settings: bool = False
+    render: Callable[[Any], str] | None = None
 
     def arguments(self, args: argparse.Namespace) -> dict[str, Any]:
         """The keyword arguments of ``call``; raises what an option's ``convert`` raises."""
@@ -199,9 +226,21 @@ class Entity:
 LIMIT = Option("--limit", type=count_arg, default=100)
 
 
+VEHICLE_HELP = "the vehicle's id, VIN or licence plate"
+
+
 def row_id(name: str) -> Option:
-    """The positional id of the row an action works on, e.g. ``vehicle_id``."""
+    """The positional id of the row an action works on, e.g. ``vehicle_id`` (a vehicle
+    also by its VIN or plate)."""
+    if name == "vehicle":
+        return Option("vehicle_id", vehicle=True, metavar="VEHICLE", help=VEHICLE_HELP)
     return Option(f"{name}_id", type=uuid_arg)
+
+
+def vehicle_option(*, field: str | None = None, required: bool = False) -> Option:
+    """``--vehicle VEHICLE``: id, VIN or plate, passed on as ``vehicle_id``."""
+    return Option("--vehicle", field=field, to=None if field else "vehicle_id", vehicle=True, required=required,
+                  metavar="VEHICLE", help=VEHICLE_HELP)
 
 
 def new_id(noun: str, keyword: str) -> Option:
@@ -251,6 +290,53 @@ VEHICLES = Entity(
     delete_help="soft-delete a vehicle (refused while it has open bookings)",
     register=vehicles.register_vehicle, update=vehicles.update_vehicle, delete=vehicles.delete_vehicle,
     get=vehicles.get_vehicle, listing=vehicles.list_vehicles,
+)
+
+async def vehicle_status_view(db: Database, *, settings: Settings, vehicle_id: UUID) -> dict[str, Any]:
+    """``fleet vehicles status``: Redis for the live status, a read connection for the rest."""
+    redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    try:
+        async with db.read() as conn:
+            return await vehicle_status(conn, redis, settings.redis_keys, vehicle_id)
+    finally:
+        await redis.aclose()
+
+
+def _or_dash(value: Any, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:g}{suffix}" if isinstance(value, float) else f"{value}{suffix}"
+
+
+def render_vehicle_status(status: dict[str, Any]) -> str:
+    """The text of ``fleet vehicles status``: one line per part."""
+    v, live, position, duty = status["vehicle"], status["live"], status["position"], status["on_duty"]
+    lines = [f"vehicle {v['id']}  plate {v.get('license_plate', '-')}  VIN {v.get('vin', '-')}  "
+             f"{' '.join(str(v[k]) for k in ('make', 'model', 'type') if v.get(k))}  status {v.get('status', '-')}"
+             + ("  (deleted)" if v.get("deleted_at") else "")]
+    if live:
+        lines.append(f"live (Redis):     {live.get('lat')},{live.get('lon')}  speed {_or_dash(live.get('speed'), ' km/h')}"
+                     f"  fuel {_or_dash(live.get('fuel_level'), '%')}  heading {_or_dash(live.get('heading'))}"
+                     f"  at {live.get('time')}  driver {live.get('driver_id', '-')}")
+    else:
+        lines.append(f"live (Redis):     {status['live_note']}")
+    lines.append("position (stored): " + (
+        f"{position['lat']},{position['lon']}  speed {_or_dash(position['speed'], ' km/h')}  at {position['time']}"
+        if position else "none yet"))
+    lines.append("on duty:          " + (
+        f"driver {duty['driver']} ({duty['driver_id']}), assignment {duty['assignment_id']}"
+        f" from {duty['start_time']} to {duty['end_time'] or 'open end'}" if duty else "no active assignment"))
+    lines.append(f"last reading:     {status['last_reading_time'] or 'none'}")
+    lines.append(f"odometer:         {_or_dash(status['odometer_km'], ' km')}")
+    lines.append(f"open alerts:      {len(status['open_alerts']) or 'none'}")
+    lines += [f"  {a['id']}  {a['type']}  {a['severity']}  raised {a['raised_at']}"
+              + (f"  geofence {a['geofence']}" if a["geofence"] else "") for a in status["open_alerts"]]
+    return "\n".join(lines)
+
+
+VEHICLE_STATUS = Action(
+    "status", "live status, last position, driver on duty, open alerts, last reading, odometer",
+    vehicle_status_view, (row_id("vehicle"),), with_settings=True, render=render_vehicle_status,
+    description="One vehicle (by id, VIN or plate): its live status from Redis, its last stored position,"
+    " the assignment and driver on duty, its open alerts, its last reading time and odometer.",
 )
 
 VEHICLES_AVAILABLE = Action(
@@ -315,7 +401,7 @@ CUSTOMERS = Entity(
 
 ASSIGNMENTS = (
     Action("create", "book a driver on a vehicle over [--from, --to)", assignments.create_assignment, (
-        Option("--vehicle", to="vehicle_id", type=uuid_arg, required=True),
+        vehicle_option(required=True),
         Option("--driver", to="driver_id", type=uuid_arg, required=True),
         Option("--from", dest="start", to="start_time", type=time_arg, required=True),
         Option("--to", dest="end", to="end_time", type=time_arg, help="exclusive end (default: open-ended)"),
@@ -327,7 +413,7 @@ ASSIGNMENTS = (
            writes=True),
     Action("show", "one assignment", assignments.get_assignment, (row_id("assignment"),)),
     Action("list", "assignments, newest first", assignments.list_assignments, (
-        Option("--vehicle", to="vehicle_id", type=uuid_arg),
+        vehicle_option(),
         Option("--driver", to="driver_id", type=uuid_arg),
         Option("--status", choices=("ACTIVE", "COMPLETED", "CANCELLED")),
         LIMIT,
@@ -422,7 +508,7 @@ INTERVALS = (
 
 MAINTENANCE = (
     Action("record", "record a service; the matching triggers move forward", maintenance.record_service, (
-        Option("--vehicle", field="vehicle_id", type=uuid_arg, required=True),
+        vehicle_option(field="vehicle_id", required=True),
         Option("--type", field="type", required=True, help="service type; resets the schedule of the same name"),
         Option("--cost", field="cost", default="0"),
         Option("--date", field="date", convert=_or_today, help="YYYY-MM-DD (default today, UTC)"),
@@ -448,18 +534,40 @@ MAINTENANCE = (
         Option("--from", dest="start", type=month_arg, required=True, help="YYYY-MM"),
         Option("--to", type=month_arg, help="YYYY-MM (default: --from)"),
         Option("--currency", default="EUR", help="jobs priced in other currencies are counted apart"),
-        Option("--vehicle", to="vehicle_id", type=uuid_arg),
+        vehicle_option(),
         Option("--refresh", action="store_true", help="refresh the materialized views first (primary)"),
     ), columns=("month", "vehicle_id", "license_plate", "revenue", "maintenance_cost", "profit", "jobs"),
         takes_database=True),
 )
 
+# --- alerts -------------------------------------------------------------------------------------
+
+ALERT_ID = Option("alert_id", type=count_arg, metavar="ID")
+
+ALERTS = (
+    Action("list", "alerts, newest first", alerts.list_alerts, (
+        Option("--open", dest="open_only", action="store_true", help="only the open ones"),
+        vehicle_option(),
+        Option("--type", to="alert_type", choices=ALERT_TYPES),
+        Option("--since", type=since_arg, metavar="TIME", help="raised since: RFC 3339, or a time ago (30m, 2h, 7d)"),
+        LIMIT,
+    ), columns=("id", "raised_at", "type", "severity", "license_plate", "geofence", "is_resolved", "resolved_at")),
+    Action("show", "one alert: vehicle, geofence, details, what operators did", alerts.get_alert, (ALERT_ID,)),
+    Action("resolve", "resolve an open alert by hand (audited)", alerts.resolve_alert,
+           (ALERT_ID, Option("--note", help="why, kept in the alert's details and the audit log")), writes=True,
+           description="Resolve an open alert: resolved_at is now, details get resolved_by (--actor), the note and"
+           " resolved_because; an audit_logs row 'alert.resolve' records it. The rules raise it again only once"
+           " its condition has cleared and come back."),
+)
+
 GROUPS = (
-    Group("vehicles", "register, change and find vehicles", (*entity_actions(VEHICLES), VEHICLES_AVAILABLE)),
+    Group("vehicles", "register, change and find vehicles",
+          (*entity_actions(VEHICLES), VEHICLES_AVAILABLE, VEHICLE_STATUS)),
     Group("drivers", "register, change and find drivers",
           (*entity_actions(DRIVERS), DRIVERS_AVAILABLE, DRIVERS_NEAREST)),
     Group("customers", "register and change customers", entity_actions(CUSTOMERS)),
     Group("assignments", "book drivers on vehicles; end or cancel bookings", ASSIGNMENTS),
     Group("jobs", "transport jobs with their route and cargo", JOBS),
     Group("maintenance", "service records, schedules, due dates, profitability", MAINTENANCE),
+    Group("alerts", "the alerts the rules raised: list, show, resolve", ALERTS),
 )

@@ -1,21 +1,30 @@
-"""``fleet geofences add|list|remove|import``: the geofence writer's command line.
+"""``fleet geofences add|import|update|list|export|remove``: the geofence writer's command line.
 
 What a geofence may be and how it is stored: :mod:`fleet_telemetry.consumers.rules.geofences`.
+Warnings (coordinates that may be swapped) go to stderr as ``fleet geofences: warning:
+...`` lines; the command still succeeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import asyncpg
 import orjson
 
+from fleet_telemetry.cli.parsing import Parser
 from fleet_telemetry.consumers.rules.geofences import (
+    CLEAR,
+    Changes,
     Closed,
     NewGeofence,
+    Removal,
     connect,
+    feature_collection,
+    feature_name,
     from_feature,
     geojson_features,
     insert,
@@ -24,9 +33,32 @@ from fleet_telemetry.consumers.rules.geofences import (
     polygon,
     positive,
     remove,
+    swap_warning,
+    update,
 )
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.settings import Settings
+
+
+class GeofenceParser(Parser):
+    """The geofence commands' parser: ``--circle -33.9,18.4,500`` reads the negative
+    latitude as an option, so the error says how to write it."""
+
+    _given: list[str] = []
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("argument --circle: expected one argument"):
+            given = self._given
+            at = given.index("--circle") + 1 if "--circle" in given else len(given)
+            value = given[at] if at < len(given) else "-33.9,18.4,500"
+            message = (f"argument --circle: expected one argument: a negative latitude reads as an option,"
+                       f" so write --circle={value}")
+        super().error(message)
 
 
 def _read_source(value: str) -> str:
@@ -47,6 +79,13 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
         print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
     else:
         print(text)
+
+
+async def _warn_if_swapped(conn: asyncpg.Connection, fences: list[NewGeofence]) -> None:
+    for fence in fences:
+        warning = await swap_warning(conn, fence)
+        if warning is not None:
+            sys.stderr.write(f"fleet geofences: warning: {warning}\n")
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -76,6 +115,7 @@ async def _add(conn: asyncpg.Connection, args: argparse.Namespace, settings: Set
         if len(found) != 1:
             raise UsageError(f"--geojson holds {len(found)} features; use 'fleet geofences import' for several")
         fence = await from_feature(conn, found[0], "--geojson", defaults)
+    await _warn_if_swapped(conn, [fence])
     (fid,) = await insert(conn, [fence], active=not args.inactive)
     _print(args, {"id": fid, "name": fence.name, "kind": fence.kind},
            f"geofence {fid} added ({fence.kind} {fence.name!r})")
@@ -85,7 +125,11 @@ async def _add(conn: asyncpg.Connection, args: argparse.Namespace, settings: Set
 async def _import(conn: asyncpg.Connection, args: argparse.Namespace, settings: Settings) -> int:
     found = geojson_features(_read_source(args.source))
     defaults = {"speed_limit_kmh": args.speed_limit, "dwell_seconds": args.dwell}
-    fences = [await from_feature(conn, f, f"feature {i}", defaults) for i, f in enumerate(found)]
+    unnamed = [i for i, f in enumerate(found) if feature_name(f) is None]
+    named = {i: args.name if len(unnamed) == 1 else f"{args.name} {n}" for n, i in enumerate(unnamed, start=1)}
+    fences = [await from_feature(conn, f, f"feature {i}", {**defaults, "name": named.get(i) if args.name else None})
+              for i, f in enumerate(found)]
+    await _warn_if_swapped(conn, fences)
     ids = await insert(conn, fences, active=not args.inactive)
     _print(args, [{"id": i, "name": f.name, "kind": f.kind} for i, f in zip(ids, fences)],
            f"{len(ids)} geofences imported: ids {', '.join(map(str, ids))}")
@@ -105,15 +149,43 @@ async def _list(conn: asyncpg.Connection, args: argparse.Namespace, settings: Se
     return 0
 
 
+async def _export(conn: asyncpg.Connection, args: argparse.Namespace, settings: Settings) -> int:
+    if args.format == "json":
+        data: Any = await list_geofences(conn, args.all, shapes=True)
+    else:
+        data = await feature_collection(conn, args.all)
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+async def _update(conn: asyncpg.Connection, args: argparse.Namespace, settings: Settings) -> int:
+    changes = Changes(name=args.name, speed_limit_kmh=args.speed_limit, dwell_seconds=args.dwell, active=args.active)
+    shown, closed = await update(conn, args.id, changes, settings.redis_url, settings.redis_keys)
+    if closed is not None:
+        _redis_note(closed)
+        shown["closed"] = [_closed_data(c) for c in closed.closed]
+    lines = [f"geofence {shown['id']} updated ({shown['kind']} {shown['name']!r}, "
+             f"{'active' if shown['active'] else 'inactive'})", *map(_closed_line, closed.closed if closed else [])]
+    _print(args, shown, "\n".join(lines))
+    return 0
+
+
 async def _remove(conn: asyncpg.Connection, args: argparse.Namespace, settings: Settings) -> int:
-    removal = await remove(conn, args.ids, settings.redis_url)
-    if not removal.redis_answered:
-        sys.stderr.write("fleet geofences: Redis not reachable; the workers drop the geofence:{id} keys\n")
-    data = {"removed": removal.removed, "closed": [
-        {"id": c.id, "exits": [str(v) for v in c.exits], "alerts_resolved": c.alerts_resolved} for c in removal.closed]}
+    removal = await remove(conn, args.ids, settings.redis_url, settings.redis_keys)
+    _redis_note(removal)
+    data = {"removed": removal.removed, "closed": [_closed_data(c) for c in removal.closed]}
     lines = [f"removed geofence {', '.join(map(str, removal.removed))}", *map(_closed_line, removal.closed)]
     _print(args, data, "\n".join(lines))
     return 0
+
+
+def _redis_note(removal: Removal) -> None:
+    if not removal.redis_answered:
+        sys.stderr.write("fleet geofences: Redis not reachable; the workers drop the geofence:{id} keys\n")
+
+
+def _closed_data(closed: Closed) -> dict[str, Any]:
+    return {"id": closed.id, "exits": [str(v) for v in closed.exits], "alerts_resolved": closed.alerts_resolved}
 
 
 def _closed_line(closed: Closed) -> str:
@@ -124,7 +196,25 @@ def _closed_line(closed: Closed) -> str:
     return f"geofence {closed.id}: {exits}, {alerts}"
 
 
-_COMMANDS = {"add": _add, "import": _import, "list": _list, "remove": _remove}
+_COMMANDS = {"add": _add, "import": _import, "update": _update, "list": _list, "export": _export, "remove": _remove}
+
+
+def _limit(text: str) -> float | str:
+    """``--speed-limit``/``--dwell`` of ``update``: a number above 0, or ``none`` to clear it."""
+    if text.strip().lower() == CLEAR:
+        return CLEAR
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number (or 'none' to clear it): {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0 (or 'none' to clear it), not {text}")
+    return value
+
+
+def _dwell(text: str) -> int | str:
+    value = _limit(text)
+    return value if isinstance(value, str) else int(value)
 
 
 def _shape_options(p: argparse.ArgumentParser) -> None:
@@ -137,11 +227,11 @@ def _shape_options(p: argparse.ArgumentParser) -> None:
 
 def register(sub: Any) -> None:
     parser = sub.add_parser(
-        "geofences", help="add, list, remove and import geofences",
+        "geofences", help="add, import, update, list, export and remove geofences",
         description="Manage geofences: polygons (WKT or GeoJSON) and circles (centre and radius in metres). "
         "Running workers pick changes up within FLEET_GEOFENCE_REFRESH_SECONDS.",
     )
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser))
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=GeofenceParser)
     actions.required = True
 
     add = actions.add_parser("add", help="add one geofence",
@@ -157,7 +247,31 @@ def register(sub: Any) -> None:
                              "all or nothing. Properties: name (required), speed_limit_kmh, dwell_seconds; a Point "
                              "feature with radius_m is a circle.")
     imp.add_argument("source", metavar="FILE|-")
+    imp.add_argument("--name", help="the name of a feature without a 'name' property (several such features"
+                     " are numbered: NAME 1, NAME 2, ...)")
     _shape_options(imp)
+    upd = actions.add_parser("update", help="change a geofence's name, speed limit, dwell or active flag",
+                             description="Change a geofence's name (unique among the active ones), speed limit, "
+                             "dwell or active flag. Switching it off closes what was open for it, as 'remove' does "
+                             "(exits, alerts resolved, its Redis geofence:{id} key dropped); its history stays.")
+    upd.add_argument("id", type=int, metavar="ID")
+    upd.add_argument("--name")
+    upd.add_argument("--speed-limit", type=_limit, metavar="KMH|none", help="overspeed limit inside, or none")
+    upd.add_argument("--dwell", type=_dwell, metavar="SECONDS|none",
+                     help="minimum dwell, or none for FLEET_GEOFENCE_DWELL_SECONDS")
+    switch = upd.add_mutually_exclusive_group()
+    switch.add_argument("--active", dest="active", action="store_const", const=True, help="switch it on")
+    switch.add_argument("--inactive", dest="active", action="store_const", const=False, help="switch it off")
+    upd.add_argument("--json", action="store_true", help="print the result as JSON")
+    exp = actions.add_parser("export", help="the geofences as GeoJSON (what import reads) or JSON",
+                             description="Print the geofences: a GeoJSON FeatureCollection that 'fleet geofences "
+                             "import' reads back (circles as Points with radius_m), or with --json a list with each "
+                             "polygon's WKT.")
+    form = exp.add_mutually_exclusive_group()
+    form.add_argument("--geojson", dest="format", action="store_const", const="geojson", help="GeoJSON (default)")
+    form.add_argument("--json", dest="format", action="store_const", const="json", help="a JSON list")
+    exp.set_defaults(format="geojson")
+    exp.add_argument("--all", action="store_true", help="include inactive geofences (with active: false)")
     lst = actions.add_parser("list", help="list geofences")
     lst.add_argument("--all", action="store_true", help="include inactive geofences")
     lst.add_argument("--json", action="store_true", help="print JSON")

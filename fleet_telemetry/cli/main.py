@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 from pydantic import ValidationError
 
 from fleet_telemetry.cli import consume, demo, fleetops, geofences, maintain, migrate, replay, services, simulate
+from fleet_telemetry.cli import dead_letters, system
 from fleet_telemetry.cli.parsing import Parser
 from fleet_telemetry.core.errors import FleetError, UsageError
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 # Command groups, in the order ``fleet --help`` lists them.
 COMMAND_MODULES: tuple[ModuleType, ...] = (
-    services, migrate, consume, simulate, demo, replay, maintain, geofences, fleetops,
+    services, migrate, consume, simulate, demo, replay, maintain, geofences, fleetops, system, dead_letters,
 )
 
 

@@ -41,7 +41,7 @@ class MetricSet:
 
 
 class PipelineMetrics(MetricSet):
-    """The consumer's metrics. Names and labels are part of the contract (CONTRACT.md)."""
+    """The consumer's metrics. Names and labels are part of the interface (docs/interface.md, "Metrics")."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         super().__init__(registry)

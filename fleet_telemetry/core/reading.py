@@ -1,6 +1,6 @@
 """The telemetry reading, version 1, as every stage sees it after decoding.
 
-The wire format (CONTRACT.md, "Telemetry message, version 1") is decoded by
+The wire format (docs/interface.md, "Telemetry message, version 1") is decoded by
 :func:`fleet_telemetry.consumers.decode.decode_message`; this module holds the typed result and the
 rules that both the decoder and the producers share.
 """

@@ -21,6 +21,8 @@ from pydantic import AfterValidator, Field, PlainSerializer, SecretStr, field_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from fleet_telemetry.core.redis_keys import RedisKeys
+
 
 _SECRET_PARAMETERS = ("password", "secret", "token")
 """A query parameter whose name holds one of these is a secret (``password``,
@@ -98,10 +100,13 @@ class Settings(BaseSettings):
         env_prefix="FLEET_", env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
     )
 
-    # --- CONTRACT.md ---------------------------------------------------------
+    # --- docs/interface.md ----------------------------------------------------
     database_url: SecretUrlField = SecretUrl("postgresql://postgres@127.0.0.1:5432/fleet")
     database_replica_urls: Annotated[tuple[SecretUrlField, ...], NoDecode] = ()
     redis_url: SecretUrlField = SecretUrl("redis://127.0.0.1:6379/0")
+    redis_key_prefix: str = Field(default="", max_length=100)
+    """Put before every Redis key the project writes or reads (``fleet-a:``), so deployments
+    sharing one Redis keep apart; empty by default."""
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
         "PLAINTEXT"
@@ -215,6 +220,13 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: str) -> str:
         return _checked_url(value, ("redis", "rediss", "unix"), "a redis:// URL")
 
+    @field_validator("redis_key_prefix")
+    @classmethod
+    def _check_redis_key_prefix(cls, value: str) -> str:
+        if any(c.isspace() or not c.isprintable() for c in value):
+            raise ValueError(f"{value!r} has a space or a control character; use letters, digits and ':-_.'")
+        return value
+
     @field_validator("metrics_address")
     @classmethod
     def _check_metrics_address(cls, value: str) -> str:
@@ -249,6 +261,11 @@ class Settings(BaseSettings):
     @property
     def redis_url_masked(self) -> str:
         return mask_url(self.redis_url)
+
+    @property
+    def redis_keys(self) -> RedisKeys:
+        """The Redis key names of this deployment (``FLEET_REDIS_KEY_PREFIX``)."""
+        return RedisKeys(self.redis_key_prefix)
 
     def kafka_client_options(self) -> dict[str, object]:
         """Connection options shared by every aiokafka client of the project."""

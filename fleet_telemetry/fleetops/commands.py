@@ -29,13 +29,14 @@ from uuid import UUID
 
 import asyncpg
 import orjson
+import redis.asyncio as aioredis
 import structlog
 from aiokafka import AIOKafkaProducer
 
 from fleet_telemetry.consumers.chain import Abandoned, Retrier
 from fleet_telemetry.consumers.deadletter import fit, request_size
 from fleet_telemetry.consumers.kafka_loop import Committable, KafkaLoop, LoopMetrics, LoopOptions, Records, start_with_retry
-from fleet_telemetry.fleetops import assignments, customers, drivers, jobs, maintenance, vehicles
+from fleet_telemetry.fleetops import assignments, customers, dashboard, drivers, jobs, maintenance, vehicles
 from fleet_telemetry.fleetops.audit import jsonable
 from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.errors import FleetOpsError, InvalidInput
@@ -241,9 +242,12 @@ class CommandApplier:
     """Applies commands through the writers on the primary, once per ``command_id``."""
 
     def __init__(self, database: Database,
-                 dead_letter: Callable[[CommandRejection], Awaitable[None]]) -> None:
+                 dead_letter: Callable[[CommandRejection], Awaitable[None]],
+                 applied: Callable[[], Awaitable[object]] | None = None) -> None:
         self._database = database
         self._dead_letter = dead_letter
+        self._applied = applied
+        """Called after each command applied (the dashboard cache is invalidated)."""
 
     async def apply(self, item: Command | CommandRejection) -> str:
         """Returns APPLIED, DUPLICATE or REJECTED. The effect and the processed row commit
@@ -253,6 +257,7 @@ class CommandApplier:
         """
         if isinstance(item, CommandRejection):
             return await self._reject(item)
+        rejection: CommandRejection | None = None
         async with self._database.write() as conn:
             try:
                 async with conn.transaction():
@@ -267,13 +272,16 @@ class CommandApplier:
                         "UPDATE processed_commands SET result = $2 WHERE command_id = $1",
                         item.command_id, _result_ids(result),
                     )
-                    return APPLIED
             except (FleetOpsError, asyncpg.exceptions.IntegrityConstraintViolationError,
                     asyncpg.exceptions.DataError) as exc:
                 # Class 23 and 22: the input broke a rule the writer did not check first.
                 rejection = CommandRejection(_reason(exc), _first_line(exc), item.source, item.key,
                                              item.value, item.command_id, item.type)
-        return await self._reject(rejection)
+        if rejection is not None:
+            return await self._reject(rejection)
+        if self._applied is not None:
+            await self._applied()
+        return APPLIED
 
     async def _reject(self, rejection: CommandRejection) -> str:
         if rejection.command_id is not None:
@@ -396,6 +404,7 @@ class CommandConsumer:
         PostgreSQL or the broker is still away (the uncommitted commands are redelivered)."""
         s = self.settings
         database = Database.from_settings(s, max_size=2)
+        redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         producer: AIOKafkaProducer | None = None
         try:
             producer = await start_with_retry(
@@ -403,8 +412,9 @@ class CommandConsumer:
                 bootstrap=s.kafka_bootstrap, retries=self.metrics.retries, backoff=self._backoff(),
                 give_up=self._stopping)
             retrier = Retrier(self.metrics.retries, self._backoff, give_up=self._stopping)
-            strategy = CommandStrategy(CommandApplier(database, self._dead_letter_to(producer)),
-                                       self.metrics, retrier)
+            applier = CommandApplier(database, self._dead_letter_to(producer),
+                                     applied=lambda: dashboard.invalidate(redis, s.redis_keys.dashboard))
+            strategy = CommandStrategy(applier, self.metrics, retrier)
             options = LoopOptions.from_settings(
                 s, topics=[s.commands_topic], group=s.commands_group, stop_when_idle=self.stop_when_idle,
                 what="commands", started_event="command consumer started")
@@ -415,6 +425,7 @@ class CommandConsumer:
         finally:
             if producer is not None:
                 await producer.stop()
+            await redis.aclose()
             await database.close()
 
     def _backoff(self) -> Backoff:

@@ -8,6 +8,12 @@ when many callers miss at the same moment: the first caller takes a short Redis 
 holder that dies frees the lock when it expires; a waiter that waits longer than
 ``wait_seconds`` computes on its own. When Redis is unreachable every call computes
 from PostgreSQL (the cache is an optimisation, never a dependency).
+
+Writes that change the figures (the small writers, the command consumer, resolving an
+alert) call :func:`invalidate`: it drops the cached value and bumps
+``dashboard:stats:daily:version``, and a computation that was running meanwhile does not
+store what it computed, so the next caller sees the write. Keys carry
+``FLEET_REDIS_KEY_PREFIX`` (:class:`~fleet_telemetry.core.redis_keys.RedisKeys`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
+from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.fleetops.audit import jsonable
 from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.validation import OPEN_JOB_STATUSES
@@ -31,10 +38,21 @@ from fleet_telemetry.fleetops.validation import OPEN_JOB_STATUSES
 log = structlog.get_logger("fleet.fleetops")
 
 DASHBOARD_KEY = "dashboard:stats:daily"
+"""The key's name without a prefix; a deployment's own is ``settings.redis_keys.dashboard``."""
+VERSION_SECONDS = 86_400
+"""How long the invalidation counter is kept: far longer than any computation."""
 
 # Deletes the lock only if it is still ours (it may have expired and been taken since).
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# Stores the aggregates only if no write invalidated the cache since the computation began.
+_STORE = """
+if (redis.call('GET', KEYS[2]) or '') == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
 return 0
 """
 
@@ -120,10 +138,12 @@ class DashboardCache:
         self.ttl_seconds = ttl_seconds
         self.key = key
         self.lock_key = f"{key}:lock"
+        self.version_key = f"{key}:version"
         self._lock_ms = int(lock_seconds * 1000)
         self._wait = wait_seconds
         self._poll = poll_seconds
         self._release = redis.register_script(_RELEASE)
+        self._store = redis.register_script(_STORE)
         self.computations = 0
 
     async def get(self) -> tuple[dict[str, Any], bool]:
@@ -163,7 +183,34 @@ class DashboardCache:
         return await self._compute_and_store()
 
     async def _compute_and_store(self) -> dict[str, Any]:
+        version = await self._redis.get(self.version_key) or b""
         self.computations += 1
         stats = await self._compute()
-        await self._redis.set(self.key, orjson.dumps(stats), ex=self.ttl_seconds)
+        await self._store(keys=[self.key, self.version_key], args=[version, orjson.dumps(stats), self.ttl_seconds])
         return stats
+
+
+async def invalidate(client: aioredis.Redis, key: str = DASHBOARD_KEY) -> bool:
+    """Drops the cached aggregates after a write that changes them, so the next caller
+    computes them afresh; False (logged) when Redis did not answer, in which case the
+    cached value lives out its TTL."""
+    try:
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.incr(f"{key}:version")
+            pipe.expire(f"{key}:version", VERSION_SECONDS)
+            pipe.delete(key)
+            await pipe.execute()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        log.warning("dashboard cache not invalidated: Redis unreachable", error=type(exc).__name__)
+        return False
+    return True
+
+
+async def invalidate_for(settings: Settings) -> bool:
+    """:func:`invalidate` through a client of its own on ``FLEET_REDIS_URL``, with this
+    deployment's key; for a command that wrote once."""
+    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    try:
+        return await invalidate(client, settings.redis_keys.dashboard)
+    finally:
+        await client.aclose()

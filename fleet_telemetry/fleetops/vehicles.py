@@ -16,6 +16,7 @@ import asyncpg
 
 from fleet_telemetry.fleetops import assignments, entities, maintenance
 from fleet_telemetry.fleetops.audit import snapshot
+from fleet_telemetry.fleetops.errors import Conflict, NotFound
 from fleet_telemetry.fleetops.validation import vehicle_fields
 
 VEHICLE = entities.Kind(
@@ -24,6 +25,39 @@ VEHICLE = entities.Kind(
     columns=("vin", "license_plate", "make", "model", "year", "type", "status", "specs"),
     unique={"vehicles_vin_key": "vin", "vehicles_license_plate_key": "license_plate"},
 )
+
+# VIN and plate as the writers store them (upper case, a VIN without spaces); both
+# unique among live vehicles, each served by its unique index.
+_BY_VIN_OR_PLATE = """
+SELECT id, vin, license_plate FROM vehicles
+WHERE deleted_at IS NULL AND (vin = $1 OR license_plate = $2)
+ORDER BY vin = $1 DESC
+"""
+
+
+async def resolve_vehicle(conn: asyncpg.Connection, text: str) -> UUID:
+    """The vehicle an operator names by its id, VIN or licence plate (any case).
+
+    An id names any vehicle, deleted ones too (their history stays); a VIN or plate a
+    live one. Raises NotFound, and Conflict when the text is one vehicle's VIN and
+    another's plate.
+    """
+    given = text.strip()
+    try:
+        vehicle_id: UUID | None = UUID(given)
+    except ValueError:
+        vehicle_id = None
+    if vehicle_id is not None:
+        if await conn.fetchval("SELECT 1 FROM vehicles WHERE id = $1", vehicle_id) is None:
+            raise NotFound(f"no vehicle with id {vehicle_id}")
+        return vehicle_id
+    rows = await conn.fetch(_BY_VIN_OR_PLATE, given.upper().replace(" ", ""), given.upper())
+    if not rows:
+        raise NotFound(f"no vehicle with id, VIN or plate {given!r} (see 'fleet vehicles list')")
+    if len(rows) > 1:
+        raise Conflict(f"{given!r} is the VIN of vehicle {rows[0]['id']} and the plate of vehicle {rows[1]['id']};"
+                       " name it by its id")
+    return rows[0]["id"]  # type: ignore[no-any-return]
 
 
 async def register_vehicle(conn: asyncpg.Connection, *, actor: str, data: Mapping[str, Any],

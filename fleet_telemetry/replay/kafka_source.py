@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka.structs import TopicPartition
 
@@ -125,6 +125,31 @@ class KafkaSource:
         and :class:`UsageError` for a topic or partition that does not exist.
         """
         first: Offsets = {}
+        async with contextlib.aclosing(self._fetches(resume, first)) as fetches:
+            async for fetched in fetches:
+                if self.total is None and len(fetched.end) == len(first):
+                    self.total = sum(max(0, fetched.end[tp] - start) for tp, start in first.items())
+                records, units = self._take(fetched)
+                if units:
+                    position = {"next": {str(tp.partition): n for tp, n in fetched.next.items()},
+                                "stop": {str(tp.partition): fetched.end[tp] for tp in fetched.next
+                                         if tp in fetched.end}}
+                    yield Chunk(records, position, units, units)
+
+    async def records(self) -> AsyncGenerator[tuple[TopicPartition, Any], None]:
+        """Every record of the range with its partition, in fetch order (aiokafka
+        ``ConsumerRecord``): those inside ``since``/``until`` and, for dead letters, of the
+        reasons asked for. Raises as :meth:`chunks`; nothing is committed."""
+        async with contextlib.aclosing(self._fetches(None, {})) as fetches:
+            async for fetched in fetches:
+                for tp, batch in fetched.records.items():
+                    for record in batch:
+                        if self._inside(record) and self._dead_letter(record) is not False:
+                            yield tp, record
+
+    async def _fetches(self, resume: dict[str, Any] | None, first: Offsets) -> AsyncGenerator[Fetched, None]:
+        """The fetches of the range through the shared loop; ``first`` gets each
+        partition's first offset once the read is planned."""
 
         async def plan(lookup: OffsetLookup) -> Ranges:
             tps = await self._partitions(lookup)
@@ -139,39 +164,36 @@ class KafkaSource:
         )
         async with contextlib.aclosing(read_ranges(options, room=self.chunk_records)) as fetches:
             async for fetched in fetches:
-                if self.total is None and len(fetched.end) == len(first):
-                    self.total = sum(max(0, fetched.end[tp] - start) for tp, start in first.items())
-                records, units = self._take(fetched)
-                if units:
-                    position = {"next": {str(tp.partition): n for tp, n in fetched.next.items()},
-                                "stop": {str(tp.partition): fetched.end[tp] for tp in fetched.next
-                                         if tp in fetched.end}}
-                    yield Chunk(records, position, units, units)
+                yield fetched
+
+    def _inside(self, record: Any) -> bool:
+        """Whether the record's timestamp is inside ``since``/``until``."""
+        since, until = _ms(self.spec.since), _ms(self.spec.until)
+        return (since is None or record.timestamp >= since) and (until is None or record.timestamp < until)
+
+    def _dead_letter(self, record: Any) -> dict[str, str] | None | Literal[False]:
+        """What a rejects line repeats of a dead letter's headers; False for a dead letter
+        of a reason not asked for, None when the range is not of dead letters."""
+        if not self.spec.dead_letters:
+            return None
+        headers = {k: v.decode("utf-8", "replace") for k, v in (record.headers or ())}
+        found = dead_letter_headers(headers, self.spec.reasons)
+        return False if found is None else found
 
     def _take(self, fetched: Fetched) -> tuple[Records, int]:
         """The fetched records inside the time range (and of the reasons asked for), and
         how many records were consumed (also those skipped)."""
-        since, until = _ms(self.spec.since), _ms(self.spec.until)
         records = Records()
         units = 0
         for tp, batch in fetched.records.items():
             units += len(batch)
             for record in batch:
-                if since is not None and record.timestamp < since:
+                dead_letter = self._dead_letter(record) if self._inside(record) else False
+                if dead_letter is False:
                     continue
-                if until is not None and record.timestamp >= until:
-                    continue
-                self._add(records, tp, record)
+                source = Source(tp.topic, tp.partition, record.offset)
+                records.items.append((record.key, record.value, source, dead_letter))
         return records, units
-
-    def _add(self, records: Records, tp: TopicPartition, record: Any) -> None:
-        dead_letter: dict[str, str] | None = None
-        if self.spec.dead_letters:
-            headers = {k: v.decode("utf-8", "replace") for k, v in (record.headers or ())}
-            dead_letter = dead_letter_headers(headers, self.spec.reasons)
-            if dead_letter is None:
-                return
-        records.items.append((record.key, record.value, Source(tp.topic, tp.partition, record.offset), dead_letter))
 
     async def _partitions(self, lookup: OffsetLookup) -> list[TopicPartition]:
         topic = self.spec.topic

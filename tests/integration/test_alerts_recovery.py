@@ -28,8 +28,8 @@ def track(vid: uuid.UUID, start: datetime, lat: float, lon0: float, steps: range
 async def setup(db: asyncpg.Connection, make_vehicles) -> tuple[uuid.UUID, int, float, float, datetime]:
     lat, lon = random.uniform(-50, 50), random.uniform(-170, 170)
     fence = await db.fetchval(
-        "INSERT INTO geofences (name, kind, area) VALUES ('recovery', 'polygon', ST_MakeEnvelope($1, $2, $3, $4, 4326))"
-        " RETURNING id", lon, lat, lon + 0.01, lat + 0.01)
+        "INSERT INTO geofences (name, kind, area) VALUES ($5, 'polygon', ST_MakeEnvelope($1, $2, $3, $4, 4326))"
+        " RETURNING id", lon, lat, lon + 0.01, lat + 0.01, f"recovery-{uuid.uuid4().hex[:8]}")
     (vid,) = await make_vehicles(1)
     return vid, fence, lat + 0.005, lon, datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=20)
 

@@ -86,7 +86,9 @@ async def test_add_list_import_and_remove(settings: Settings, db: asyncpg.Connec
      "--geojson: invalid geometry: Self-intersection[1 1]"),
     (["--circle", "52.5,13.4"], "--circle takes LAT,LON,RADIUS_M (three numbers), not '52.5,13.4'"),
     (["--circle", "52.5,13.4,0"], "circle radius must be more than 0 metres, not 0.0"),
-    (["--circle", "95,13.4,10"], "circle centre 95.0,13.4 is outside -90..90 latitude, -180..180 longitude"),
+    (["--circle", "95,13.4,10"], "circle centre 95.0,13.4 is outside -90..90 latitude, -180..180 longitude"
+     " (latitude and longitude swapped? --circle takes LAT,LON, a GeoJSON Point [LON, LAT])"),
+    (["--circle", "45,190,10"], "circle centre 45.0,190.0 is outside -90..90 latitude, -180..180 longitude"),
 ])
 async def test_bad_shapes_are_refused_with_the_reason(
     settings: Settings, db: asyncpg.Connection, args: list[str], message: str
@@ -119,7 +121,7 @@ async def test_the_index_follows_added_changed_and_removed_geofences(
         engine = RuleEngine(pool, redis_client, settings, PipelineMetrics())
         await engine.refresh_geofences()
         fid = await db.fetchval(
-            "INSERT INTO geofences (name, kind, center, radius_m) VALUES ('moving', 'circle',"
+            "INSERT INTO geofences (name, kind, center, radius_m) VALUES ('moving-' || gen_random_uuid(), 'circle',"
             " ST_SetSRID(ST_MakePoint(-40, -40), 4326), 100) RETURNING id")
         assert await engine.refresh_geofences() is True
         assert engine.index.fences[fid].covers(-40.0, -40.0)
@@ -178,10 +180,10 @@ async def test_removing_a_geofence_closes_what_is_open_and_a_stale_worker_cannot
                                            "alert_overspeed_min_seconds": 0.0})
     lat, lon = random.uniform(-50, 50), random.uniform(-170, 170)
     fence = await db.fetchval(
-        "INSERT INTO geofences (name, kind, area, speed_limit_kmh) VALUES ('doomed', 'polygon',"
+        "INSERT INTO geofences (name, kind, area, speed_limit_kmh) VALUES ('doomed-' || gen_random_uuid(), 'polygon',"
         " ST_MakeEnvelope($1, $2, $3, $4, 4326), 30) RETURNING id", lon, lat, lon + 0.01, lat + 0.01)
     yard = await db.fetchval(
-        "INSERT INTO geofences (name, kind, center, radius_m) VALUES ('yard', 'circle',"
+        "INSERT INTO geofences (name, kind, center, radius_m) VALUES ('yard-' || gen_random_uuid(), 'circle',"
         " ST_SetSRID(ST_MakePoint($1, $2), 4326), 300) RETURNING id", lon + 1, lat)
     inside, parked, passer_by, latecomer = await make_vehicles(4)
     start = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=20)
@@ -258,8 +260,9 @@ async def test_a_removal_and_a_rules_transaction_in_flight_wait_for_each_other(
                                            "alert_overspeed_min_seconds": 0.0})
     lat, lon = random.uniform(-50, 50), random.uniform(-170, 170)
     first, second = [await db.fetchval(
-        "INSERT INTO geofences (name, kind, area, speed_limit_kmh) VALUES ('racing', 'polygon',"
-        " ST_MakeEnvelope($1, $2, $3, $4, 4326), 30) RETURNING id", lon + k, lat, lon + k + 0.01, lat + 0.01)
+        "INSERT INTO geofences (name, kind, area, speed_limit_kmh) VALUES ('racing-' || $5, 'polygon',"
+        " ST_MakeEnvelope($1, $2, $3, $4, 4326), 30) RETURNING id", lon + k, lat, lon + k + 0.01, lat + 0.01,
+        uuid.uuid4().hex[:8])
         for k in (0, 1)]
     vehicle, driver = await make_vehicles(2)
     worker = await asyncpg.connect(settings.database_url)

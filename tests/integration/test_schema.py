@@ -384,11 +384,11 @@ async def test_geofences_need_their_shape_and_index_both_kinds(db: asyncpg.Conne
     )
     await db.execute(
         "INSERT INTO geofences (name, kind, area)"
-        " VALUES ($1, 'polygon', ST_MakeEnvelope(13.39, 52.49, 13.41, 52.51, 4326))",
+        " VALUES ($1 || '-area', 'polygon', ST_MakeEnvelope(13.39, 52.49, 13.41, 52.51, 4326))",
         name,
     )
     inside = await db.fetch(
-        "SELECT kind FROM geofences WHERE name = $1 AND is_active AND deleted_at IS NULL"
+        "SELECT kind FROM geofences WHERE name LIKE $1 || '%' AND is_active AND deleted_at IS NULL"
         " AND shape && ST_SetSRID(ST_MakePoint(13.403, 52.501), 4326)"
         " AND CASE kind WHEN 'circle' THEN ST_DWithin(center::geography,"
         "   ST_SetSRID(ST_MakePoint(13.403, 52.501), 4326)::geography, radius_m)"

@@ -277,6 +277,7 @@ def test_every_action_of_the_table_calls_its_function_with_keywords_it_takes() -
             keywords = {option.to or option.destination for option in action.options if option.field is None}
             keywords |= {action.gather} if action.gather else set()
             keywords |= {"actor"} if action.writes else set()
+            keywords |= {"settings"} if action.with_settings else set()
             inspect.signature(action.call).bind(None, **dict.fromkeys(keywords))  # raises TypeError if not
 
 
@@ -286,8 +287,8 @@ def test_given_field_options_are_gathered_for_the_writer_and_the_rest_passed_as_
         "actor": "ops", "vehicle_id": None, "data": {"vin": "V1", "license_plate": "P1", "year": 2020}}
     vehicle_id = uuid.uuid4()
     args = _parsed("vehicles", "update", str(vehicle_id), "--status", "retired")
-    assert _action("vehicles", "update").arguments(args) == {
-        "actor": "fleet-cli", "vehicle_id": vehicle_id, "changes": {"status": "retired"}}
+    assert _action("vehicles", "update").arguments(args) == {  # the id, VIN or plate is resolved when it runs
+        "actor": "fleet-cli", "vehicle_id": str(vehicle_id), "changes": {"status": "retired"}}
     args = _parsed("assignments", "list", "--driver", str(vehicle_id), "--limit", "3")
     assert _action("assignments", "list").arguments(args) == {
         "vehicle_id": None, "driver_id": vehicle_id, "status": None, "limit": 3}

@@ -214,8 +214,17 @@ async def test_the_kafka_replay_source(clients: Clients, secured: Settings) -> N
     check(consumer, secured)
 
 
+async def test_the_consumer_lag_of_fleet_status(clients: Clients, secured: Settings) -> None:
+    from fleet_telemetry.views.consumer_lag import group_lag
+
+    await refused(group_lag(secured, "fleet.telemetry.v1", "fleet-telemetry", 0))
+    (admin,) = clients.built
+    check(admin, secured)
+
+
 # Every module of the project that builds an aiokafka client; each is driven above.
-BUILDERS = {"consumers/kafka_loop.py", "ingest/producer.py", "ingest/topics.py", "deploy/stack/probe.py"}
+BUILDERS = {"consumers/kafka_loop.py", "ingest/producer.py", "ingest/topics.py", "deploy/stack/probe.py",
+            "fleet_telemetry/views/consumer_lag.py"}
 CLIENT_CLASSES = {"AIOKafkaConsumer", "AIOKafkaProducer", "AIOKafkaAdminClient", "AIOKafkaClient"}
 
 
