@@ -5,7 +5,8 @@ Lifecycle of one loop::
     start:   the strategy starts, the consumer joins the group (retried while the broker
              is away)
     loop:    fetch (as many records as the strategy has room for) -> strategy.submit ->
-             strategy.poll -> commit the offsets the strategy has finished -> lag gauge;
+             strategy.poll -> commit the offsets the strategy has finished -> lag gauges
+             (records, and seconds by the Kafka timestamps of the records not committed);
              partitions are paused while the strategy reports backpressure
     revoke:  the strategy hands over everything fetched so far and waits for it, the
              finished offsets are committed (both within the shutdown deadline), then the
@@ -47,7 +48,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
-from fleet_telemetry.consumers.offsets import Committable, OffsetLookup, Ranges, Records, Seek
+from fleet_telemetry.consumers.offsets import Committable, OffsetLookup, Ranges, RecordTimes, Records, Seek
 from fleet_telemetry.core.errors import unavailable
 from fleet_telemetry.core.retry import Backoff, GaveUp, retry
 from fleet_telemetry.core.settings import Settings
@@ -163,6 +164,8 @@ class LoopMetrics:
     consumer_lag: Gauge | None = None
     """By ``topic`` and ``partition``: records between the committed offset and the end."""
     paused_partitions: Gauge | None = None
+    consumer_lag_seconds: Gauge | None = None
+    """By ``topic`` and ``partition``: age of the oldest record not committed (0: caught up)."""
 
 
 async def start_with_retry(start: Callable[[], Awaitable[T]], *, bootstrap: str, retries: Counter | None,
@@ -243,6 +246,8 @@ class KafkaLoop:
         """Assign-and-seek mode: the ranges being read, kept up to date after each fetch."""
         self._listed: dict[TopicPartition, int] = {}
         self._finished: set[TopicPartition] = set()
+        # Only a group member commits, so only it has a lag in seconds.
+        self._times = RecordTimes() if metrics.consumer_lag_seconds is not None and options.group else None
         # A range read is a short errand: its lifecycle is not news.
         self._lifecycle = log.debug if options.seek is not None else log.info
 
@@ -318,6 +323,8 @@ class KafkaLoop:
         if self.ranges is not None:
             records = await self._within(consumer, self.ranges, records)
         if records:
+            if self._times is not None:
+                self._times.fetched(records)
             await strategy.submit(records)
         await strategy.poll()
         await self.commit()
@@ -408,14 +415,16 @@ class KafkaLoop:
                       deadline_s=timeout)
         await self.commit(until=deadline)
         self.strategy.offsets.forget(revoked)
-        lag = self.metrics.consumer_lag
+        if self._times is not None:
+            self._times.forget(revoked)
         for tp in revoked:
             self._committed.pop(tp, None)
-            if lag is not None:
-                try:
-                    lag.remove(tp.topic, str(tp.partition))
-                except KeyError:
-                    pass
+            for lag in (self.metrics.consumer_lag, self.metrics.consumer_lag_seconds):
+                if lag is not None:
+                    try:
+                        lag.remove(tp.topic, str(tp.partition))
+                    except KeyError:
+                        pass
         log.info("partitions revoked after commit", partitions=_names(revoked))
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
@@ -502,12 +511,18 @@ class KafkaLoop:
         self._paused = paused
 
     def _update_lag(self) -> None:
-        consumer, gauge = self._consumer, self.metrics.consumer_lag
-        if consumer is None or gauge is None:
+        consumer, gauge, seconds, times = self._consumer, self.metrics.consumer_lag, \
+            self.metrics.consumer_lag_seconds, self._times
+        if consumer is None or (gauge is None and times is None):
             return
+        now_ms = time.time() * 1000
         for tp in consumer.assignment():
             highwater = consumer.highwater(tp)
             committed = self._committed.get(tp)
-            if highwater is None or committed is None:
+            if times is not None and seconds is not None:
+                age = times.lag_seconds(tp, committed, highwater, now_ms)
+                if age is not None:
+                    seconds.labels(tp.topic, str(tp.partition)).set(age)
+            if gauge is None or highwater is None or committed is None:
                 continue
             gauge.labels(tp.topic, str(tp.partition)).set(max(0, highwater - committed))

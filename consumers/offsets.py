@@ -3,10 +3,13 @@
 :class:`Committable`: what a strategy's last step has finished, per partition; the loop
 commits it. :class:`Ranges`: what an assign-and-seek read covers, from where to where.
 :class:`OffsetLookup`: what a seek plan may ask the broker before partitions are assigned.
+:class:`RecordTimes`: when the records fetched and not yet committed were written, for
+the lag in seconds.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,6 +38,61 @@ class Committable:
 
     def items(self) -> Iterator[tuple[TopicPartition, int]]:
         return iter(list(self._offsets.items()))
+
+
+class RecordTimes:
+    """Per partition, the Kafka timestamps (ms) of the records fetched and not yet committed.
+
+    Kept as one span per fetch and partition (first and last offset, with their
+    timestamps), so nothing is looked at per record: the lag in seconds is read from it.
+    """
+
+    def __init__(self) -> None:
+        self._spans: dict[TopicPartition, deque[tuple[int, int, int, int]]] = {}
+        self._newest: dict[TopicPartition, int] = {}
+
+    def fetched(self, records: Records) -> None:
+        """Notes one fetch's spans (a record without a timestamp, -1, leaves its span out)."""
+        for tp, batch in records.items():
+            if not batch:
+                continue
+            first, last = batch[0], batch[-1]
+            if first.timestamp < 0 or last.timestamp < 0:
+                continue
+            self._spans.setdefault(tp, deque()).append((first.offset, first.timestamp, last.offset, last.timestamp))
+            self._newest[tp] = max(last.timestamp, self._newest.get(tp, last.timestamp))
+
+    def lag_seconds(self, tp: TopicPartition, committed: int | None, end: int | None, now_ms: float) -> float | None:
+        """How old ``tp``'s oldest record not yet committed is, in seconds, at ``now_ms``.
+
+        ``committed`` is the next offset to commit (None: nothing committed yet), ``end``
+        the partition's end as last fetched. 0 when ``committed`` reached ``end``; None
+        when nothing says (nothing fetched nor committed yet). Inside a fetch's span the
+        time is interpolated by offset; records not fetched yet are taken to be as old as
+        the newest fetched one (they are younger, so the lag is never understated).
+        Drops the spans ``committed`` has passed.
+        """
+        spans = self._spans.get(tp)
+        if spans and committed is not None:
+            while spans and spans[0][2] < committed:
+                spans.popleft()
+        if spans:
+            first, first_ms, last, last_ms = spans[0]
+            oldest = float(first_ms)
+            if committed is not None and committed > first:
+                oldest += (last_ms - first_ms) * (committed - first) / (last - first)
+            return max(0.0, (now_ms - oldest) / 1000)
+        if committed is None or end is None:
+            return None
+        if end <= committed:
+            return 0.0
+        newest = self._newest.get(tp)
+        return None if newest is None else max(0.0, (now_ms - newest) / 1000)
+
+    def forget(self, partitions: Collection[TopicPartition]) -> None:
+        for tp in partitions:
+            self._spans.pop(tp, None)
+            self._newest.pop(tp, None)
 
 
 class Lookups(Protocol):

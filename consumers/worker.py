@@ -121,7 +121,7 @@ class Worker:
             pipeline = TelemetryPipeline(self.settings, outputs, m)
             self._loop = KafkaLoop(
                 pipeline, self._loop_options(),
-                LoopMetrics(m.retries, m.commit_duration, m.consumer_lag, m.paused_partitions),
+                LoopMetrics(m.retries, m.commit_duration, m.consumer_lag, m.paused_partitions, m.consumer_lag_seconds),
                 stopping=self._stopping,
             )
             try:

@@ -56,6 +56,10 @@ class PipelineMetrics(MetricSet):
         self.consumer_lag = self._gauge(
             "fleet_consumer_lag", "Records between the committed offset and the partition's end.",
             "topic", "partition")
+        self.consumer_lag_seconds = self._gauge(
+            "fleet_consumer_lag_seconds",
+            "Age of the oldest record not yet committed, by its Kafka timestamp (0: caught up).",
+            "topic", "partition")
         # The rules stage.
         self.alerts = self._counter("fleet_alerts", "Alerts raised and resolved.", "type", "action")
         self.geofence_transitions = self._counter(
@@ -144,6 +148,10 @@ class MaintainMetrics(MetricSet):
             "Age of the oldest hour marked dirty and not yet rolled up, after the last pass (0: none).")
         self.rollup_pending = self._gauge(
             "fleet_maintain_rollup_pending", "Hours marked dirty and not yet rolled up, after the last pass.")
+        self.partitions_until = self._gauge(
+            "fleet_maintain_telemetry_partitions_until_timestamp_seconds",
+            "End of the telemetry partitions that follow on from today without a gap, as far as a"
+            " pass creates them, after the last pass (Unix time).")
         self.deferred = self._counter(
             "fleet_maintain_deferred_steps", "Steps left to the next pass because a lock stayed busy.")
         for outcome in ("success", "failure"):

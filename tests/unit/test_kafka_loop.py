@@ -8,6 +8,7 @@ import ast
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from fleet_telemetry.consumers.kafka_loop import (
     Committable, KafkaLoop, LoopMetrics, LoopOptions, OffsetLookup, Ranges, Records,
 )
+from fleet_telemetry.consumers.offsets import RecordTimes
 from fleet_telemetry.consumers.kafka_range import Fetched, read_ranges
 from fleet_telemetry.core.errors import ServiceUnavailable, UsageError
 from fleet_telemetry.core.retry import Backoff
@@ -33,6 +35,7 @@ class Rec:
     offset: int
     key: bytes | None = None
     value: bytes | None = b"{}"
+    timestamp: int = -1
 
 
 class FakeConsumer:
@@ -158,6 +161,7 @@ def harness(consumer: FakeConsumer, **options: Any) -> Harness:
         commit_duration=Histogram("commit", "", registry=registry),
         consumer_lag=Gauge("lag", "", ["topic", "partition"], registry=registry),
         paused_partitions=Gauge("paused", "", registry=registry),
+        consumer_lag_seconds=Gauge("lag_seconds", "", ["topic", "partition"], registry=registry),
     )
     base: dict[str, Any] = {"topics": ("t",), "group": "g", "bootstrap": "fake:9092", "fetch_timeout_ms": 5,
                             "backoff": lambda: Backoff(0.001, 0.002), "shutdown_timeout": 0.2}
@@ -301,6 +305,47 @@ async def test_the_lag_gauge_counts_from_the_committed_offset_to_the_end() -> No
     assert await run_until_idle(h) == 0
     assert h.metrics.consumer_lag is not None
     assert h.metrics.consumer_lag.labels("t", "0")._value.get() == 7
+
+
+def timed(tp: TopicPartition, *offsets_and_ms: tuple[int, int]) -> Records:
+    return {tp: [Rec(offset, timestamp=ms) for offset, ms in offsets_and_ms]}
+
+
+def test_record_times_read_the_oldest_uncommitted_record_from_the_spans_of_each_fetch() -> None:
+    times = RecordTimes()
+    times.fetched(timed(A, (0, 1_000), (9, 10_000)))
+    times.fetched(timed(A, (10, 20_000), (19, 30_000)))
+    assert times.lag_seconds(A, None, 20, now_ms=61_000) == 60.0  # nothing committed: the first record
+    assert times.lag_seconds(A, 5, 20, now_ms=61_000) == 55.0  # inside the first span, by offset
+    assert times.lag_seconds(A, 10, 20, now_ms=61_000) == 41.0  # the first span committed and dropped
+    assert times.lag_seconds(A, 20, 20, now_ms=61_000) == 0.0  # caught up
+    assert times.lag_seconds(A, 20, 25, now_ms=61_000) == 31.0  # not fetched yet: at most as old as the newest
+    assert times.lag_seconds(B, None, 5, now_ms=61_000) is None  # nothing known
+    assert times.lag_seconds(B, 5, 5, now_ms=61_000) == 0.0
+    times.fetched(timed(B, (5, -1)))  # a record without a timestamp says nothing
+    assert times.lag_seconds(B, 5, 6, now_ms=61_000) is None
+    times.forget({A})
+    assert times.lag_seconds(A, None, 30, now_ms=61_000) is None
+
+
+async def test_the_lag_in_seconds_is_the_age_of_the_oldest_record_not_committed_then_0() -> None:
+    now_ms = int(time.time() * 1000)
+    consumer = FakeConsumer([timed(A, (0, now_ms - 120_000), (1, now_ms - 60_000))])
+    consumer.highwaters = {A: 2}
+    h = harness(consumer)
+    seconds = h.metrics.consumer_lag_seconds
+    assert seconds is not None
+    h.strategy.hold = True
+    task = asyncio.create_task(h.loop.run())
+    await asyncio.sleep(0.1)
+    assert 119 < seconds.labels("t", "0")._value.get() < 125  # fetched, not committed
+    h.strategy.release()
+    await asyncio.sleep(0.1)
+    assert seconds.labels("t", "0")._value.get() == 0.0  # committed up to the end
+    await consumer.listener.on_partitions_revoked({A})
+    assert seconds.collect()[0].samples == []
+    h.loop.stop()
+    assert await asyncio.wait_for(task, 5) == 0
 
 
 async def test_a_shutdown_past_its_deadline_abandons_and_exits_1_without_committing() -> None:
