@@ -9,6 +9,7 @@ to its next step when it is ready and the next step has room.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,6 +31,8 @@ class Batch:
     messages: int = 0
     started: float = field(default_factory=time.monotonic)
     """``time.monotonic()`` when its first record was read: the batch's age counts from here."""
+    trace_id: str = ""
+    """Given when the batch goes on (:meth:`BatchingStep.flush`); the log lines of its steps carry it."""
 
     def __len__(self) -> int:
         return len(self.readings) + len(self.rejections)
@@ -135,4 +138,5 @@ class BatchingStep:
         if self.open.messages == 0:
             return
         batch, self.open = self.open, Batch()
+        batch.trace_id = uuid.uuid4().hex
         await self.next_step.submit(batch)

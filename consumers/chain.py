@@ -3,7 +3,8 @@
 A step is anything with ``async submit(item)``; a test drives one step with a fake next
 step. :class:`InTask` runs its next step in a task of its own behind a bounded queue, so
 one batch's later steps overlap the next batch's earlier ones and the steps before it see
-when it is full (backpressure). :class:`Retrier` is the retry policy of the steps that
+when it is full (backpressure). :class:`Traced` binds an item's trace id to the log
+context while its next step handles it. :class:`Retrier` is the retry policy of the steps that
 write: transient failures are retried with backoff until they succeed or the work is
 abandoned.
 """
@@ -29,6 +30,20 @@ class Step(Protocol[T_contra]):
 
     async def submit(self, item: T_contra) -> None:
         """Blocks until the item is handed on; raises what the step cannot handle."""
+
+
+class Traced(Generic[T]):
+    """Hands each item to its next step with the item's trace id bound to the log context
+    (structlog contextvars, ``trace_id``), so every line logged meanwhile in this task,
+    the libraries' too, carries it. Binds once per item."""
+
+    def __init__(self, next_step: Step[T], trace_id: Callable[[T], str]) -> None:
+        self.next_step = next_step
+        self._trace_id = trace_id
+
+    async def submit(self, item: T) -> None:
+        with structlog.contextvars.bound_contextvars(trace_id=self._trace_id(item)):
+            await self.next_step.submit(item)
 
 
 class Abandoned(Exception):

@@ -5,7 +5,9 @@
 
     decode -> batching -> [writer task] store -> [publisher task] status -> rules -> commit
 
-The writer task takes at most ``max_batches_in_flight`` batches waiting; while that
+Each task binds the batch's trace id to the log context while it handles the batch, so
+the log lines of one batch share a ``trace_id``. The writer task takes at most
+``max_batches_in_flight`` batches waiting; while that
 queue is full the loop pauses its partitions. The publisher task takes one, so one
 batch's Redis and rules work overlaps the next batch's COPY. Only the commit step marks
 offsets committable, in batch order. A timer writes the last-known positions gathered
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from fleet_telemetry.consumers.batch import Batch, BatchingStep, BatchLimits
-from fleet_telemetry.consumers.chain import InTask, Retrier, Step
+from fleet_telemetry.consumers.chain import InTask, Retrier, Step, Traced
 from fleet_telemetry.consumers.deadletter import DeadLetters
 from fleet_telemetry.consumers.kafka_loop import Committable, Records
 from fleet_telemetry.consumers.sink import TelemetrySink
@@ -43,6 +45,14 @@ class Outputs:
     rules: RuleEvaluator | None
 
 
+def _batch_trace(batch: Batch) -> str:
+    return batch.trace_id
+
+
+def _stored_trace(stored: Stored) -> str:
+    return stored.batch.trace_id
+
+
 POSITIONS_TICK_SECONDS = 1.0
 """How often the positions timer looks whether gathered positions are due to be written."""
 
@@ -60,9 +70,11 @@ class TelemetryPipeline:
             self.rules = RulesStep(after_status, outputs.rules, self.retrier)
             after_status = self.rules
         self.status = StatusStep(after_status, outputs.status, outputs.sink, metrics)
-        self.publisher: InTask[Stored] = InTask(self.status, maxsize=1, name="fleet-publisher")
+        self.publisher: InTask[Stored] = InTask(Traced(self.status, _stored_trace), maxsize=1,
+                                                name="fleet-publisher")
         self.store = StoreStep(self.publisher, outputs.sink, outputs.dead_letters, metrics, self.retrier)
-        self.writer: InTask[Batch] = InTask(self.store, maxsize=s.max_batches_in_flight, name="fleet-writer")
+        self.writer: InTask[Batch] = InTask(Traced(self.store, _batch_trace), maxsize=s.max_batches_in_flight,
+                                            name="fleet-writer")
         self.batching = BatchingStep(self.writer, BatchLimits(s.batch_max_readings, s.batch_max_age_ms / 1000))
         self.decode = DecodeStep(self.batching, metrics, max_future=timedelta(seconds=s.max_future_seconds),
                                  retention=timedelta(days=s.raw_retention_days))

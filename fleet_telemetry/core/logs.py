@@ -3,7 +3,10 @@
 Library loggers (aiokafka, asyncpg, asyncio) speak through the stdlib ``logging``; their
 records, Python warnings and the traceback of an exception nobody caught go through the
 same renderer, so with ``FLEET_LOG_FORMAT=json`` every line on stderr is one JSON object
-(a traceback is the ``exception`` field of its line).
+(a traceback is the ``exception`` field of its line). Every line has the same common
+fields: ``event``, ``level``, ``timestamp`` (ISO 8601, UTC) and ``logger`` (the name the
+line was logged under), plus what the context binds (the pipeline's ``trace_id`` of the
+batch at hand, :func:`structlog.contextvars.bound_contextvars`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,21 @@ class _Stderr:
 
     def flush(self) -> None:
         sys.stderr.flush()
+
+
+_STDERR = _Stderr()
+
+
+class _NamedLogger(structlog.PrintLogger):
+    """Prints to stderr and knows the name it was asked for (the ``logger`` field)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(_STDERR)  # type: ignore[arg-type]
+        self.name = name
+
+
+def _named_logger(*args: object) -> _NamedLogger:
+    return _NamedLogger(str(args[0]) if args else "fleet")
 
 
 class _LibraryHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -51,10 +69,10 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.StackInfoRenderer(), structlog.processors.format_exc_info,
-                    renderer],
+        processors=[*shared, structlog.stdlib.add_logger_name, structlog.processors.StackInfoRenderer(),
+                    structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
+        logger_factory=_named_logger,
         # Not cached: a logger then follows a later configure() (a second set-up, a
         # test capturing logs) wherever it was first used. Logging is per batch, never
         # per reading, so the lookup costs nothing that counts.
@@ -66,7 +84,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         return  # someone else handles the stdlib's records
     for handler in ours:
         root.removeHandler(handler)
-    handler = _LibraryHandler(_Stderr())  # type: ignore[arg-type]
+    handler = _LibraryHandler(_STDERR)  # type: ignore[arg-type]
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,

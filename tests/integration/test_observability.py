@@ -1,15 +1,20 @@
 """What an operator watches: the lag in seconds of a worker that is behind and of one
-that caught up."""
+that caught up; a worker's log lines as JSON, those of one batch sharing a trace id."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+import json
+import signal
+import sys
+from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import asyncpg
 import pytest
 
 from fleet_telemetry.consumers.worker import Worker
+from tests.integration.cli import environment, fleet
 from tests.integration.streams import publish, wait_for
 
 pytestmark = pytest.mark.integration
@@ -60,3 +65,60 @@ async def test_a_worker_behind_shows_its_lag_in_seconds_and_0_once_caught_up(
     assert stored == len(vehicles)
     worker.stop()
     assert await asyncio.wait_for(running, 60) == 0
+
+
+def json_lines(stderr: str) -> list[dict[str, Any]]:
+    """Every line of a worker's stderr as JSON, each with the common fields; the command's
+    own one-line error message (``fleet consume: ...``) is the one plain line allowed."""
+    records = []
+    for line in stderr.splitlines():
+        if not line.strip() or line.startswith("fleet consume: "):
+            continue
+        record = json.loads(line)  # raises on a line that is not JSON
+        assert isinstance(record, dict), line
+        assert COMMON_FIELDS <= record.keys(), record
+        records.append(record)
+    return records
+
+
+COMMON_FIELDS = {"event", "level", "timestamp", "logger"}
+
+
+async def test_the_lines_of_one_batch_share_a_trace_id_and_every_line_is_json(
+        topics, producer, make_vehicles) -> None:
+    (vehicle,) = await make_vehicles(1)
+    start = datetime.now(timezone.utc)
+    await publish(producer, topics.telemetry_topic, [
+        (str(vehicle).encode(), {"vehicle_id": str(vehicle), "time": (start + timedelta(seconds=i)).isoformat(),
+                                 "lat": 1.0, "lon": 2.0}) for i in range(6)])
+    # Redis away: each batch logs its skipped status updates, then "batch written".
+    result = await asyncio.to_thread(
+        fleet, topics, "consume", "--stop-when-idle", "3", LOG_FORMAT="json", LOG_LEVEL="debug",
+        REDIS_URL="redis://127.0.0.1:1/0", BATCH_MAX_READINGS="2")
+    assert result.returncode == 0, result.stderr
+    records = json_lines(result.stderr)
+    assert all(r["logger"].startswith("fleet") for r in records if r["event"] == "batch written")
+    batches: dict[str, list[str]] = {}
+    for record in records:
+        if "trace_id" in record:
+            batches.setdefault(record["trace_id"], []).append(record["event"])
+    written = [r for r in records if r["event"] == "batch written"]
+    assert sum(r["messages"] for r in written) == 6 and len(written) >= 2
+    assert len(batches) == len(written), batches  # one trace id per batch, each on its own lines
+    for events in batches.values():
+        assert sorted(events) == ["batch written", "status updates skipped; statuses catch up with the next readings"]
+
+
+async def test_library_lines_are_json_with_the_common_fields(topics) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fleet_telemetry.cli", "consume",
+        env=environment(topics, LOG_FORMAT="json", LOG_LEVEL="info", KAFKA_BOOTSTRAP="127.0.0.1:1"),
+        stderr=asyncio.subprocess.PIPE)
+    await asyncio.sleep(3)  # aiokafka tries, fails and says so; the worker retries
+    process.send_signal(signal.SIGTERM)
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    records = json_lines(stderr.decode())
+    library = [r for r in records if r["logger"].startswith("aiokafka")]
+    ours = [r for r in records if r["logger"] == "fleet.consumer"]
+    assert library and "127.0.0.1:1" in library[0]["event"] and library[0]["level"] == "error"
+    assert ours and ours[0]["event"] == "kafka not reachable, retrying"

@@ -1,11 +1,14 @@
-"""When a batch goes on: the pure decision, and the batching step with a fake next step."""
+"""When a batch goes on: the pure decision, and the batching step with a fake next step; the
+trace id each batch gets and carries into the log context."""
 
 from __future__ import annotations
 
 import pytest
+import structlog
 from aiokafka.structs import TopicPartition
 
 from fleet_telemetry.consumers.batch import BACKLOG_AGE_FACTOR, Batch, BatchingStep, BatchLimits, batch_ready
+from fleet_telemetry.consumers.chain import Traced
 
 LIMITS = BatchLimits(max_readings=100, max_age=0.1)
 TP = TopicPartition("t", 0)
@@ -108,3 +111,25 @@ async def test_flush_hands_on_whatever_is_open_and_nothing_when_empty(step: tupl
     await batching.submit(record_batch(range(0, 1), readings=1))
     await batching.flush()
     assert len(nxt.got) == 1 and batching.open.messages == 0
+
+
+async def test_each_batch_handed_on_gets_a_trace_id_of_its_own(step: tuple[BatchingStep, FakeNext]) -> None:
+    batching, nxt = step
+    for first in (0, 1):
+        await batching.submit(record_batch(range(first, first + 1), readings=1))
+        await batching.flush()
+    ids = [b.trace_id for b in nxt.got]
+    assert len(set(ids)) == 2 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+async def test_traced_binds_the_trace_id_while_the_next_step_runs_then_restores_the_context() -> None:
+    seen: list[object] = []
+
+    class Next:
+        async def submit(self, item: Batch) -> None:
+            seen.append(structlog.contextvars.get_contextvars().get("trace_id"))
+
+    traced: Traced[Batch] = Traced(Next(), lambda b: b.trace_id)
+    await traced.submit(Batch(trace_id="a" * 32))
+    assert seen == ["a" * 32]
+    assert "trace_id" not in structlog.contextvars.get_contextvars()

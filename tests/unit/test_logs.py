@@ -58,7 +58,10 @@ def test_every_stderr_line_is_one_json_object_in_json_format() -> None:
         assert len(found) == 1, (event, records)
         return found[0]
 
-    assert one("an event of our own")["n"] == 1
+    ours = one("an event of our own")
+    assert ours["n"] == 1 and ours["logger"] == "fleet.test"
+    for record in records:  # the same common fields on every line, ours and the libraries'
+        assert {"event", "level", "timestamp", "logger"} <= record.keys(), record
     library = one("a library line with arguments")
     assert library["level"] == "warning" and library["logger"] == "asyncpg.pool" and "timestamp" in library
     traced = one("a library line with a traceback")
