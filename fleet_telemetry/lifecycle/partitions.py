@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import asyncpg
 
@@ -113,6 +113,7 @@ async def ensure_ahead(ctx: PassContext) -> None:
     today = ctx.now.astimezone(timezone.utc).date()
     days = [today + timedelta(days=i) for i in range(ctx.policy.partitions_ahead_days + 1)]
     ctx.report.telemetry_partitions_created = await _ensure(ctx, TELEMETRY, days)
+    ctx.report.telemetry_partitions_until = await _partitioned_until(ctx, days)
     this_month = today.replace(day=1)
     months = [add_months(this_month, i) for i in range(ctx.policy.audit_partitions_ahead_months + 1)]
     ctx.report.audit_partitions_created = await _ensure(ctx, AUDIT, months)
@@ -131,6 +132,18 @@ async def _ensure(ctx: PassContext, table: PartitionedTable, buckets: list[date]
         return []
     still_missing = set(await _missing(ctx, missing))
     return [name for name in missing if name not in still_missing]
+
+
+async def _partitioned_until(ctx: PassContext, days: list[date]) -> datetime:
+    """The end of the telemetry partitions that follow on from the first of ``days``
+    without a gap (its start when it has none): what ingestion can write into."""
+    missing = set(await _missing(ctx, [TELEMETRY.name(day) for day in days]))
+    covered = 0
+    for day in days:
+        if TELEMETRY.name(day) in missing:
+            break
+        covered += 1
+    return day_start(days[0] + timedelta(days=covered))
 
 
 async def _missing(ctx: PassContext, names: list[str]) -> list[str]:

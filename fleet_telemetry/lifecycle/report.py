@@ -23,6 +23,8 @@ class PassReport:
     """Hours of default-partition rows before the raw horizon, marked for folding."""
     telemetry_partitions_created: list[str] = field(default_factory=list)
     audit_partitions_created: list[str] = field(default_factory=list)
+    telemetry_partitions_until: datetime | None = None
+    """End of the telemetry partitions following on from today without a gap, after the pass."""
     rollups: RollupReport = field(default_factory=RollupReport)
     raw_partitions_dropped: list[str] = field(default_factory=list)
     raw_partitions_kept: dict[str, str] = field(default_factory=dict)
@@ -119,3 +121,5 @@ def record_pass(metrics: MaintainMetrics, report: PassReport, finished_at: float
     metrics.rollup_lag.set(report.rollups.lag_seconds)
     metrics.rollup_pending.set(report.rollups.pending_hours)
     metrics.deferred.inc(len(report.deferred))
+    if report.telemetry_partitions_until is not None:
+        metrics.partitions_until.set(report.telemetry_partitions_until.timestamp())

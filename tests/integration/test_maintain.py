@@ -31,7 +31,7 @@ from fleet_telemetry.consumers.sink import TelemetrySink, create_pool
 from fleet_telemetry.core.reading import Reading, Source
 from fleet_telemetry.core.metrics import MaintainMetrics
 from fleet_telemetry.core.settings import Settings
-from fleet_telemetry.lifecycle.policy import LifecyclePolicy
+from fleet_telemetry.lifecycle.policy import LifecyclePolicy, day_start
 from fleet_telemetry.lifecycle.report import PassReport
 from fleet_telemetry.lifecycle.rollups import fold_into_rollups, refresh_dirty_rollups
 from fleet_telemetry.lifecycle.run import Maintainer, run_pass
@@ -239,6 +239,7 @@ async def test_partitions_appear_ahead_of_time(conn: asyncpg.Connection) -> None
     assert {f"audit_logs_p{m:%Y%m}" for m in months} <= audit
     again = await pass_at(conn, clock)
     assert again.telemetry_partitions_created == [] and again.audit_partitions_created == []
+    assert again.telemetry_partitions_until == day_start(clock.date() + timedelta(days=8))
 
 
 async def test_no_row_is_lost_between_the_default_partition_and_a_new_one(
@@ -571,6 +572,8 @@ async def test_metrics_and_the_nightly_stats_refresh_follow_the_clock(
     assert metrics.value("fleet_maintain_partitions_dropped_total", table="vehicle_telemetry") >= 1
     assert metrics.value("fleet_maintain_last_success_timestamp_seconds") > 0
     assert metrics.value("fleet_maintain_rollup_lag_seconds") == 0
+    assert metrics.value("fleet_maintain_telemetry_partitions_until_timestamp_seconds") == \
+        day_start(today() + timedelta(days=9)).timestamp()
     last = await conn.fetchval("SELECT last_success_at FROM maintenance_runs WHERE task = 'pass'")
     assert last == clock[0]
 
