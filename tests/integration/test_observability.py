@@ -1,5 +1,6 @@
 """What an operator watches: the lag in seconds of a worker that is behind and of one
-that caught up; a worker's log lines as JSON, those of one batch sharing a trace id."""
+that caught up; a worker's log lines as JSON, those of one batch sharing a trace id; the
+fleet dashboard's SQL on the migrated schema."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import asyncpg
 import pytest
 
 from fleet_telemetry.consumers.worker import Worker
+from tests.dashboards import concrete_sql, queries
 from tests.integration.cli import environment, fleet
 from tests.integration.streams import publish, wait_for
 
@@ -122,3 +124,27 @@ async def test_library_lines_are_json_with_the_common_fields(topics) -> None:
     ours = [r for r in records if r["logger"] == "fleet.consumer"]
     assert library and "127.0.0.1:1" in library[0]["event"] and library[0]["level"] == "error"
     assert ours and ours[0]["event"] == "kafka not reachable, retrying"
+
+
+async def test_every_sql_panel_of_the_fleet_dashboard_runs_on_the_migrated_schema(
+        make_vehicles, db: asyncpg.Connection) -> None:
+    (vehicle,) = await make_vehicles(1)
+    plate = await db.fetchval("SELECT license_plate FROM vehicles WHERE id = $1", vehicle)
+    await db.execute("INSERT INTO vehicle_positions (vehicle_id, time, location, speed)"
+                     " VALUES ($1, now(), ST_SetSRID(ST_MakePoint(13.4, 52.5), 4326), 42)", vehicle)
+    await db.execute("INSERT INTO alerts (entity_id, type, severity, reading_time) VALUES ($1, 'speeding', 'warning', now())",
+                     vehicle)
+    await db.execute("INSERT INTO vehicle_telemetry_hourly (vehicle_id, bucket, samples)"
+                     " VALUES ($1, date_trunc('hour', now()), 1)", vehicle)
+    answers: dict[str, list[asyncpg.Record]] = {}
+    for _board, title, sql in queries("grafana-postgresql-datasource"):
+        answers[title] = await db.fetch(concrete_sql(sql))
+    assert len(answers) >= 7
+    for title in ("Vehicles reporting", "Active vehicles", "Open alerts", "Alerts raised by type",
+                  "Vehicles reporting per hour"):
+        assert answers[title], title
+    mapped = {row["license_plate"]: (row["latitude"], row["longitude"]) for row in answers["Last known positions"]}
+    assert mapped[plate] == (52.5, 13.4)
+    assert plate in {row["license_plate"] for row in answers["Open alerts, newest first"]
+                     if row["type"] == "speeding"}
+    assert "speeding" in {row["metric"] for row in answers["Alerts raised by type"]}

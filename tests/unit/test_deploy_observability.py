@@ -4,7 +4,6 @@ metric they read is one the worker or ``fleet maintain`` exports."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -15,10 +14,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from fleet_telemetry.core.metrics import MaintainMetrics, PipelineMetrics
+from tests.dashboards import DASHBOARDS, GRAFANA, load, panels, queries
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
-GRAFANA = ROOT / "deploy" / "grafana"
 RULES = PROMETHEUS / "alerts.yml"
 RULE_TESTS = PROMETHEUS / "alerts.test.yml"
 
@@ -75,3 +74,33 @@ def test_every_rule_says_how_bad_and_what_to_do_and_reads_exported_metrics() -> 
         assert rule["annotations"]["summary"] and len(rule["annotations"]["description"]) > 80, rule["alert"]
         read = set(_METRIC_NAME.findall(rule["expr"]))
         assert read and read <= exported, (rule["alert"], read - exported)
+
+
+def test_every_dashboard_panel_queries_exported_metrics_or_the_fleet_tables() -> None:
+    exported = exported_names()
+    promql = list(queries("prometheus"))
+    assert {board for board, _, _ in promql} == {"pipeline.json"}
+    for board, title, expr in promql:
+        read = set(_METRIC_NAME.findall(expr))
+        assert read and read <= exported, (board, title, read - exported)
+    assert {board for board, _, _ in queries("grafana-postgresql-datasource")} == {"fleet.json"}
+
+
+def test_the_dashboards_are_provisioned_with_the_data_sources_their_panels_name() -> None:
+    sources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "fleet.yml").read_text())["datasources"]
+    provisioned = {(s["type"], s["uid"]) for s in sources}
+    provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "fleet.yml").read_text())["providers"][0]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"./deploy/grafana/dashboards:{provider['options']['path']}:ro" in mounts
+    assert [p.name for p in DASHBOARDS] == ["fleet.json", "pipeline.json"]
+    for path in DASHBOARDS:
+        board = load(path)
+        assert board["uid"] and board["title"].startswith("Fleet telemetry")
+        titles = [panel["title"] for panel in panels(board)]
+        assert len(titles) == len(set(titles)), f"{path.name}: panel titles repeat"
+        for panel in panels(board):
+            assert panel["title"] and panel["description"], (path.name, panel)
+            for target in panel["targets"]:
+                assert (target["datasource"]["type"], target["datasource"]["uid"]) in provisioned, (path.name, panel)
+    assert "Trips and stops are not recorded yet" in load(GRAFANA / "dashboards" / "fleet.json")["description"]
