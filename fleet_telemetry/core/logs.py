@@ -17,6 +17,7 @@ import threading
 from types import TracebackType
 
 import structlog
+from structlog.typing import EventDict
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -46,6 +47,13 @@ def _named_logger(*args: object) -> _NamedLogger:
     return _NamedLogger(str(args[0]) if args else "fleet")
 
 
+def _add_logger_name(logger: object, method_name: str, event_dict: EventDict) -> EventDict:
+    """The ``logger`` field of the project's lines ("fleet" from a logger without a name:
+    a test may swap the logger factory)."""
+    event_dict.setdefault("logger", getattr(logger, "name", "fleet"))
+    return event_dict
+
+
 class _LibraryHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The root handler this module installs (and replaces when configured again)."""
 
@@ -69,7 +77,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(
-        processors=[*shared, structlog.stdlib.add_logger_name, structlog.processors.StackInfoRenderer(),
+        processors=[*shared, _add_logger_name, structlog.processors.StackInfoRenderer(),
                     structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=_named_logger,
