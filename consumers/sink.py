@@ -67,7 +67,14 @@ WHERE p.time < excluded.time
 
 def _jsonb_encode(value: Any) -> bytes:
     """jsonb's binary input (version 1, then the text); JSON text the decoder kept goes as it is."""
-    return b"\x01" + (value if type(value) is bytes else orjson.dumps(value))
+    return b"\x01" + (value if type(value) is bytes else orjson.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any) -> str:
+    # orjson writes uuid.UUID itself but not asyncpg's subclass, which vehicle ids are.
+    if isinstance(value, UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _jsonb_decode(data: bytes) -> Any:
