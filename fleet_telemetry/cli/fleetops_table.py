@@ -20,6 +20,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
+from fleet_telemetry.cli.parsing import count_arg, seconds_arg
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.fleetops import assignments, customers, drivers, jobs, maintenance, queries, vehicles
 from fleet_telemetry.fleetops.db import Database
@@ -44,26 +45,6 @@ def time_arg(text: str) -> datetime:
     except InvalidInput:
         raise argparse.ArgumentTypeError(
             f"not an RFC 3339 time with offset (e.g. 2025-01-31T08:00:00Z) or 'now': {text!r}") from None
-
-
-def count_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
-def seconds_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
 
 
 def json_object_arg(text: str) -> dict[str, Any]:

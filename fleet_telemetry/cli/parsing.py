@@ -1,16 +1,77 @@
 """How every ``fleet`` command is declared: one readable line and exit status 2 on bad
-usage, and one call per command instead of the same ``add_parser`` block in each module."""
+usage, and one call per command instead of the same ``add_parser`` block in each module.
+
+Every number on the command line is a count, a size, a duration, a port, an offset or an
+id: an option declared with ``type=int`` or ``type=float`` refuses negative numbers,
+NaN and infinity when it is parsed. Options that must be above 0 use :func:`count_arg`
+or :func:`seconds_arg`, ports :func:`port_arg`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 
+def _not_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``kind`` (int or float) refusing negative numbers, NaN and infinity."""
+
+    def convert(text: str) -> Any:
+        value = kind(text)  # a ValueError reads "invalid int value: 'x'"
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def count_arg(text: str) -> int:
+    """A whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def seconds_arg(text: str) -> float:
+    """A number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def port_arg(text: str) -> int:
+    """A TCP port, 0 to 65535 (0: off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {value}")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with one readable line and exit status 2 on bad usage."""
+    """argparse with one readable line and exit status 2 on bad usage, and no negative numbers."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse looks an option's ``type`` up in this registry before calling it.
+        self.register("type", int, _not_negative(int))
+        self.register("type", float, _not_negative(float))
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

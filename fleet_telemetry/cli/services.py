@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from fleet_telemetry.cli.parsing import add_actions, add_command
+from fleet_telemetry.cli.parsing import add_actions, add_command, seconds_arg
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.deploy.stack import down, status, up
 
@@ -25,7 +25,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     )
     up_parser.add_argument(
         "--timeout",
-        type=float,
+        type=seconds_arg,
         default=60.0,
         metavar="SECONDS",
         help="how long to wait for each service to answer (default: 60)",

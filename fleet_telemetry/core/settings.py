@@ -121,7 +121,8 @@ class Settings(BaseSettings):
     metrics_address: str = "0.0.0.0"
     """Where every ``/metrics`` endpoint listens: all interfaces by default (containers);
     ``127.0.0.1`` keeps them on this host."""
-    log_format: Literal["json", "console"] = "json"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    """``auto``: readable console lines when stderr is a terminal, JSON lines otherwise."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # --- validation rules ----------------------------------------------------
