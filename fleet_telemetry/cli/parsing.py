@@ -73,6 +73,14 @@ class Parser(argparse.ArgumentParser):
         self.register("type", int, _not_negative(int))
         self.register("type", float, _not_negative(float))
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        # A sub-command takes every word after its name, so what it does not know is an
+        # error of its own: said with its name and its --help, not the top command's.
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
         raise SystemExit(2)

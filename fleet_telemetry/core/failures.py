@@ -56,6 +56,8 @@ def explain(exc: BaseException, settings: Settings | None) -> FleetError | None:
         return _kafka(exc, settings.kafka_bootstrap if settings is not None else "FLEET_KAFKA_BOOTSTRAP")
     if isinstance(exc, redis.exceptions.RedisError):
         return _redis(exc, settings.redis_url_masked if settings is not None else "FLEET_REDIS_URL")
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return FleetError(f"cannot use {exc.filename}: {exc.strerror or type(exc).__name__}")
     if isinstance(exc, (OSError, asyncio.TimeoutError, ssl.SSLError)):
         service = _service_of(exc.__traceback__)
         if service == "PostgreSQL":
@@ -64,8 +66,6 @@ def explain(exc: BaseException, settings: Settings | None) -> FleetError | None:
             return unavailable(service, settings.kafka_bootstrap, exc)
         if service == "Redis" and settings is not None:
             return unavailable(service, settings.redis_url_masked, exc)
-        if isinstance(exc, OSError) and exc.filename is not None:
-            return FleetError(f"cannot use {exc.filename}: {exc.strerror or type(exc).__name__}")
     return None
 
 

@@ -21,6 +21,8 @@ from pydantic import AfterValidator, Field, PlainSerializer, SecretStr, field_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from fleet_telemetry.core.errors import UsageError
+
 
 _SECRET_PARAMETERS = ("password", "secret", "token")
 """A query parameter whose name holds one of these is a secret (``password``,
@@ -106,7 +108,8 @@ class Settings(BaseSettings):
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
         "PLAINTEXT"
     )
-    kafka_sasl_mechanism: str = ""
+    kafka_sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = ""
+    """With a SASL protocol: the mechanism for the user name and password (empty: PLAIN)."""
     kafka_sasl_username: str = ""
     kafka_sasl_password: SecretStr = SecretStr("")
     kafka_ssl_cafile: str = ""
@@ -262,9 +265,13 @@ class Settings(BaseSettings):
             options["sasl_plain_username"] = self.kafka_sasl_username
             options["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
         if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            import ssl
+
             from aiokafka.helpers import create_ssl_context
 
-            options["ssl_context"] = create_ssl_context(
-                cafile=self.kafka_ssl_cafile or None
-            )
+            try:
+                options["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile or None)
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(f"invalid configuration FLEET_KAFKA_SSL_CAFILE: cannot load {self.kafka_ssl_cafile}"
+                                 f" ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
         return options

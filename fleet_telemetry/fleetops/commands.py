@@ -376,6 +376,17 @@ class CommandStrategy:
         pass
 
 
+async def _check_schema(database: Database) -> None:
+    """Fails at start, not at the first command, when the database does not exist or was
+    never migrated. A PostgreSQL that does not answer yet is waited for later, command by
+    command, like any transient failure."""
+    try:
+        async with database.write() as conn:
+            await conn.fetchval("SELECT 1 FROM processed_commands LIMIT 1")
+    except ServiceUnavailable:
+        pass
+
+
 class CommandConsumer:
     """Consumes ``FLEET_COMMANDS_TOPIC`` in group ``FLEET_COMMANDS_GROUP``. ``run`` returns
     the exit status: 0 after a clean stop (SIGTERM, or idle in ``stop_when_idle`` mode)."""
@@ -398,6 +409,7 @@ class CommandConsumer:
         database = Database.from_settings(s, max_size=2)
         producer: AIOKafkaProducer | None = None
         try:
+            await _check_schema(database)
             producer = await start_with_retry(
                 lambda: start_producer(s, max_request_size=request_size(s.dlq_max_message_bytes)),
                 bootstrap=s.kafka_bootstrap, retries=self.metrics.retries, backoff=self._backoff(),
