@@ -24,7 +24,6 @@ import structlog
 
 from fleet_telemetry.consumers.summary import RunSummary
 from fleet_telemetry.consumers.worker import Worker
-from fleet_telemetry.core.errors import ServiceUnavailable
 from fleet_telemetry.core.failures import report
 from fleet_telemetry.core.logs import configure_logging
 from fleet_telemetry.core.metrics import serve
@@ -55,14 +54,8 @@ def run_worker(settings: Settings, stop_when_idle: float | None, index: int, *, 
             serve(worker.metrics, settings.metrics_port + index, settings.metrics_address)
             log.info("metrics served", address=settings.metrics_address, port=settings.metrics_port + index,
                      path="/metrics")
-        try:
-            status = await worker.run()
-        except ServiceUnavailable:
-            if not signals.interrupted:
-                raise
-            status = 1  # stopped by Ctrl-C while a service was still away
-        return Outcome(signals.status(status), RunSummary.of(worker.metrics, time.monotonic() - started),
-                       signals.interrupted)
+        status = await signals.run(worker.run())
+        return Outcome(status, RunSummary.of(worker.metrics, time.monotonic() - started), signals.interrupted)
 
     tune_gc(settings.gc_threshold)
     return run_loop(main(), settings.event_loop)

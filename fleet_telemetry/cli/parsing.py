@@ -31,37 +31,30 @@ def _not_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+def _checked(text: str, kind: Callable[[str], Any], noun: str, valid: Callable[[Any], bool], rule: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {noun}: {text!r}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+    return value
+
+
 def count_arg(text: str) -> int:
     """A whole number, 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
+    return int(_checked(text, int, "a whole number", lambda n: n >= 1, "must be 1 or more"))
 
 
 def seconds_arg(text: str) -> float:
     """A number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
+    return float(_checked(text, float, "a number of seconds", lambda n: n > 0 and math.isfinite(n),
+                          "must be more than 0"))
 
 
 def port_arg(text: str) -> int:
     """A TCP port, 0 to 65535 (0: off)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {value}")
-    return value
+    return int(_checked(text, int, "a port number", lambda n: 0 <= n <= 65535, "must be a port from 0 to 65535"))
 
 
 class Parser(argparse.ArgumentParser):

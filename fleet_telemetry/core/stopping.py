@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
+
+from fleet_telemetry.core.errors import ServiceUnavailable
 
 EXIT_INTERRUPTED: Final = 130
 
@@ -39,3 +41,15 @@ class StopSignals:
     def status(self, status: int) -> int:
         """The exit status of a command that ended with ``status``: 130 after a Ctrl-C."""
         return EXIT_INTERRUPTED if self.interrupted else status
+
+    async def run(self, work: Awaitable[int]) -> int:
+        """Awaits ``work`` (a run that stops when told); returns :meth:`status` of its exit
+        status. A service still away when a Ctrl-C asked it to stop is no failure to
+        report then: the run was interrupted."""
+        try:
+            status = await work
+        except ServiceUnavailable:
+            if not self.interrupted:
+                raise
+            status = 1
+        return self.status(status)

@@ -453,13 +453,7 @@ def run_consumer(args: argparse.Namespace, settings: Settings) -> int:
         signals = StopSignals(worker.stop).install()
         if args.metrics_port:
             serve(worker.metrics, args.metrics_port, settings.metrics_address, setting="--metrics-port")
-        try:
-            status = await worker.run()
-        except ServiceUnavailable:
-            if not signals.interrupted:
-                raise
-            status = 1  # stopped by Ctrl-C while a service was still away
-        return signals.status(status)
+        return await signals.run(worker.run())
 
     return asyncio.run(main())
 

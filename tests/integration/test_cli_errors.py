@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import pytest_asyncio
 
 from fleet_telemetry.core.settings import Settings
 from tests.databases import create_database, drop_database, with_database
-from tests.integration.streams import publish
+from tests.integration.streams import publish, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -47,18 +47,12 @@ def closed_port() -> int:
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a ``fleet`` subprocess using ``settings``' services and names."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update({
-        "FLEET_DATABASE_URL": settings.database_url, "FLEET_REDIS_URL": settings.redis_url,
-        "FLEET_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "FLEET_TELEMETRY_TOPIC": settings.telemetry_topic,
-        "FLEET_DLQ_TOPIC": settings.dlq_topic, "FLEET_CONSUMER_GROUP": settings.consumer_group,
+    return worker_env(settings, **{
         "FLEET_COMMANDS_TOPIC": f"{settings.telemetry_topic}.commands",
         "FLEET_COMMANDS_DLQ_TOPIC": f"{settings.telemetry_topic}.commands.dlq",
         "FLEET_COMMANDS_GROUP": f"{settings.consumer_group}-commands",
-        "FLEET_METRICS_PORT": "0", "FLEET_MAINTAIN_METRICS_PORT": "0", "FLEET_LOG_FORMAT": "json",
-        **extra,
+        "FLEET_MAINTAIN_METRICS_PORT": "0", "FLEET_LOG_FORMAT": "json", **extra,
     })
-    return env
 
 
 def fleet(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -146,6 +140,55 @@ def test_postgresql_at_a_closed_port_is_one_line(settings: Settings, argv: list[
     assert result.returncode == 1
     line = only_line(result)
     assert f"PostgreSQL at {url} is not answering" in line and "FLEET_DATABASE_URL" in line
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A loopback port that takes connections and never says a word."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield int(server.getsockname()[1])
+
+
+@pytest.mark.parametrize("argv", [["vehicles", "list"], ["geofences", "list"]], ids=["vehicles", "geofences"])
+def test_a_postgresql_that_never_answers_is_one_line(settings: Settings, silent_port: int, argv: list[str]) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{silent_port}/fleet"
+    result = fleet(*argv, env=env_for(settings, FLEET_DATABASE_URL=url))
+    assert result.returncode == 1
+    assert f"PostgreSQL at {url} is not answering (TimeoutError)" in only_line(result)
+
+
+@pytest.mark.parametrize("argv", [["vehicles", "list"], ["geofences", "list"], ["migrate"]],
+                         ids=["vehicles", "geofences", "migrate"])
+def test_ctrl_c_while_a_command_waits_for_postgresql_is_one_line_and_130(
+    settings: Settings, silent_port: int, argv: list[str]
+) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{silent_port}/fleet"
+    process = subprocess.Popen([*CLI, *argv], env=env_for(settings, FLEET_DATABASE_URL=url),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.5)  # started, and waiting inside asyncio.run for the server's answer
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode in INTERRUPTED, err
+    assert err.strip() == f"fleet {argv[0]}: interrupted"
+
+
+@pytest.mark.parametrize(("variables", "message"), [
+    ({"FLEET_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "FLEET_KAFKA_SASL_MECHANISM": "KERBEROS5"},
+     "fleet commands: invalid configuration FLEET_KAFKA_SASL_MECHANISM: Input should be"),
+    ({"FLEET_KAFKA_SECURITY_PROTOCOL": "SSL", "FLEET_KAFKA_SSL_CAFILE": "/nowhere/ca.pem"},
+     "fleet commands: invalid configuration FLEET_KAFKA_SSL_CAFILE: cannot load /nowhere/ca.pem"
+     " (No such file or directory)"),
+], ids=["sasl mechanism", "ca file"])
+def test_a_misconfigured_kafka_client_is_one_line_and_2(settings: Settings, variables: dict[str, str],
+                                                        message: str) -> None:
+    result = fleet("commands", "send", "vehicle.register", "--data", "{}", env=env_for(settings, **variables))
+    assert result.returncode == 2
+    assert only_line(result).startswith(message)
 
 
 @pytest.mark.parametrize("argv", [

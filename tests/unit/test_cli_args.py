@@ -23,7 +23,7 @@ from fleet_telemetry.cli import main as cli
 from fleet_telemetry.cli.parsing import Parser, count_arg, port_arg, seconds_arg
 from fleet_telemetry.consumers.summary import RunSummary
 from fleet_telemetry.core.errors import FleetError, UsageError
-from fleet_telemetry.core.failures import explain
+from fleet_telemetry.core.failures import explain, report
 from fleet_telemetry.core.metrics import PipelineMetrics
 from fleet_telemetry.core.settings import Settings
 
@@ -237,9 +237,12 @@ def test_explain_says_what_is_wrong_and_what_to_do(exc: BaseException, line: str
     assert "s3cret" not in str(failure)
 
 
-def test_an_exception_nobody_expects_is_a_bug_not_a_failure() -> None:
+def test_an_exception_nobody_expects_is_a_bug_not_a_failure(capsys: pytest.CaptureFixture[str]) -> None:
     assert explain(KeyError("x"), SETTINGS) is None
     assert explain(ConnectionRefusedError(111, "refused"), SETTINGS) is None  # from no client library: unknown
+    assert report(KeyError("x"), SETTINGS, "fleet vehicles") == 1
+    assert capsys.readouterr().err == (
+        "fleet vehicles: unexpected KeyError, a bug: FLEET_LOG_LEVEL=debug logs where it happened\n")
 
 
 # --- the consume summary -----------------------------------------------------------------------
