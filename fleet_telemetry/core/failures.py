@@ -40,6 +40,10 @@ _KAFKA_LOGIN = (kafka_errors.SaslAuthenticationFailed, kafka_errors.Authenticati
 _KAFKA_REFUSED = (kafka_errors.TopicAuthorizationFailedError, kafka_errors.GroupAuthorizationFailedError,
                   kafka_errors.ClusterAuthorizationFailedError)
 
+_UNSENDABLE = asyncpg.exceptions._base.DataError
+"""A Python value asyncpg cannot send as its parameter's type (an integer out of range):
+not exported under its name, which the SQLSTATE class 22 ``DataError`` takes."""
+
 # Which library a frame belongs to, for failures every library raises alike (OSError, timeouts).
 _LIBRARIES = (("asyncpg", "PostgreSQL"), ("aiokafka", "Kafka"), ("redis", "Redis"))
 
@@ -104,10 +108,10 @@ def _postgres(exc: BaseException, database: str) -> FleetError:
                           " the user of FLEET_DATABASE_URL lacks a privilege")
     if isinstance(exc, _PG.ReadOnlySQLTransactionError):
         return FleetError(f"PostgreSQL at {database} is read-only: FLEET_DATABASE_URL must name the primary")
-    if isinstance(exc, (_PG.DataError, _PG.IntegrityConstraintViolationError, asyncpg.exceptions._base.DataError)):
+    if isinstance(exc, (_PG.DataError, _PG.IntegrityConstraintViolationError, _UNSENDABLE)):
         # SQLSTATE classes 22 and 23, or a value asyncpg cannot send: input that broke a rule.
         return UsageError(f"refused by PostgreSQL: {_sentence(exc)}")
-    if isinstance(exc, asyncpg.exceptions._base.ClientConfigurationError):
+    if isinstance(exc, _PG.ClientConfigurationError):
         return UsageError(f"invalid configuration FLEET_DATABASE_URL ({type(exc).__name__})")
     if is_transient(exc):
         return unavailable("PostgreSQL", database, exc)

@@ -218,6 +218,8 @@ SETTINGS = Settings(_env_file=None, database_url="postgresql://fleet:s3cret@db.e
      "refused the login (password authentication failed for user \"fleet\"): check the user and password",
      FleetError),
     (asyncpg.exceptions.NotNullViolationError("null value"), "refused by PostgreSQL: null value", UsageError),
+    (asyncpg.exceptions._base.DataError("invalid input for query argument $1: 99999999999 (value out of int16 range)"),
+     "refused by PostgreSQL: invalid input for query argument $1", UsageError),
     (asyncpg.exceptions.CannotConnectNowError("starting up"),
      "PostgreSQL at postgresql://fleet:***@db.example:5432/fleet is not answering (CannotConnectNowError)",
      FleetError),
