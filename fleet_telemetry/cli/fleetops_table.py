@@ -537,13 +537,13 @@ MAINTENANCE = (
 
 # --- alerts -------------------------------------------------------------------------------------
 
-ALERT_ID = Option("alert_id", type=count_arg, metavar="ID")
+ALERT_ID = Option("alert_id", type=count_arg, metavar="ID", help="the alert's id (fleet alerts list shows it)")
 
 ALERTS = (
     Action("list", "alerts, newest first", alerts.list_alerts, (
         Option("--open", dest="open_only", action="store_true", help="only the open ones"),
         vehicle_option(),
-        Option("--type", to="alert_type", choices=ALERT_TYPES),
+        Option("--type", to="alert_type", choices=ALERT_TYPES, help="only alerts of this type"),
         Option("--since", type=since_arg, metavar="TIME", help="raised since: RFC 3339, or a time ago (30m, 2h, 7d)"),
         LIMIT,
     ), columns=("id", "raised_at", "type", "severity", "license_plate", "geofence", "is_resolved", "resolved_at")),
