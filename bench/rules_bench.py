@@ -42,7 +42,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
 
@@ -51,6 +51,7 @@ import orjson
 
 from bench import dataset
 from bench.databases import drop, recreate, with_database
+from fleet_telemetry.consumers.decode import Decoded, Rules, decode_into
 from fleet_telemetry.consumers.rules import RuleEngine
 from fleet_telemetry.consumers.rules.engine import thresholds_from_settings
 from fleet_telemetry.consumers.rules.evaluate import by_vehicle, evaluate
@@ -89,15 +90,15 @@ SELECT (SELECT count(*) FROM geofence_transitions) AS transitions,
 
 
 def decode(values: list[bytes]) -> list[Reading]:
-    """Message values as readings (as the worker's decoder gives them)."""
-    out = []
+    """Message values as readings, by the worker's own decoder (its vehicle ids, times and
+    engine objects are what the rules meet)."""
+    out = Decoded()
+    rules = Rules(datetime.now(timezone.utc), max_future=timedelta(days=3650), retention=timedelta(days=3650))
     for value in values:
-        r = orjson.loads(value)
-        out.append(Reading(
-            UUID(r["vehicle_id"]), datetime.fromisoformat(r["time"]), r["lat"], r["lon"], r["speed"],
-            r["fuel_level"], r["heading"], r["odometer_km"], r["engine_status"], _SOURCE, None, value,
-        ))
-    return out
+        decode_into(value, None, _SOURCE, rules, out)
+    if out.rejections:
+        raise ValueError(f"the dataset holds a reading the decoder refuses: {out.rejections[0].detail}")
+    return out.readings
 
 
 def batches(values: list[bytes], size: int) -> Iterator[list[Reading]]:

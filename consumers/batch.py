@@ -107,10 +107,14 @@ class BatchingStep:
         self.open = Batch()
         self._fetched = 0
         self._room = 0
+        self._per_record = 1.0
+        """Readings and rejections per record in the last fetch: a gateway's array holds many."""
 
     def room(self) -> int:
-        """Records the next fetch may bring (at least one)."""
-        return max(self.limits.max_readings - len(self.open), 1)
+        """Records the next fetch may bring (at least one): what fills the open batch to its
+        size at the last fetch's readings per record, so a batch of arrays stays near
+        ``max_readings`` readings instead of holding that many arrays."""
+        return max(int((self.limits.max_readings - len(self.open)) / self._per_record), 1)
 
     @property
     def pending(self) -> int:
@@ -119,8 +123,10 @@ class BatchingStep:
 
     async def submit(self, item: Batch) -> None:
         """Adds one fetch's decoded records to the open batch (never blocks)."""
-        self._room = self.limits.max_readings - len(self.open)
+        self._room = self.room()
         self._fetched = item.messages
+        if item.messages:
+            self._per_record = max(len(item) / item.messages, 1.0)
         self.open.extend(item)
 
     async def poll(self) -> None:

@@ -134,7 +134,8 @@ class LoopOptions:
     fetch_timeout_ms: int = 200
     shutdown_timeout: float = 30.0
     stop_when_idle: float | None = None
-    """Stop once this many seconds passed with partitions assigned, no record and nothing in flight."""
+    """Stop once this many seconds passed with partitions assigned, no record and nothing in
+    flight; and give up (``ServiceUnavailable``) when the broker did not answer at start for as long."""
     what: str = "records"
     """What the records are, for the log ("no records for a while, stopping")."""
     started_event: str = "consumer started"
@@ -169,11 +170,12 @@ class LoopMetrics:
 
 
 async def start_with_retry(start: Callable[[], Awaitable[T]], *, bootstrap: str, retries: Counter | None,
-                           backoff: Backoff, give_up: asyncio.Event) -> T:
+                           backoff: Backoff, give_up: asyncio.Event, within: float | None = None) -> T:
     """Starts a Kafka client, retrying while the broker is not reachable.
 
     Raises :class:`~fleet_telemetry.core.errors.ServiceUnavailable` when ``give_up`` is
-    set while it still fails, and any non-transient failure at once.
+    set, or ``within`` seconds have passed, while it still fails; any non-transient
+    failure at once.
     """
     def count(exc: BaseException, delay: float, attempt: int) -> None:
         if retries is not None:
@@ -181,10 +183,28 @@ async def start_with_retry(start: Callable[[], Awaitable[T]], *, bootstrap: str,
         log.warning("kafka not reachable, retrying", bootstrap=bootstrap, error=type(exc).__name__,
                     retry_in_s=round(delay, 2))
 
+    deadline = give_up
+    relay: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+    if within is not None:
+        deadline = asyncio.Event()
+        timer = asyncio.get_running_loop().call_later(within, deadline.set)
+        relay = asyncio.create_task(_relay(give_up, deadline))
     try:
-        return await retry(start, what="kafka", backoff=backoff, on_retry=count, give_up=give_up)
+        return await retry(start, what="kafka", backoff=backoff, on_retry=count, give_up=deadline)
     except GaveUp as exc:
         raise unavailable("Kafka", bootstrap, exc.cause) from None
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if relay is not None:
+            relay.cancel()
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    """Sets ``target`` once ``source`` is set."""
+    await source.wait()
+    target.set()
 
 
 async def _unless_set(event: asyncio.Event, operation: Awaitable[None]) -> bool:
@@ -304,8 +324,9 @@ class KafkaLoop:
     async def _start(self, consumer: KafkaConsumer) -> None:
         o = self.options
         if o.retry_start:
+            # A run meant to end once idle also ends when the broker never answered for as long.
             await start_with_retry(consumer.start, bootstrap=o.bootstrap, retries=self.metrics.retries,
-                                   backoff=o.backoff(), give_up=self._stopping)
+                                   backoff=o.backoff(), give_up=self._stopping, within=o.stop_when_idle)
             return
         try:
             await consumer.start()

@@ -24,6 +24,7 @@ import asyncpg
 import orjson
 
 from fleet_telemetry.core.reading import Reading, ewkb_point
+from fleet_telemetry.core.retry import CONNECT_TIMEOUT_SECONDS
 
 COLUMNS = ("time", "vehicle_id", "location", "speed", "fuel_level", "heading", "odometer_km", "engine_status")
 
@@ -67,7 +68,14 @@ WHERE p.time < excluded.time
 
 def _jsonb_encode(value: Any) -> bytes:
     """jsonb's binary input (version 1, then the text); JSON text the decoder kept goes as it is."""
-    return b"\x01" + (value if type(value) is bytes else orjson.dumps(value))
+    return b"\x01" + (value if type(value) is bytes else orjson.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any) -> str:
+    # orjson writes uuid.UUID itself but not asyncpg's subclass, which vehicle ids are.
+    if isinstance(value, UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _jsonb_decode(data: bytes) -> Any:
@@ -92,7 +100,7 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         database_url, min_size=min_size, max_size=max_size, init=init_connection,
-        command_timeout=60,
+        command_timeout=60, timeout=CONNECT_TIMEOUT_SECONDS,
     )
     assert pool is not None
     return pool

@@ -39,11 +39,12 @@ log = structlog.get_logger("fleet.consumer")
 
 @asynccontextmanager
 async def open_outputs(settings: Settings, metrics: PipelineMetrics,
-                       give_up: asyncio.Event) -> AsyncIterator[Outputs]:
+                       give_up: asyncio.Event, within: float | None = None) -> AsyncIterator[Outputs]:
     """PostgreSQL pool, Redis client, dead-letter producer and rule engine, closed on exit.
 
     Raises :class:`~fleet_telemetry.core.errors.ServiceUnavailable` when PostgreSQL does
-    not answer, or when ``give_up`` is set while the broker is still away.
+    not answer, or when ``give_up`` is set (or ``within`` seconds passed) while the
+    broker is still away.
     """
     s = settings
     try:
@@ -58,7 +59,7 @@ async def open_outputs(settings: Settings, metrics: PipelineMetrics,
                                           bootstrap=s.kafka_bootstrap,
                                           retries=metrics.retries,
                                           backoff=Backoff(s.retry_initial_seconds, s.retry_max_seconds),
-                                          give_up=give_up)
+                                          give_up=give_up, within=within)
         try:
             yield Outputs(
                 sink=TelemetrySink(pool, VehicleRegistry(s.vehicle_cache_seconds)),
@@ -115,9 +116,9 @@ class Worker:
         """Blocks until stopped (or idle with ``stop_when_idle``): 0 after a clean stop, 1
         when work was left unwritten or uncommitted at the shutdown deadline (it will be
         redelivered). Raises ``ServiceUnavailable`` when PostgreSQL does not answer at
-        start-up."""
+        start-up, or the broker did not within ``stop_when_idle`` seconds."""
         m = self.metrics
-        async with open_outputs(self.settings, m, self._stopping) as outputs:
+        async with open_outputs(self.settings, m, self._stopping, self.stop_when_idle) as outputs:
             pipeline = TelemetryPipeline(self.settings, outputs, m)
             self._loop = KafkaLoop(
                 pipeline, self._loop_options(),

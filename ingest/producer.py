@@ -34,9 +34,15 @@ aiokafka lacks lz4.
 """
 
 
+_WITHOUT_IDEMPOTENCE: set[str] = set()
+"""Bootstrap addresses whose broker refused idempotent producers: this process does not ask again."""
+
+
 async def start_producer(settings: Settings, **options: Any) -> AIOKafkaProducer:
     """A started producer: idempotent where the broker supports it, acks from all replicas."""
     base: dict[str, Any] = {**settings.kafka_client_options(), "acks": "all", "linger_ms": 5, **options}
+    if settings.kafka_bootstrap in _WITHOUT_IDEMPOTENCE:
+        return await _started(AIOKafkaProducer(**base))
     producer = AIOKafkaProducer(enable_idempotence=True, **base)
     sender_log = logging.getLogger("aiokafka.producer.sender")
     level = sender_log.level
@@ -50,11 +56,20 @@ async def start_producer(settings: Settings, **options: Any) -> AIOKafkaProducer
             raise
         # Brokers without InitProducerId (some Kafka-compatible ones) answer with an
         # error here; fall back to plain acks=all with retries.
-        log.info("broker does not support idempotent producers; using acks=all", error=type(exc).__name__)
+        _WITHOUT_IDEMPOTENCE.add(settings.kafka_bootstrap)
+        log.debug("broker does not support idempotent producers; using acks=all", error=type(exc).__name__)
     finally:
         sender_log.setLevel(level)
-    producer = AIOKafkaProducer(**base)
-    await producer.start()
+    return await _started(AIOKafkaProducer(**base))
+
+
+async def _started(producer: AIOKafkaProducer) -> AIOKafkaProducer:
+    """``producer`` started, or stopped again when it cannot start."""
+    try:
+        await producer.start()
+    except BaseException:
+        await producer.stop()
+        raise
     return producer
 
 

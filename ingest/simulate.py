@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 
 from fleet_telemetry.core.errors import unavailable
+from fleet_telemetry.core.retry import CONNECT_TIMEOUT_SECONDS, is_transient
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.ingest.producer import TelemetryProducer
 from fleet_telemetry.ingest.topics import ensure_topics
@@ -130,8 +131,10 @@ def bad_message(kind: str, good: dict[str, Any], rng: random.Random, now: dateti
 
 async def register_vehicles(database_url: str, ids: list[uuid.UUID], masked_url: str) -> None:
     try:
-        conn = await asyncpg.connect(database_url)
-    except (OSError, asyncpg.exceptions.PostgresError) as exc:
+        conn = await asyncpg.connect(database_url, timeout=CONNECT_TIMEOUT_SECONDS)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise  # a database that does not exist, a login refused: the caller explains it
         raise unavailable("PostgreSQL", masked_url, exc) from None
     try:
         await conn.executemany(

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from fleet_telemetry.consumers.rules.geo_sets import drop_sets
 from fleet_telemetry.core.errors import UsageError, unavailable
 from fleet_telemetry.core.redis_keys import NO_PREFIX, RedisKeys
-from fleet_telemetry.core.retry import is_transient
+from fleet_telemetry.core.retry import CONNECT_TIMEOUT_SECONDS, is_transient
 from fleet_telemetry.core.settings import Settings
 
 _PARSE = {
@@ -162,7 +162,7 @@ async def connect(settings: Settings) -> asyncpg.Connection:
     """A connection to the primary; raises :class:`ServiceUnavailable` when PostgreSQL
     does not answer."""
     try:
-        return await asyncpg.connect(settings.database_url)
+        return await asyncpg.connect(settings.database_url, timeout=CONNECT_TIMEOUT_SECONDS)
     except Exception as exc:
         if is_transient(exc):
             raise unavailable("PostgreSQL", settings.database_url_masked, exc) from None

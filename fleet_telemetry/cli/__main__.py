@@ -2,6 +2,10 @@
 
 import sys
 
-from fleet_telemetry.cli.main import main
+try:
+    from fleet_telemetry.cli.main import main
+except KeyboardInterrupt:
+    sys.stderr.write("fleet: interrupted\n")
+    sys.exit(130)
 
 sys.exit(main())

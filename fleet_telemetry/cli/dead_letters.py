@@ -41,7 +41,7 @@ def register(sub: Any) -> None:
     lst.set_defaults(handler=_list)
     show = actions.add_parser("show", help="one dead letter, with its whole value",
                               description="One dead letter by its place on the dead-letter topic.")
-    show.add_argument("at", metavar="PARTITION:OFFSET")
+    show.add_argument("at", metavar="PARTITION:OFFSET", help="where the dead letter is, as fleet dead-letters list shows it")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(handler=_show)
 

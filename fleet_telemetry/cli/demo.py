@@ -6,7 +6,7 @@ by side in this process and shows, every second, readings per second published a
 stored, duplicates, dead letters by reason and consumer lag. Ctrl-C (or SIGTERM) stops
 the simulator, lets the worker read what was published (a second Ctrl-C, or
 FLEET_SHUTDOWN_TIMEOUT_SECONDS, cuts that short), finish and commit its in-flight
-batches, prints a summary and exits 0.
+batches, prints a summary and exits 130 (0 after SIGTERM or ``--duration``).
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import sys
 import time
 from typing import Any, TextIO
 
-from fleet_telemetry.cli.parsing import add_command
+from fleet_telemetry.cli.parsing import add_command, seconds_arg
 from fleet_telemetry.cli.simulate import add_fleet_options, check
 from fleet_telemetry.core.metrics import PipelineMetrics, serve
 from fleet_telemetry.consumers.worker import Worker
 from fleet_telemetry.core.logs import configure_logging
 from fleet_telemetry.core.reading import REASONS
 from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.core.stopping import StopSignals
 from fleet_telemetry.ingest.simulate import SimulationStats, simulate
 from fleet_telemetry.ingest.topics import ensure_topics
 
@@ -96,9 +96,7 @@ async def demo(settings: Settings, *, vehicles: int, rate: float, bad_ratio: flo
     await ensure_topics(settings, [settings.telemetry_topic, settings.dlq_topic])
 
     stop, hurry = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: hurry.set() if stop.is_set() else stop.set())
+    signals = StopSignals(lambda: hurry.set() if stop.is_set() else stop.set()).install()
 
     worker = Worker(settings)
     if settings.metrics_port:
@@ -143,7 +141,7 @@ async def demo(settings: Settings, *, vehicles: int, rate: float, bad_ratio: flo
         if code == 0 else "demo: the worker stopped with an error (see the log above)",
         file=sys.stderr,
     )
-    return code
+    return signals.status(code)
 
 
 async def _catch_up(worker: Worker, running: "asyncio.Task[int]", published: int, timeout: float,
@@ -176,6 +174,7 @@ DESCRIPTION = (
 def register(sub: Any) -> None:
     parser = add_command(sub, "demo", SUMMARY, DESCRIPTION, run)
     add_fleet_options(parser, vehicles=200, rate=1000, bad_ratio=0.01)
-    parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh of the live view")
+    parser.add_argument("--interval", type=seconds_arg, default=1.0, metavar="SECONDS",
+                        help="refresh of the live view (default 1)")
     parser.add_argument("--verbose", action="store_true", help="show the workers' info logs under the live view")
     parser.add_argument("--no-services", action="store_true", help="do not run `fleet services up` first")

@@ -20,6 +20,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from fleet_telemetry.cli.fleetops_table import GROUPS, Action, json_object_arg, uuid_arg
+from fleet_telemetry.cli.parsing import port_arg, seconds_arg
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.fleetops import commands, dashboard
@@ -152,7 +153,7 @@ def _register_dashboard(sub: Any) -> None:
                             description="Revenue, active vehicles, maintenance costs and open jobs, served from"
                             f" Redis key {dashboard.DASHBOARD_KEY} (after FLEET_REDIS_KEY_PREFIX) for"
                             " FLEET_DASHBOARD_CACHE_SECONDS or until a write changes them.")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the aggregates as JSON")
     parser.add_argument("--refresh", action="store_true", help="recompute now and replace the cached value")
     parser.set_defaults(handler=_dashboard)
 
@@ -177,17 +178,18 @@ def _register_commands(sub: Any) -> None:
     p = group.add_parser("consume", help="apply commands from FLEET_COMMANDS_TOPIC",
                          description="Apply command events with the small writers, once per command_id;"
                          " rejected commands go to FLEET_COMMANDS_DLQ_TOPIC. SIGTERM or Ctrl-C stops cleanly.")
-    p.add_argument("--stop-when-idle", type=float, metavar="SECONDS",
-                   help="exit 0 once no command arrived for SECONDS")
-    p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port (default off)")
+    p.add_argument("--stop-when-idle", type=seconds_arg, metavar="SECONDS",
+                   help="exit 0 once no command arrived for SECONDS; exit 1 if the broker did not answer"
+                   " for SECONDS at start")
+    p.add_argument("--metrics-port", type=port_arg, default=0, help="serve /metrics on this port (default off)")
     p.set_defaults(handler=commands.run_consumer)
 
     p = group.add_parser("send", help="publish one command", description="Publish one command to"
                          " FLEET_COMMANDS_TOPIC (the consumer applies it).")
-    p.add_argument("type", choices=sorted(commands.HANDLERS))
+    p.add_argument("type", choices=sorted(commands.HANDLERS), help="the command type (docs/commands.md)")
     p.add_argument("--data", type=json_object_arg, required=True, help="the command's data as a JSON object")
     p.add_argument("--id", type=uuid_arg, help="command id (default: generated)")
     p.add_argument("--key", help="record key (default none; use the entity id to keep its commands ordered)")
-    p.add_argument("--actor", default="fleet-cli")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--actor", default="fleet-cli", help="who is doing this, for the audit log")
+    p.add_argument("--json", action="store_true", help="print the command id and topic as JSON")
     p.set_defaults(handler=_send_command)

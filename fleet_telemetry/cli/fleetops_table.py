@@ -22,12 +22,14 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
+from fleet_telemetry.cli.parsing import count_arg, seconds_arg
 from fleet_telemetry.consumers.rules.model import ALERT_TYPES
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.fleetops import assignments, customers, drivers, jobs, maintenance, queries, vehicles
 from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.errors import InvalidInput
+from fleet_telemetry.fleetops.validation import DRIVER_STATUSES, JOB_STATUSES, VEHICLE_STATUSES
 from fleet_telemetry.fleetops.values import parse_date, parse_month, parse_number, parse_point, parse_time
 from fleet_telemetry.views import alerts
 from fleet_telemetry.views.vehicle_status import vehicle_status
@@ -68,26 +70,6 @@ def since_arg(text: str) -> datetime:
             f"not an RFC 3339 time with offset (2025-01-31T08:00:00Z) or a time ago (30m, 2h, 7d): {text!r}") from None
 
 
-def count_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
-def seconds_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
-
-
 def json_object_arg(text: str) -> dict[str, Any]:
     try:
         value = orjson.loads(text)
@@ -103,7 +85,10 @@ def date_arg(text: str) -> date:
 
 
 def month_arg(text: str) -> date:
-    return _checked(parse_month, text)
+    try:
+        return parse_month(text, "value")
+    except InvalidInput:
+        raise argparse.ArgumentTypeError(f"not a month (YYYY-MM, e.g. 2026-01): {text!r}") from None
 
 
 def _checked(parse: Callable[[Any, str], date], text: str) -> date:
@@ -223,7 +208,7 @@ class Entity:
     list_options: tuple[Option, ...] = ()
 
 
-LIMIT = Option("--limit", type=count_arg, default=100)
+LIMIT = Option("--limit", type=count_arg, default=100, help="at most this many rows (default 100)")
 
 
 VEHICLE_HELP = "the vehicle's id, VIN or licence plate"
@@ -234,7 +219,7 @@ def row_id(name: str) -> Option:
     also by its VIN or plate)."""
     if name == "vehicle":
         return Option("vehicle_id", vehicle=True, metavar="VEHICLE", help=VEHICLE_HELP)
-    return Option(f"{name}_id", type=uuid_arg)
+    return Option(f"{name}_id", type=uuid_arg, help=f"the {name}'s id (a UUID)")
 
 
 def vehicle_option(*, field: str | None = None, required: bool = False) -> Option:
@@ -277,14 +262,16 @@ VEHICLES = Entity(
         Option("--vin", field="vin", required=True,
                help="vehicle identification number (up to 17 letters/digits)"),
         Option("--plate", field="license_plate", required=True, help="licence plate"),
-        Option("--make", field="make"),
-        Option("--model", field="model"),
-        Option("--year", field="year", type=int),
+        Option("--make", field="make", help="manufacturer, e.g. Volvo"),
+        Option("--model", field="model", help="model, e.g. FH16"),
+        Option("--year", field="year", type=int, help="model year"),
         Option("--type", field="type", help="vehicle type, e.g. truck, van (maintenance schedules follow it)"),
-        Option("--status", field="status", help="active, maintenance, inactive or retired"),
+        Option("--status", field="status", type=str.lower, choices=VEHICLE_STATUSES,
+               help="active, maintenance, inactive or retired"),
         Option("--specs", field="specs", type=json_object_arg, help='JSON object, e.g. \'{"fuel": "diesel"}\''),
     ),
-    list_options=(Option("--status"), Option("--type")),
+    list_options=(Option("--status", type=str.lower, choices=VEHICLE_STATUSES, help="only vehicles in this status"),
+                  Option("--type", help="only vehicles of this type")),
     list_columns=("id", "license_plate", "vin", "type", "status", "make", "model"),
     list_help="live vehicles, newest first",
     delete_help="soft-delete a vehicle (refused while it has open bookings)",
@@ -348,12 +335,13 @@ VEHICLES_AVAILABLE = Action(
 DRIVERS = Entity(
     name="driver",
     fields=(
-        Option("--name", field="name", required=True),
+        Option("--name", field="name", required=True, help="the driver's name"),
         Option("--license", field="license_number", help="driving licence number"),
-        Option("--status", field="status", help="active, inactive or suspended"),
+        Option("--status", field="status", type=str.lower, choices=DRIVER_STATUSES,
+               help="active, inactive or suspended"),
         Option("--user-id", field="user_id", type=uuid_arg, help="the driver's login (users.id)"),
     ),
-    list_options=(Option("--status"),),
+    list_options=(Option("--status", type=str.lower, choices=DRIVER_STATUSES, help="only drivers in this status"),),
     list_columns=("id", "name", "license_number", "status"),
     list_help="live drivers, newest first",
     delete_help="soft-delete a driver (refused while they have open bookings)",
@@ -372,8 +360,9 @@ DRIVERS_NEAREST = Action(
         Option("--at", to="pickup", convert=lambda text: parse_point(text, "--at"), required=True,
                help="pickup point as LAT,LON, e.g. 52.52,13.40"),
         Option("--radius-km", to="radius_m", type=float, default=50.0,
-               convert=lambda km: parse_number(km, "--radius-km", strictly_above=0, maximum=20_000) * 1000),
-        Option("--limit", type=count_arg, default=5),
+               convert=lambda km: parse_number(km, "--radius-km", strictly_above=0, maximum=20_000) * 1000,
+               help="search radius around --at in km (default 50)"),
+        Option("--limit", type=count_arg, default=5, help="at most this many drivers (default 5)"),
         Option("--max-age", to="max_age_seconds", type=seconds_arg, default=900.0, metavar="SECONDS",
                help="ignore positions older than this (default 900)"),
     ),
@@ -385,10 +374,10 @@ DRIVERS_NEAREST = Action(
 CUSTOMERS = Entity(
     name="customer",
     fields=(
-        Option("--name", field="name", required=True),
+        Option("--name", field="name", required=True, help="the customer's name"),
         Option("--contact", field="contact_info", type=json_object_arg,
                help='JSON object, e.g. \'{"email": "a@b.c"}\''),
-        Option("--billing-address", field="billing_address"),
+        Option("--billing-address", field="billing_address", help="postal address for invoices"),
     ),
     list_columns=("id", "name", "billing_address"),
     list_help="live customers by name",
@@ -402,20 +391,23 @@ CUSTOMERS = Entity(
 ASSIGNMENTS = (
     Action("create", "book a driver on a vehicle over [--from, --to)", assignments.create_assignment, (
         vehicle_option(required=True),
-        Option("--driver", to="driver_id", type=uuid_arg, required=True),
-        Option("--from", dest="start", to="start_time", type=time_arg, required=True),
+        Option("--driver", to="driver_id", type=uuid_arg, required=True, help="the driver's id"),
+        Option("--from", dest="start", to="start_time", type=time_arg, required=True,
+               help="start (RFC 3339 or 'now')"),
         Option("--to", dest="end", to="end_time", type=time_arg, help="exclusive end (default: open-ended)"),
         new_id("assignment", "assignment_id"),
     ), writes=True),
     Action("end", "end an ACTIVE assignment (now, or at --at in the past)", assignments.end_assignment,
-           (row_id("assignment"), Option("--at", type=time_arg)), writes=True),
+           (row_id("assignment"), Option("--at", type=time_arg, help="end time in the past (default now)")),
+           writes=True),
     Action("cancel", "cancel an ACTIVE assignment", assignments.cancel_assignment, (row_id("assignment"),),
            writes=True),
     Action("show", "one assignment", assignments.get_assignment, (row_id("assignment"),)),
     Action("list", "assignments, newest first", assignments.list_assignments, (
         vehicle_option(),
-        Option("--driver", to="driver_id", type=uuid_arg),
-        Option("--status", choices=("ACTIVE", "COMPLETED", "CANCELLED")),
+        Option("--driver", to="driver_id", type=uuid_arg, help="only this driver's"),
+        Option("--status", type=str.upper, choices=("ACTIVE", "COMPLETED", "CANCELLED"),
+               help="only assignments in this status"),
         LIMIT,
     ), columns=("id", "vehicle_id", "driver_id", "start_time", "end_time", "status")),
 )
@@ -441,13 +433,13 @@ async def create_job(db: Database, *, actor: str, data: dict[str, Any], origin: 
 JOB_TERMS = (
     Option("--price", field="agreed_price", help="agreed price, e.g. 1250.00"),
     Option("--currency", field="currency", help="three-letter code (default EUR)"),
-    Option("--pickup-at", field="pickup_at", type=time_arg),
-    Option("--deliver-by", field="deliver_by", type=time_arg),
+    Option("--pickup-at", field="pickup_at", type=time_arg, help="pickup time (RFC 3339)"),
+    Option("--deliver-by", field="deliver_by", type=time_arg, help="delivery deadline (RFC 3339)"),
 )
 
 JOBS = (
     Action("create", "create a pending job", create_job, (
-        Option("--customer", field="customer_id", type=uuid_arg, required=True),
+        Option("--customer", field="customer_id", type=uuid_arg, required=True, help="the customer's id"),
         *JOB_TERMS,
         Option("--origin", help="LAT,LON"),
         Option("--destination", help="LAT,LON"),
@@ -460,10 +452,12 @@ JOBS = (
     Action("update", "change price, currency or window of an open job", jobs.update_job,
            (row_id("job"), *JOB_TERMS), writes=True, gather="changes"),
     Action("assign", "dispatch a job to an ACTIVE assignment (vehicle and driver)", jobs.assign_job,
-           (row_id("job"), Option("--assignment", to="assignment_id", type=uuid_arg, required=True)),
+           (row_id("job"), Option("--assignment", to="assignment_id", type=uuid_arg, required=True,
+                                  help="the ACTIVE assignment's id")),
            writes=True),
     Action("status", "move a job to in_transit, delivered, cancelled or pending", jobs.set_job_status,
-           (row_id("job"), Option("status"), Option("--at", type=time_arg, help="delivery time (default now)")),
+           (row_id("job"), Option("status", type=str.lower, choices=JOB_STATUSES, help="the new status"),
+            Option("--at", type=time_arg, help="delivery time (default now)")),
            writes=True),
     Action("add-shipment", "add cargo to an open job", jobs.add_shipment, (
         row_id("job"),
@@ -473,7 +467,8 @@ JOBS = (
     Action("delete", "soft-delete a pending or cancelled job", jobs.delete_job, (row_id("job"),), writes=True),
     Action("show", "one job with route and cargo", jobs.job_view, (row_id("job"),)),
     Action("list", "live jobs, newest first", jobs.list_jobs, (
-        Option("--customer", to="customer_id", type=uuid_arg), Option("--status"), LIMIT,
+        Option("--customer", to="customer_id", type=uuid_arg, help="only this customer's"),
+        Option("--status", type=str.lower, choices=JOB_STATUSES, help="only jobs in this status"), LIMIT,
     ), columns=("id", "customer_id", "status", "agreed_price", "currency", "assignment_id", "created_at")),
 )
 
@@ -502,24 +497,24 @@ async def profitability(db: Database, *, start: date, to: date | None, currency:
 
 
 INTERVALS = (
-    Option("--interval-km", field="interval_km", type=float),
-    Option("--interval-months", field="interval_months", type=int),
+    Option("--interval-km", field="interval_km", type=float, help="service every this many km"),
+    Option("--interval-months", field="interval_months", type=int, help="service every this many months"),
 )
 
 MAINTENANCE = (
     Action("record", "record a service; the matching triggers move forward", maintenance.record_service, (
         vehicle_option(field="vehicle_id", required=True),
         Option("--type", field="type", required=True, help="service type; resets the schedule of the same name"),
-        Option("--cost", field="cost", default="0"),
+        Option("--cost", field="cost", default="0", help="what the service cost, e.g. 320.50 (default 0)"),
         Option("--date", field="date", convert=_or_today, help="YYYY-MM-DD (default today, UTC)"),
-        Option("--odometer-km", field="odometer_km", type=float),
-        Option("--provider", field="provider"),
-        Option("--notes", field="notes"),
+        Option("--odometer-km", field="odometer_km", type=float, help="odometer reading at the service"),
+        Option("--provider", field="provider", help="who did the service"),
+        Option("--notes", field="notes", help="free text"),
         new_id("service record", "record_id"),
     ), writes=True, gather="data"),
     Action("schedule-add", "add a recurring rule for a vehicle type", maintenance.create_schedule, (
         Option("--name", field="name", required=True, help="matches the service type that satisfies it"),
-        Option("--vehicle-type", field="vehicle_type", required=True),
+        Option("--vehicle-type", field="vehicle_type", required=True, help="vehicles of this type follow the rule"),
         *INTERVALS,
         new_id("schedule", "schedule_id"),
     ), writes=True, gather="data"),
@@ -542,13 +537,13 @@ MAINTENANCE = (
 
 # --- alerts -------------------------------------------------------------------------------------
 
-ALERT_ID = Option("alert_id", type=count_arg, metavar="ID")
+ALERT_ID = Option("alert_id", type=count_arg, metavar="ID", help="the alert's id (fleet alerts list shows it)")
 
 ALERTS = (
     Action("list", "alerts, newest first", alerts.list_alerts, (
         Option("--open", dest="open_only", action="store_true", help="only the open ones"),
         vehicle_option(),
-        Option("--type", to="alert_type", choices=ALERT_TYPES),
+        Option("--type", to="alert_type", choices=ALERT_TYPES, help="only alerts of this type"),
         Option("--since", type=since_arg, metavar="TIME", help="raised since: RFC 3339, or a time ago (30m, 2h, 7d)"),
         LIMIT,
     ), columns=("id", "raised_at", "type", "severity", "license_plate", "geofence", "is_resolved", "resolved_at")),

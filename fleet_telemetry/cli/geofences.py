@@ -236,7 +236,7 @@ def register(sub: Any) -> None:
 
     add = actions.add_parser("add", help="add one geofence",
                              description="Add one geofence. Exactly one of --wkt, --geojson, --circle.")
-    add.add_argument("name")
+    add.add_argument("name", help="a name unique among the active geofences")
     add.add_argument("--wkt", help="POLYGON or MULTIPOLYGON in WKT, longitude first")
     add.add_argument("--geojson", metavar="FILE|JSON|-", help="a GeoJSON geometry or Feature (file, inline, or -)")
     add.add_argument("--circle", metavar="LAT,LON,RADIUS_M",
@@ -246,7 +246,7 @@ def register(sub: Any) -> None:
                              description="Import every feature of a GeoJSON FeatureCollection (or one Feature), "
                              "all or nothing. Properties: name (required), speed_limit_kmh, dwell_seconds; a Point "
                              "feature with radius_m is a circle.")
-    imp.add_argument("source", metavar="FILE|-")
+    imp.add_argument("source", metavar="FILE|-", help="a GeoJSON file (Feature, FeatureCollection or geometry); - reads stdin")
     imp.add_argument("--name", help="the name of a feature without a 'name' property (several such features"
                      " are numbered: NAME 1, NAME 2, ...)")
     _shape_options(imp)
@@ -254,8 +254,8 @@ def register(sub: Any) -> None:
                              description="Change a geofence's name (unique among the active ones), speed limit, "
                              "dwell or active flag. Switching it off closes what was open for it, as 'remove' does "
                              "(exits, alerts resolved, its Redis geofence:{id} key dropped); its history stays.")
-    upd.add_argument("id", type=int, metavar="ID")
-    upd.add_argument("--name")
+    upd.add_argument("id", type=int, metavar="ID", help="the geofence's id (fleet geofences list shows it)")
+    upd.add_argument("--name", help="a new name, unique among the active geofences")
     upd.add_argument("--speed-limit", type=_limit, metavar="KMH|none", help="overspeed limit inside, or none")
     upd.add_argument("--dwell", type=_dwell, metavar="SECONDS|none",
                      help="minimum dwell, or none for FLEET_GEOFENCE_DWELL_SECONDS")
@@ -272,13 +272,14 @@ def register(sub: Any) -> None:
     form.add_argument("--json", dest="format", action="store_const", const="json", help="a JSON list")
     exp.set_defaults(format="geojson")
     exp.add_argument("--all", action="store_true", help="include inactive geofences (with active: false)")
-    lst = actions.add_parser("list", help="list geofences")
+    lst = actions.add_parser("list", help="list geofences",
+                             description="The active geofences (with --all the inactive ones too): id, name, kind, speed limit, dwell.")
     lst.add_argument("--all", action="store_true", help="include inactive geofences")
     lst.add_argument("--json", action="store_true", help="print JSON")
     rm = actions.add_parser("remove", help="remove geofences (soft delete)",
                             description="Remove geofences: workers stop evaluating them, the vehicles inside "
                             "get an exit, their open alerts are resolved and their Redis geofence:{id} keys dropped; "
                             "history stays. Prints what was closed per geofence.")
-    rm.add_argument("ids", type=int, nargs="+", metavar="ID")
+    rm.add_argument("ids", type=int, nargs="+", metavar="ID", help="the ids of the geofences to remove")
     rm.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(handler=run)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from typing import TYPE_CHECKING
 
 import orjson
@@ -12,6 +11,7 @@ import structlog
 
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.metrics import serve
+from fleet_telemetry.core.stopping import StopSignals
 from fleet_telemetry.lifecycle.policy import REPORT_VIEWS, parse_every
 from fleet_telemetry.lifecycle.run import Maintainer
 
@@ -58,12 +58,11 @@ async def run(args: argparse.Namespace, settings: "Settings") -> int:
                 print(line)
         return 0
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    signals = StopSignals(stop.set).install()
     if settings.maintain_metrics_port:
-        serve(maintainer.metrics, settings.maintain_metrics_port, settings.metrics_address)
+        serve(maintainer.metrics, settings.maintain_metrics_port, settings.metrics_address,
+              setting="FLEET_MAINTAIN_METRICS_PORT")
         log.info("metrics served", address=settings.metrics_address, port=settings.maintain_metrics_port,
                  path="/metrics")
     log.info("maintaining", every_s=interval, database=settings.database_url_masked)
-    return await maintainer.run_every(interval, stop, force_stats=args.refresh_stats)
+    return signals.status(await maintainer.run_every(interval, stop, force_stats=args.refresh_stats))

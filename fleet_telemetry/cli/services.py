@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from fleet_telemetry.cli.parsing import add_actions, add_command
+from fleet_telemetry.cli.parsing import add_actions, add_command, seconds_arg
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.deploy.stack import down, status, up
 
@@ -25,14 +25,17 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     )
     up_parser.add_argument(
         "--timeout",
-        type=float,
+        type=seconds_arg,
         default=60.0,
         metavar="SECONDS",
         help="how long to wait for each service to answer (default: 60)",
     )
-    actions.add_parser("down", help="stop what 'up' started, and nothing else")
+    actions.add_parser("down", help="stop what 'up' started, and nothing else",
+                       description="Stop the services 'fleet services up' started, and nothing else.")
     status_parser = actions.add_parser(
-        "status", help="whether each service answers; exit 1 if one does not"
+        "status", help="whether each service answers; exit 1 if one does not",
+        description="Whether PostgreSQL, Redis and the Kafka broker answer at the FLEET_* addresses;"
+        " exit 1 if one does not.",
     )
     status_parser.add_argument("--json", action="store_true", help="print JSON")
 

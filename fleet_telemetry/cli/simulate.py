@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
+import time
+
+import orjson
 
 from fleet_telemetry.cli.parsing import add_command
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.core.stopping import StopSignals
 from fleet_telemetry.ingest.simulate import simulate
 
 
 SUMMARY = "publish a simulated fleet's telemetry"
 DESCRIPTION = (
     "Publish plausible telemetry from a simulated fleet to FLEET_TELEMETRY_TOPIC. "
-    "The vehicles are registered in PostgreSQL first. Ctrl-C stops it."
+    "The vehicles are registered in PostgreSQL first. Ctrl-C (exit 130) or SIGTERM (exit 0) stops it; "
+    "then a summary line tells what was sent."
 )
 
 
@@ -24,6 +28,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     parser = add_command(sub, "simulate", SUMMARY, DESCRIPTION, run)
     add_fleet_options(parser, vehicles=100, rate=200, bad_ratio=0)
     parser.add_argument("--seed", type=int, default=1, help="fleet seed; the same seed gives the same vehicles")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary as one JSON object on stdout (and no progress lines)")
 
 
 def add_fleet_options(parser: argparse.ArgumentParser, *, vehicles: int, rate: float, bad_ratio: float) -> None:
@@ -57,12 +63,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _simulate_until_stopped(args: argparse.Namespace, settings: Settings) -> int:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    signals = StopSignals(stop.set).install()
+    started = time.monotonic()
     stats = await simulate(settings, vehicles=args.vehicles, rate=args.rate, duration=args.duration,
-                           bad_ratio=args.bad_ratio, seed=args.seed, stop=stop, progress=True)
-    bad = ", ".join(f"{kind} {n}" for kind, n in sorted(stats.bad.items())) or "none"
-    print(f"simulate: sent {stats.sent} readings from {args.vehicles} vehicles to "
-          f"{settings.telemetry_topic}; bad: {bad}", file=sys.stderr)
-    return 0
+                           bad_ratio=args.bad_ratio, seed=args.seed, stop=stop, progress=not args.json)
+    if args.json:
+        print(orjson.dumps({"sent": stats.sent, "vehicles": args.vehicles, "topic": settings.telemetry_topic,
+                            "bad": dict(sorted(stats.bad.items())), "seconds": round(time.monotonic() - started, 3),
+                            "interrupted": signals.interrupted}).decode())
+    else:
+        bad = ", ".join(f"{kind} {n}" for kind, n in sorted(stats.bad.items())) or "none"
+        print(f"simulate: sent {stats.sent} readings from {args.vehicles} vehicles to "
+              f"{settings.telemetry_topic}; bad: {bad}" + ("; interrupted" if signals.interrupted else ""),
+              file=sys.stderr)
+    return signals.status(0)

@@ -1,4 +1,8 @@
-"""structlog set-up: JSON lines by default, a readable console format on request.
+"""structlog set-up: a readable console format on a terminal, JSON lines otherwise.
+
+``FLEET_LOG_FORMAT`` is ``auto`` by default: ``console`` when stderr is a terminal (a
+person is reading), ``json`` when it is not (a service manager, a container, a pipe);
+``json`` or ``console`` fix it.
 
 Library loggers (aiokafka, asyncpg, asyncio) speak through the stdlib ``logging``; their
 records, Python warnings and the traceback of an exception nobody caught go through the
@@ -58,8 +62,30 @@ class _LibraryHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The root handler this module installs (and replaces when configured again)."""
 
 
-def configure_logging(fmt: str = "json", level: str = "info") -> None:
-    """Route structlog and stdlib logging to stderr in ``fmt`` ("json" or "console").
+class _QuietBootstrap(logging.Filter):
+    """Drops aiokafka's error line for a bootstrap server that did not answer: the
+    project reports that itself (a retry warning, or the command's one line), with the
+    address and what to do. Kept at debug level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "aiokafka" and record.msg == _AIOKAFKA_BOOTSTRAP_FAILED)
+
+
+_AIOKAFKA_BOOTSTRAP_FAILED = 'Unable connect to "%s:%s": %s'
+
+
+def resolve_format(fmt: str) -> str:
+    """``auto`` as ``console`` when stderr is a terminal, else ``json``; others as given."""
+    if fmt != "auto":
+        return fmt
+    try:
+        return "console" if sys.stderr.isatty() else "json"
+    except (AttributeError, ValueError):  # no stderr, or a closed one
+        return "json"
+
+
+def configure_logging(fmt: str = "auto", level: str = "info") -> None:
+    """Route structlog and stdlib logging to stderr in ``fmt`` ("json", "console" or "auto").
 
     The stdlib's root logger gets a handler rendering like structlog, at ``warning`` or
     above, unless something else (a test runner) already handles it; with that handler
@@ -67,7 +93,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     """
     numeric = _LEVELS.get(level, logging.INFO)
     renderer: structlog.types.Processor
-    if fmt == "console":
+    if resolve_format(fmt) == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     else:
         renderer = structlog.processors.JSONRenderer()
@@ -98,6 +124,8 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.format_exc_info, renderer],
     ))
+    if numeric > logging.DEBUG:
+        handler.addFilter(_QuietBootstrap())
     root.addHandler(handler)
     # Library loggers keep quiet unless something is wrong.
     root.setLevel(max(numeric, logging.WARNING))

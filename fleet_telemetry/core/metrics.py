@@ -13,6 +13,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from fleet_telemetry.core.errors import FleetError
+
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60, 300, 3600)
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
@@ -175,11 +177,19 @@ DEFAULT_ADDRESS = "0.0.0.0"
 """Every interface: what a container needs (``FLEET_METRICS_ADDRESS`` narrows it)."""
 
 
-def serve(metrics: MetricSet, port: int, addr: str = DEFAULT_ADDRESS) -> WSGIServer | None:
+def serve(metrics: MetricSet, port: int, addr: str = DEFAULT_ADDRESS,
+          setting: str = "FLEET_METRICS_PORT") -> WSGIServer | None:
     """Exposes ``metrics`` on ``http://addr:port/metrics`` from a daemon thread; port 0
     turns it off (then ``None``). Returns the server (``shutdown()`` stops it); raises
-    OSError when the address cannot be bound."""
+    :class:`~fleet_telemetry.core.errors.FleetError` naming the address and ``setting``
+    (the port's) when the address cannot be bound (taken, or not this host's)."""
     if not port:
         return None
-    server, _thread = start_http_server(port, addr=addr, registry=metrics.registry)
+    try:
+        server, _thread = start_http_server(port, addr=addr, registry=metrics.registry)
+    except OSError as exc:
+        raise FleetError(
+            f"cannot serve metrics on {addr}:{port} ({exc.strerror or type(exc).__name__}):"
+            f" set {setting} to a free port (0 turns the endpoint off) or FLEET_METRICS_ADDRESS"
+        ) from None
     return server

@@ -20,6 +20,9 @@ from aiokafka.errors import KafkaError
 
 T = TypeVar("T")
 
+CONNECT_TIMEOUT_SECONDS = 10.0
+"""How long a first connection may take before the service counts as not answering."""
+
 _TRANSIENT_POSTGRES = (
     asyncpg.exceptions.PostgresConnectionError,  # class 08: connection exceptions
     asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, cannot connect now

@@ -21,6 +21,7 @@ from pydantic import AfterValidator, Field, PlainSerializer, SecretStr, field_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.redis_keys import RedisKeys
 
 
@@ -111,7 +112,8 @@ class Settings(BaseSettings):
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
         "PLAINTEXT"
     )
-    kafka_sasl_mechanism: str = ""
+    kafka_sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = ""
+    """With a SASL protocol: the mechanism for the user name and password (empty: PLAIN)."""
     kafka_sasl_username: str = ""
     kafka_sasl_password: SecretStr = SecretStr("")
     kafka_ssl_cafile: str = ""
@@ -126,7 +128,8 @@ class Settings(BaseSettings):
     metrics_address: str = "0.0.0.0"
     """Where every ``/metrics`` endpoint listens: all interfaces by default (containers);
     ``127.0.0.1`` keeps them on this host."""
-    log_format: Literal["json", "console"] = "json"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    """``auto``: readable console lines when stderr is a terminal, JSON lines otherwise."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # --- validation rules ----------------------------------------------------
@@ -278,9 +281,13 @@ class Settings(BaseSettings):
             options["sasl_plain_username"] = self.kafka_sasl_username
             options["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
         if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            import ssl
+
             from aiokafka.helpers import create_ssl_context
 
-            options["ssl_context"] = create_ssl_context(
-                cafile=self.kafka_ssl_cafile or None
-            )
+            try:
+                options["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile or None)
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(f"invalid configuration FLEET_KAFKA_SSL_CAFILE: cannot load {self.kafka_ssl_cafile}"
+                                 f" ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
         return options

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,10 +42,11 @@ from fleet_telemetry.fleetops.errors import FleetOpsError, InvalidInput
 from fleet_telemetry.fleetops.validation import parse_time, parse_uuid
 from fleet_telemetry.core.metrics import CommandMetrics, serve
 from fleet_telemetry.core.retry import Backoff
-from fleet_telemetry.core.errors import ServiceUnavailable, UsageError
+from fleet_telemetry.core.errors import ServiceUnavailable
 from fleet_telemetry.ingest.producer import start_producer
 from fleet_telemetry.core.reading import Source
 from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.core.stopping import StopSignals
 
 log = structlog.get_logger("fleet.commands")
 
@@ -384,6 +384,17 @@ class CommandStrategy:
         pass
 
 
+async def _check_schema(database: Database) -> None:
+    """Fails at start, not at the first command, when the database does not exist or was
+    never migrated. A PostgreSQL that does not answer yet is waited for later, command by
+    command, like any transient failure."""
+    try:
+        async with database.write() as conn:
+            await conn.fetchval("SELECT 1 FROM processed_commands LIMIT 1")
+    except ServiceUnavailable:
+        pass
+
+
 class CommandConsumer:
     """Consumes ``FLEET_COMMANDS_TOPIC`` in group ``FLEET_COMMANDS_GROUP``. ``run`` returns
     the exit status: 0 after a clean stop (SIGTERM, or idle in ``stop_when_idle`` mode)."""
@@ -407,10 +418,11 @@ class CommandConsumer:
         redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         producer: AIOKafkaProducer | None = None
         try:
+            await _check_schema(database)
             producer = await start_with_retry(
                 lambda: start_producer(s, max_request_size=request_size(s.dlq_max_message_bytes)),
                 bootstrap=s.kafka_bootstrap, retries=self.metrics.retries, backoff=self._backoff(),
-                give_up=self._stopping)
+                give_up=self._stopping, within=self.stop_when_idle)
             retrier = Retrier(self.metrics.retries, self._backoff, give_up=self._stopping)
             applier = CommandApplier(database, self._dead_letter_to(producer),
                                      applied=lambda: dashboard.invalidate(redis, s.redis_keys.dashboard))
@@ -447,17 +459,12 @@ class CommandConsumer:
 
 def run_consumer(args: argparse.Namespace, settings: Settings) -> int:
     """``fleet commands consume``: runs until SIGTERM/Ctrl-C (or idle with --stop-when-idle)."""
-    if args.stop_when_idle is not None and args.stop_when_idle <= 0:
-        raise UsageError("--stop-when-idle must be more than 0 seconds")
-
     async def main() -> int:
         worker = CommandConsumer(settings, stop_when_idle=args.stop_when_idle)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop)
+        signals = StopSignals(worker.stop).install()
         if args.metrics_port:
-            serve(worker.metrics, args.metrics_port, settings.metrics_address)
-        return await worker.run()
+            serve(worker.metrics, args.metrics_port, settings.metrics_address, setting="--metrics-port")
+        return await signals.run(worker.run())
 
     return asyncio.run(main())
 

@@ -36,6 +36,7 @@ import asyncpg
 import structlog
 
 from fleet_telemetry.core.errors import FleetError, unavailable
+from fleet_telemetry.core.failures import explain
 from fleet_telemetry.core.metrics import MaintainMetrics
 from fleet_telemetry.core.retry import is_transient
 from fleet_telemetry.lifecycle.context import PassContext
@@ -130,33 +131,24 @@ async def connect(settings: "Settings") -> asyncpg.Connection:
             timeout=CONNECT_TIMEOUT_SECONDS,
             server_settings={"application_name": "fleet maintain"},
         )
-    except asyncpg.exceptions.InvalidCatalogNameError:
-        raise FleetError(
-            f"database at {settings.database_url_masked} does not exist: run fleet migrate first"
-        ) from None
-    except asyncpg.exceptions.InvalidAuthorizationSpecificationError as exc:
-        # The server's sentence names the user, never the password.
-        raise FleetError(
-            f"PostgreSQL at {settings.database_url_masked} refused the login ({str(exc).splitlines()[0]}):"
-            " check the user and password in FLEET_DATABASE_URL"
-        ) from None
-    except (OSError, asyncio.TimeoutError, asyncpg.exceptions.PostgresConnectionError,
-            asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.TooManyConnectionsError) as exc:
-        raise unavailable("PostgreSQL", settings.database_url_masked, exc) from None
+    except Exception as exc:
+        failure = explain(exc, settings)
+        if failure is None:
+            raise
+        raise failure from None
 
 
-def _pass_failure(exc: Exception, address: str) -> FleetError:
+def _pass_failure(exc: Exception, settings: "Settings") -> FleetError:
     """The error a command reports for a pass that raised ``exc``."""
-    if isinstance(exc, asyncpg.exceptions.UndefinedTableError):
-        return FleetError(f"the schema is missing a table ({exc}): run fleet migrate")
     if is_transient(exc):
         return unavailable(
-            "PostgreSQL", address, exc,
+            "PostgreSQL", settings.database_url_masked, exc,
             hint="the pass stopped part-way: what was committed stays, run fleet maintain again",
         )
-    sqlstate = getattr(exc, "sqlstate", None)
-    return FleetError(f"maintenance pass failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                      + (f" (SQLSTATE {sqlstate})" if sqlstate else ""))
+    failure = explain(exc, settings)
+    if failure is not None:
+        return failure
+    return FleetError(f"maintenance pass failed ({type(exc).__name__})")
 
 
 class Maintainer:
@@ -177,7 +169,7 @@ class Maintainer:
             report = await run_pass(conn, self.policy, now=self.clock(), dry_run=dry_run, force_stats=force_stats)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             self.metrics.passes.labels(outcome="failure").inc()
-            raise _pass_failure(exc, self.settings.database_url_masked) from None
+            raise _pass_failure(exc, self.settings) from None
         finally:
             if not conn.is_closed():
                 await conn.close()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fleet_telemetry.core.errors import FleetError, ServiceUnavailable
+from fleet_telemetry.core.failures import explain
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.replay.processors import ChunkProcessor, Plan, processor_for
 from fleet_telemetry.replay.results import ChunkResult
@@ -66,6 +67,15 @@ class _Failed:
     error: str
     message: str
     service: bool
+    explained: bool = False
+    """``message`` is the operator's line for it (:func:`~fleet_telemetry.core.failures.explain`)."""
+
+
+def _failed(exc: Exception, settings: Settings) -> _Failed:
+    failure = explain(exc, settings)
+    if failure is not None:
+        return _Failed(type(exc).__name__, str(failure), isinstance(failure, ServiceUnavailable), explained=True)
+    return _Failed(type(exc).__name__, str(exc)[:500], False)
 
 
 def _worker_main(settings: Settings, plan: Plan, inbox: Any, outbox: Any) -> None:
@@ -83,7 +93,7 @@ async def _worker_loop(settings: Settings, plan: Plan, inbox: Any, outbox: Any) 
     try:
         await processor.start()
     except Exception as exc:
-        outbox.put((-1, _Failed(type(exc).__name__, str(exc), isinstance(exc, ServiceUnavailable))))
+        outbox.put((-1, _failed(exc, settings)))
         return
     loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(2)
@@ -96,7 +106,7 @@ async def _worker_loop(settings: Settings, plan: Plan, inbox: Any, outbox: Any) 
             outbox.put((seq, await processor.process(payload)))
         except Exception as exc:
             failed = True
-            outbox.put((seq, _Failed(type(exc).__name__, str(exc)[:500], False)))
+            outbox.put((seq, _failed(exc, settings)))
         finally:
             slots.release()
 
@@ -178,6 +188,7 @@ class ProcessExecutor:
 
     def _fail_all(self, failure: _Failed) -> None:
         error: FleetError = (ServiceUnavailable(failure.message) if failure.service
+                             else FleetError(failure.message) if failure.explained
                              else FleetError(f"a replay worker failed: {failure.error}: {failure.message}"))
         if self._failure is None:
             self._failure = error

@@ -32,6 +32,7 @@ from typing import IO, Any
 import orjson
 import structlog
 
+from fleet_telemetry.core.retry import CONNECT_TIMEOUT_SECONDS
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.replay.checkpoint import Checkpoint, Ledger
 from fleet_telemetry.replay.executors import Executor, executor_for
@@ -192,7 +193,7 @@ class Replay:
         from fleet_telemetry.lifecycle.rollups import refresh_dirty_rollups
 
         started = time.monotonic()
-        conn = await asyncpg.connect(self.settings.database_url)
+        conn = await asyncpg.connect(self.settings.database_url, timeout=CONNECT_TIMEOUT_SECONDS)
         try:
             report = await refresh_dirty_rollups(conn)
         finally:

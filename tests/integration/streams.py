@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -88,3 +89,16 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 60
             return
         await asyncio.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a ``fleet`` subprocess on ``settings``' services, topics and group
+    (no ``FLEET_*`` variable of the caller's; metrics off)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update({
+        "FLEET_DATABASE_URL": settings.database_url, "FLEET_REDIS_URL": settings.redis_url,
+        "FLEET_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "FLEET_TELEMETRY_TOPIC": settings.telemetry_topic,
+        "FLEET_DLQ_TOPIC": settings.dlq_topic, "FLEET_CONSUMER_GROUP": settings.consumer_group,
+        "FLEET_METRICS_PORT": "0", **extra,
+    })
+    return env

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import uuid
@@ -13,9 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from fleet_telemetry.consumers.worker import Worker
-from fleet_telemetry.core.settings import Settings
 from bench.soak_proxy import LinkProxy
-from tests.integration.streams import publish, run_worker, wait_for
+from tests.integration.streams import publish, run_worker, wait_for, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -34,17 +32,6 @@ def readings_for(vehicles: list[uuid.UUID], per_vehicle: int) -> list[tuple[byte
 
 async def stored(db, vehicles: list[uuid.UUID]) -> int:
     return await db.fetchval("SELECT count(*) FROM vehicle_telemetry WHERE vehicle_id = ANY($1::uuid[])", vehicles)
-
-
-def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update({
-        "FLEET_DATABASE_URL": settings.database_url, "FLEET_REDIS_URL": settings.redis_url,
-        "FLEET_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "FLEET_TELEMETRY_TOPIC": settings.telemetry_topic,
-        "FLEET_DLQ_TOPIC": settings.dlq_topic, "FLEET_CONSUMER_GROUP": settings.consumer_group,
-        "FLEET_METRICS_PORT": "0", **extra,
-    })
-    return env
 
 
 async def test_a_worker_killed_mid_stream_and_restarted_loses_and_duplicates_nothing(

@@ -95,9 +95,10 @@ async def test_the_lines_of_one_batch_share_a_trace_id_and_every_line_is_json(
                                  "lat": 1.0, "lon": 2.0}) for i in range(6)])
     # Redis away: each batch logs its skipped status updates, then "batch written".
     result = await asyncio.to_thread(
-        fleet, topics, "consume", "--stop-when-idle", "3", LOG_FORMAT="json", LOG_LEVEL="debug",
+        fleet, topics, "consume", "--stop-when-idle", "3", "--json", LOG_FORMAT="json", LOG_LEVEL="debug",
         REDIS_URL="redis://127.0.0.1:1/0", BATCH_MAX_READINGS="2")
     assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["stored"] == 6  # --json: the run's summary on stdout, stderr all JSON
     records = json_lines(result.stderr)
     assert all(r["logger"].startswith("fleet") for r in records if r["event"] == "batch written")
     batches: dict[str, list[str]] = {}
@@ -114,7 +115,8 @@ async def test_the_lines_of_one_batch_share_a_trace_id_and_every_line_is_json(
 async def test_library_lines_are_json_with_the_common_fields(topics) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "fleet_telemetry.cli", "consume",
-        env=environment(topics, LOG_FORMAT="json", LOG_LEVEL="info", KAFKA_BOOTSTRAP="127.0.0.1:1"),
+        # At debug the worker keeps aiokafka's own line about the address it cannot reach.
+        env=environment(topics, LOG_FORMAT="json", LOG_LEVEL="debug", KAFKA_BOOTSTRAP="127.0.0.1:1"),
         stderr=asyncio.subprocess.PIPE)
     await asyncio.sleep(3)  # aiokafka tries, fails and says so; the worker retries
     process.send_signal(signal.SIGTERM)

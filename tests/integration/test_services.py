@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def fleet(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Runs ``fleet services ...`` in-process with a stack folder of this test's own."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", (services,))
+    monkeypatch.setattr(cli, "command_modules", lambda: (services,))
     monkeypatch.setenv("FLEET_STACK_DIR", str(tmp_path / "stack"))
     monkeypatch.setenv("FLEET_LOG_FORMAT", "console")
 

@@ -36,8 +36,8 @@ from fleet_telemetry.core.reading import Reading
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.ingest.simulate import vehicle_ids
 from fleet_telemetry.ingest.topics import ensure_topics
-from tests.integration.streams import publish, run_worker, wait_for
-from tests.integration.test_ingest_failures import readings_for, stored, worker_env
+from tests.integration.streams import publish, run_worker, wait_for, worker_env
+from tests.integration.test_ingest_failures import readings_for, stored
 
 pytestmark = pytest.mark.integration
 

@@ -133,3 +133,20 @@ async def test_traced_binds_the_trace_id_while_the_next_step_runs_then_restores_
     await traced.submit(Batch(trace_id="a" * 32))
     assert seen == ["a" * 32]
     assert "trace_id" not in structlog.contextvars.get_contextvars()
+
+
+async def test_records_holding_arrays_are_asked_for_by_the_readings_they_bring() -> None:
+    """A gateway's record holds many readings: a batch of arrays stays near its size in
+    readings instead of holding ``max_readings`` arrays."""
+    nxt = FakeNext()
+    batching = BatchingStep(nxt, BatchLimits(max_readings=1000, max_age=3600))
+    assert batching.room() == 1000  # nothing known yet: one reading per record
+    await batching.submit(record_batch(range(0, 4), readings=200))  # arrays of 50
+    await batching.poll()
+    assert batching.room() == (1000 - 200) // 50
+    await batching.submit(record_batch(range(4, 20), readings=800))
+    await batching.poll()
+    assert [len(b) for b in nxt.got] == [1000]
+    assert batching.room() == 1000 // 50
+    await batching.submit(record_batch(range(20, 30), readings=10))  # single readings again
+    assert batching.room() == 1000 - 10

@@ -170,6 +170,10 @@ async def test_the_telemetry_workers_dead_letter_producer(clients: Clients, secu
 
 async def test_the_command_consumer_and_its_dead_letter_producer(clients: Clients, secured: Settings,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    async def no_database(*args: Any) -> None:
+        pass
+
+    monkeypatch.setattr(commands, "_check_schema", no_database)  # no PostgreSQL in a unit test
     await refused(CommandConsumer(secured).run())  # the producer connects first
     (producer,) = clients.built
     check(producer, secured)
