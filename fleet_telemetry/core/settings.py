@@ -154,6 +154,10 @@ class Settings(BaseSettings):
     retry_initial_seconds: float = Field(default=0.2, gt=0)
     retry_max_seconds: float = Field(default=10.0, gt=0)
     shutdown_timeout_seconds: float = Field(default=30.0, gt=0)
+    health_stale_seconds: float = Field(default=30.0, gt=0)
+    """A worker's ``/readyz`` fails when PostgreSQL or Kafka has not answered, or its
+    consumer loop has not turned, for this long; ``/healthz`` when its event loop has not
+    ticked for this long."""
 
     # --- fleet operations (small writers, commands, read replicas) -----------
     commands_topic: str = "fleet.commands.v1"
