@@ -17,7 +17,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 import structlog
 from aiokafka.structs import TopicPartition
 
@@ -32,6 +31,7 @@ from fleet_telemetry.consumers.status import StatusWriter
 from fleet_telemetry.core.errors import unavailable
 from fleet_telemetry.core.health import Health
 from fleet_telemetry.core.metrics import PipelineMetrics
+from fleet_telemetry.core.redis_client import connect_redis
 from fleet_telemetry.core.retry import Backoff, is_transient
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.ingest.producer import start_producer
@@ -59,7 +59,7 @@ async def open_outputs(settings: Settings, metrics: PipelineMetrics,
         raise
     if probe is not None:
         probe.pool = pool
-    redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    redis = connect_redis(s.redis_url)
     try:
         producer = await start_with_retry(lambda: start_producer(s, max_request_size=request_size(s.dlq_max_message_bytes)),
                                           bootstrap=s.kafka_bootstrap,

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 from fleet_telemetry.core.errors import UsageError
+from fleet_telemetry.core.redis_client import is_cluster_url
 from fleet_telemetry.core.redis_keys import RedisKeys
 
 
@@ -225,7 +226,11 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
-        return _checked_url(value, ("redis", "rediss", "unix"), "a redis:// URL")
+        value = _checked_url(value, ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"),
+                             "a redis:// URL (redis+cluster:// for a Redis Cluster)")
+        if is_cluster_url(value) and urlsplit(value).path.strip("/") not in ("", "0"):
+            raise ValueError(f"{mask_url(value)}: a Redis Cluster has only database 0")
+        return value
 
     @field_validator("redis_key_prefix")
     @classmethod
@@ -271,8 +276,9 @@ class Settings(BaseSettings):
 
     @property
     def redis_keys(self) -> RedisKeys:
-        """The Redis key names of this deployment (``FLEET_REDIS_KEY_PREFIX``)."""
-        return RedisKeys(self.redis_key_prefix)
+        """The Redis key names of this deployment (``FLEET_REDIS_KEY_PREFIX``; hash-tagged
+        where keys go together when ``FLEET_REDIS_URL`` is a Redis Cluster)."""
+        return RedisKeys(self.redis_key_prefix, hash_tags=is_cluster_url(self.redis_url))
 
     def kafka_client_options(self) -> dict[str, object]:
         """Connection options shared by every aiokafka client of the project."""
