@@ -16,6 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from fleet_telemetry.core.redis_client import connect_redis
 from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.deploy.stack.probe import Probe, probe_redis
 from fleet_telemetry.views.vehicle_status import live_status
 from tests.integration.cli import fleet
 from tests.integration.streams import publish, run_worker
@@ -88,6 +89,7 @@ async def test_the_dashboard_is_cached_and_invalidated_on_the_cluster(
     on_cluster: Settings, cluster: RedisCluster
 ) -> None:
     settings = on_cluster
+    assert await probe_redis(settings.redis_url) == Probe(answers=True)  # what `fleet status` asks
     first = fleet(settings, "dashboard", "--json")
     assert first.returncode == 0, first.stderr
     key = settings.redis_keys.dashboard
