@@ -109,6 +109,7 @@ class KafkaConsumer(Protocol):
     def resume(self, *partitions: TopicPartition) -> None: ...
     def paused(self) -> set[TopicPartition]: ...
     def highwater(self, partition: TopicPartition) -> int | None: ...
+    def last_poll_timestamp(self, partition: TopicPartition) -> int | None: ...
     # Assign-and-seek mode only:
     def assign(self, partitions: list[TopicPartition]) -> None: ...
     def seek(self, partition: TopicPartition, offset: int) -> None: ...
@@ -262,6 +263,10 @@ class KafkaLoop:
         self._committed: dict[TopicPartition, int] = {}
         self._paused = False
         self._last_activity = time.monotonic()
+        self.turned_at: float | None = None
+        """``time.time()`` of the loop's last turn (a fetch and what follows it)."""
+        self.committed_at: float | None = None
+        """``time.time()`` of the last offset commit the broker accepted."""
         self.ranges: Ranges | None = None
         """Assign-and-seek mode: the ranges being read, kept up to date after each fetch."""
         self._listed: dict[TopicPartition, int] = {}
@@ -283,6 +288,18 @@ class KafkaLoop:
         """The partitions paused now: while the strategy is behind, and in assign-and-seek
         mode those finished."""
         return set() if self._consumer is None else set(self._consumer.paused())
+
+    def kafka_answered_at(self) -> float | None:
+        """``time.time()`` when the broker last answered this member: a fetch response for
+        one of its partitions, or an accepted commit. Cached state, no I/O."""
+        latest = self.committed_at
+        consumer = self._consumer
+        if consumer is not None:
+            for tp in consumer.assignment():
+                polled = consumer.last_poll_timestamp(tp)
+                if polled is not None and (latest is None or polled / 1000 > latest):
+                    latest = polled / 1000
+        return latest
 
     @property
     def committed(self) -> dict[TopicPartition, int]:
@@ -350,6 +367,7 @@ class KafkaLoop:
         await strategy.poll()
         await self.commit()
         self._update_lag()
+        self.turned_at = time.time()
         now = time.monotonic()
         # Idle counts only while partitions are ours and nothing is open or in flight.
         if records or not consumer.assignment() or strategy.in_flight:
@@ -508,6 +526,7 @@ class KafkaLoop:
         if self.metrics.commit_duration is not None:
             self.metrics.commit_duration.observe(time.perf_counter() - started)
         self._committed.update(offsets)
+        self.committed_at = time.time()
         return True
 
     def _count_retry(self) -> None:

@@ -16,9 +16,12 @@ from uuid import UUID
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError
 
 from fleet_telemetry.core.reading import Reading, status_time
+from fleet_telemetry.core.redis_client import RedisClient
 from fleet_telemetry.core.redis_keys import NO_PREFIX, RedisKeys
 
 # One call updates a chunk of vehicles. KEYS: per vehicle, its status key and its
@@ -94,11 +97,14 @@ class StatusWriter:
     """Writes the newest status of each vehicle of a batch to Redis.
 
     Updates go in script calls of up to 500 vehicles, all sent in one round trip. A
-    script call touches several keys, which a standalone Redis (or Sentinel) allows; a
-    Redis Cluster would need the keys in one hash slot.
+    script call touches several keys, which a standalone Redis (or Sentinel) allows. On
+    a Redis Cluster a script's keys must share a slot: a vehicle's two keys do (their
+    hash tag is the vehicle id, :class:`~fleet_telemetry.core.redis_keys.RedisKeys`), and
+    the vehicles of a batch are grouped by slot, one script call per slot, sent to every
+    node at once in one pipeline.
     """
 
-    def __init__(self, redis: aioredis.Redis, pool: asyncpg.Pool, ttl_seconds: int = 300,
+    def __init__(self, redis: RedisClient, pool: asyncpg.Pool, ttl_seconds: int = 300,
                  newest_seconds: int = 30 * 86_400, keys: RedisKeys = NO_PREFIX) -> None:
         self._redis = redis
         self._keys = keys
@@ -106,6 +112,7 @@ class StatusWriter:
         self._ttl = ttl_seconds
         self._newest_ttl = max(newest_seconds, ttl_seconds)
         self._script = redis.register_script(_UPDATE_STATUSES)
+        self._cluster = redis if isinstance(redis, RedisCluster) else None
 
     async def active_drivers(self, vehicle_ids: list[UUID]) -> dict[UUID, UUID]:
         async with self._pool.acquire() as conn:
@@ -130,9 +137,37 @@ class StatusWriter:
                 status_time(r.time), repr(r.lat), repr(r.lon), _text(r.speed), _text(r.fuel_level),
                 _text(r.heading), "" if driver is None else str(driver), updated_at,
             ]))
+        if self._cluster is not None:
+            return await self._update_cluster(self._cluster, keys, values)
         async with self._redis.pipeline(transaction=False) as pipe:
             for i in range(0, len(values), _CHUNK):
                 await self._script(keys=keys[2 * i:2 * (i + _CHUNK)],
-                                   args=[self._ttl, self._newest_ttl, *values[i:i + _CHUNK]], client=pipe)
+                                   args=[self._ttl, self._newest_ttl, *values[i:i + _CHUNK]],
+                                   client=pipe)  # type: ignore[arg-type]
             results = await pipe.execute()
         return int(sum(results))
+
+    async def _update_cluster(self, cluster: RedisCluster, keys: list[str], values: list[bytes]) -> int:
+        """The update on a Redis Cluster: one script call per slot (and chunk). A node
+        that does not know the script yet (new, failed over) gets it and the calls are
+        sent again; the script only moves statuses forward, so a repeat changes nothing."""
+        by_slot: dict[int, tuple[list[str], list[bytes]]] = {}
+        for i, value in enumerate(values):
+            slot_keys, slot_values = by_slot.setdefault(key_slot(keys[2 * i].encode()), ([], []))
+            slot_keys += keys[2 * i:2 * i + 2]
+            slot_values.append(value)
+        for attempt in (1, 2):
+            try:
+                async with cluster.pipeline(transaction=False) as pipe:
+                    for slot_keys, slot_values in by_slot.values():
+                        for i in range(0, len(slot_values), _CHUNK):
+                            chunk = slot_keys[2 * i:2 * (i + _CHUNK)]
+                            pipe.evalsha(self._script.sha, len(chunk), *chunk, self._ttl, self._newest_ttl,
+                                         *slot_values[i:i + _CHUNK])
+                    results = await pipe.execute()
+                return int(sum(results))
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await cluster.script_load(_UPDATE_STATUSES)
+        raise AssertionError("unreachable")

@@ -1,10 +1,11 @@
 """Running telemetry workers: one in this process, or N worker processes side by side.
 
 Each worker is a :class:`~fleet_telemetry.consumers.worker.Worker` with SIGTERM and
-SIGINT wired to its clean stop and its metrics on ``FLEET_METRICS_PORT + index``. With
-more than one, this process starts them (spawned, so no event loop or connection is
-inherited, and with SIGINT ignored: a Ctrl-C reaches them as the SIGTERM this process
-forwards), waits for all and adds up their :class:`~fleet_telemetry.consumers.summary.RunSummary`.
+SIGINT wired to its clean stop and its metrics, ``/healthz`` and ``/readyz`` on
+``FLEET_METRICS_PORT + index``. With more than one, this process starts them (spawned,
+so no event loop or connection is inherited, and with SIGINT ignored: a Ctrl-C reaches
+them as the SIGTERM this process forwards), waits for all and adds up their
+:class:`~fleet_telemetry.consumers.summary.RunSummary`.
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ def run_worker(settings: Settings, stop_when_idle: float | None, index: int, *, 
         signals = StopSignals(worker.stop).install(sigint=sigint)
         started = time.monotonic()
         if settings.metrics_port:
-            serve(worker.metrics, settings.metrics_port + index, settings.metrics_address)
+            serve(worker.metrics, settings.metrics_port + index, settings.metrics_address,
+                  health=worker.health)
             log.info("metrics served", address=settings.metrics_address, port=settings.metrics_port + index,
-                     path="/metrics")
+                     path="/metrics", health=["/healthz", "/readyz"])
         status = await signals.run(worker.run())
         return Outcome(status, RunSummary.of(worker.metrics, time.monotonic() - started), signals.interrupted)
 

@@ -17,19 +17,21 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 import structlog
 from aiokafka.structs import TopicPartition
 
 from fleet_telemetry.consumers.rules import RuleEngine
 from fleet_telemetry.consumers.chain import Abandoned
 from fleet_telemetry.consumers.deadletter import DeadLetters, request_size
+from fleet_telemetry.consumers.health import HealthProbe, probe_interval
 from fleet_telemetry.consumers.kafka_loop import KafkaLoop, LoopMetrics, LoopOptions, start_with_retry
 from fleet_telemetry.consumers.pipeline import Outputs, TelemetryPipeline
 from fleet_telemetry.consumers.sink import TelemetrySink, VehicleRegistry, create_pool
 from fleet_telemetry.consumers.status import StatusWriter
 from fleet_telemetry.core.errors import unavailable
+from fleet_telemetry.core.health import Health
 from fleet_telemetry.core.metrics import PipelineMetrics
+from fleet_telemetry.core.redis_client import connect_redis
 from fleet_telemetry.core.retry import Backoff, is_transient
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.ingest.producer import start_producer
@@ -39,8 +41,10 @@ log = structlog.get_logger("fleet.consumer")
 
 @asynccontextmanager
 async def open_outputs(settings: Settings, metrics: PipelineMetrics,
-                       give_up: asyncio.Event, within: float | None = None) -> AsyncIterator[Outputs]:
-    """PostgreSQL pool, Redis client, dead-letter producer and rule engine, closed on exit.
+                       give_up: asyncio.Event, within: float | None = None,
+                       probe: HealthProbe | None = None) -> AsyncIterator[Outputs]:
+    """PostgreSQL pool, Redis client, dead-letter producer and rule engine, closed on exit;
+    ``probe`` is handed the pool to ask PostgreSQL through.
 
     Raises :class:`~fleet_telemetry.core.errors.ServiceUnavailable` when PostgreSQL does
     not answer, or when ``give_up`` is set (or ``within`` seconds passed) while the
@@ -53,7 +57,9 @@ async def open_outputs(settings: Settings, metrics: PipelineMetrics,
         if is_transient(exc):
             raise unavailable("PostgreSQL", s.database_url_masked, exc) from None
         raise
-    redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    if probe is not None:
+        probe.pool = pool
+    redis = connect_redis(s.redis_url)
     try:
         producer = await start_with_retry(lambda: start_producer(s, max_request_size=request_size(s.dlq_max_message_bytes)),
                                           bootstrap=s.kafka_bootstrap,
@@ -85,6 +91,8 @@ class Worker:
         self.worker_index = worker_index
         self._stopping = asyncio.Event()
         self._loop: KafkaLoop | None = None
+        self.health = Health(settings.health_stale_seconds)
+        """What ``/healthz`` and ``/readyz`` answer (kept up to date while ``run`` runs)."""
 
     def stop(self) -> None:
         """Ask the worker to finish its in-flight work, commit and leave (signal-safe)."""
@@ -118,9 +126,11 @@ class Worker:
         redelivered). Raises ``ServiceUnavailable`` when PostgreSQL does not answer at
         start-up, or the broker did not within ``stop_when_idle`` seconds."""
         m = self.metrics
-        async with open_outputs(self.settings, m, self._stopping, self.stop_when_idle) as outputs:
+        probe = HealthProbe(self.health, probe_interval(self.settings.health_stale_seconds))
+        async with probe.running(), open_outputs(self.settings, m, self._stopping, self.stop_when_idle,
+                                                 probe) as outputs:
             pipeline = TelemetryPipeline(self.settings, outputs, m)
-            self._loop = KafkaLoop(
+            self._loop = probe.loop = KafkaLoop(
                 pipeline, self._loop_options(),
                 LoopMetrics(m.retries, m.commit_duration, m.consumer_lag, m.paused_partitions, m.consumer_lag_seconds),
                 stopping=self._stopping,

@@ -89,12 +89,19 @@ ensure_install() {
 }
 
 ensure_test_tools() {
-    # promtool checks the metrics output, docker-compose validates docker-compose.yml;
-    # the tests that need them say so when one is missing.
+    # promtool checks the metrics output, docker-compose validates docker-compose.yml,
+    # kubectl (when present) renders deploy/k8s; the tests that need them say so when
+    # one is missing.
     command -v promtool >/dev/null 2>&1 || apt_install prometheus \
         || say "promtool is missing: the metrics format tests will fail"
     command -v docker-compose >/dev/null 2>&1 || apt_install docker-compose \
         || say "docker-compose is missing: the compose file test will be skipped"
+    # The Redis Cluster tests start three redis-server nodes of their own and join them
+    # with redis-cli --cluster create.
+    command -v redis-server >/dev/null 2>&1 || apt_install redis-server \
+        || say "redis-server is missing: the Redis Cluster tests will fail"
+    command -v redis-cli >/dev/null 2>&1 || apt_install redis-tools \
+        || say "redis-cli is missing: the Redis Cluster tests will fail"
 }
 
 use_project_role() {

@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 from uuid import UUID
 
 import asyncpg
-import redis.asyncio as aioredis
 import structlog
 
 from fleet_telemetry.consumers.rules.evaluate import by_vehicle, evaluate
@@ -37,6 +36,7 @@ from fleet_telemetry.consumers.rules.timers import (
 )
 from fleet_telemetry.core.metrics import PipelineMetrics
 from fleet_telemetry.core.reading import Reading
+from fleet_telemetry.core.redis_client import RedisClient
 from fleet_telemetry.core.settings import Settings
 
 log = structlog.get_logger("fleet.rules")
@@ -72,7 +72,7 @@ class RuleEngine:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        redis: aioredis.Redis | None,
+        redis: RedisClient | None,
         settings: Settings,
         metrics: PipelineMetrics,
     ) -> None:

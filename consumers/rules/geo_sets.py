@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from uuid import UUID
 
-import redis.asyncio as aioredis
 import structlog
 
 from fleet_telemetry.consumers.rules.transitions import Transition
+from fleet_telemetry.core.redis_client import RedisClient
 from fleet_telemetry.core.redis_keys import NO_PREFIX, RedisKeys
 from fleet_telemetry.core.retry import is_transient
 
@@ -24,7 +24,7 @@ def geofence_key(geofence_id: int, keys: RedisKeys = NO_PREFIX) -> str:
     return keys.geofence(geofence_id)
 
 
-async def update_members(redis: aioredis.Redis, transitions: Iterable[Transition],
+async def update_members(redis: RedisClient, transitions: Iterable[Transition],
                          keys: RedisKeys = NO_PREFIX) -> None:
     """GEOADD on a confirmed enter, ZREM on a confirmed exit (interpolated crossings are
     not memberships); the last transition per vehicle and fence wins. A Redis that does
@@ -49,7 +49,7 @@ async def update_members(redis: aioredis.Redis, transitions: Iterable[Transition
         log.warning("redis unreachable, geofence members not updated", error=type(exc).__name__)
 
 
-async def drop_sets(redis: aioredis.Redis, geofence_ids: Iterable[int], keys: RedisKeys = NO_PREFIX) -> bool:
+async def drop_sets(redis: RedisClient, geofence_ids: Iterable[int], keys: RedisKeys = NO_PREFIX) -> bool:
     """Deletes the sets of geofences no longer active; False if Redis did not answer."""
     names = [keys.geofence(fid) for fid in geofence_ids]
     if not names:

@@ -24,10 +24,10 @@ from uuid import UUID
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
 from fleet_telemetry.consumers.rules.geo_sets import drop_sets
 from fleet_telemetry.core.errors import UsageError, unavailable
+from fleet_telemetry.core.redis_client import connect_redis
 from fleet_telemetry.core.redis_keys import NO_PREFIX, RedisKeys
 from fleet_telemetry.core.retry import CONNECT_TIMEOUT_SECONDS, is_transient
 from fleet_telemetry.core.settings import Settings
@@ -421,7 +421,7 @@ async def _close(conn: asyncpg.Connection, ids: list[int], because: str) -> list
 
 
 async def _drop_sets(redis_url: str, ids: list[int], keys: RedisKeys) -> bool:
-    redis = aioredis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    redis = connect_redis(redis_url)
     try:
         return await drop_sets(redis, ids, keys)
     finally:

@@ -89,14 +89,13 @@ async def probe_postgres(url: str, timeout: float = PROBE_TIMEOUT_SECONDS) -> Po
 
 async def probe_redis(url: str, timeout: float = PROBE_TIMEOUT_SECONDS) -> Probe:
     """A PING at ``url``."""
-    import redis.asyncio as aioredis
     from redis.exceptions import AuthenticationError, RedisError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    client = aioredis.Redis.from_url(
-        url, socket_connect_timeout=timeout, socket_timeout=timeout
-    )
+    from fleet_telemetry.core.redis_client import connect_redis
+
+    client = connect_redis(url, timeout=timeout)
     try:
         await client.ping()
     except AuthenticationError as exc:

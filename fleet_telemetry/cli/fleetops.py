@@ -17,11 +17,11 @@ from uuid import uuid4
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
 from fleet_telemetry.cli.fleetops_table import GROUPS, Action, json_object_arg, uuid_arg
 from fleet_telemetry.cli.parsing import port_arg, seconds_arg
 from fleet_telemetry.core.errors import UsageError
+from fleet_telemetry.core.redis_client import connect_redis
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.fleetops import commands, dashboard
 from fleet_telemetry.fleetops.db import Database
@@ -131,7 +131,7 @@ def _text(value: Any) -> str:
 
 
 async def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
-    redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    redis = connect_redis(settings.redis_url)
     try:
         async with Database.from_settings(settings, max_size=2) as database:
             cache = dashboard.DashboardCache(redis, dashboard.database_compute(database),

@@ -20,11 +20,11 @@ from uuid import UUID
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
 from fleet_telemetry.cli.parsing import count_arg, seconds_arg
 from fleet_telemetry.consumers.rules.model import ALERT_TYPES
 from fleet_telemetry.core.errors import UsageError
+from fleet_telemetry.core.redis_client import connect_redis
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.fleetops import assignments, customers, drivers, jobs, maintenance, queries, vehicles
 from fleet_telemetry.fleetops.db import Database
@@ -281,7 +281,7 @@ VEHICLES = Entity(
 
 async def vehicle_status_view(db: Database, *, settings: Settings, vehicle_id: UUID) -> dict[str, Any]:
     """``fleet vehicles status``: Redis for the live status, a read connection for the rest."""
-    redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    redis = connect_redis(settings.redis_url)
     try:
         async with db.read() as conn:
             return await vehicle_status(conn, redis, settings.redis_keys, vehicle_id)

@@ -3,17 +3,24 @@ the command consumer's.
 
 Each worker owns a :class:`PipelineMetrics` on a registry of its own, so tests (and the
 demo's live view) can read one worker's numbers; ``serve`` exposes that registry on
-``/metrics`` in the Prometheus text format, on the address ``FLEET_METRICS_ADDRESS`` names.
+``/metrics`` in the Prometheus text format, on the address ``FLEET_METRICS_ADDRESS`` names,
+and a worker's ``/healthz`` and ``/readyz`` beside it (:mod:`fleet_telemetry.core.health`).
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 from bisect import bisect_left
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from fleet_telemetry.core.errors import FleetError
+from fleet_telemetry.core.health import Health
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60, 300, 3600)
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -178,18 +185,57 @@ DEFAULT_ADDRESS = "0.0.0.0"
 
 
 def serve(metrics: MetricSet, port: int, addr: str = DEFAULT_ADDRESS,
-          setting: str = "FLEET_METRICS_PORT") -> WSGIServer | None:
-    """Exposes ``metrics`` on ``http://addr:port/metrics`` from a daemon thread; port 0
-    turns it off (then ``None``). Returns the server (``shutdown()`` stops it); raises
+          setting: str = "FLEET_METRICS_PORT", *, health: Health | None = None) -> WSGIServer | None:
+    """Exposes ``metrics`` on ``http://addr:port/metrics`` from a daemon thread, and with
+    ``health`` a worker's ``/healthz`` and ``/readyz``; port 0 turns it off (then
+    ``None``). Returns the server (``shutdown()`` stops it); raises
     :class:`~fleet_telemetry.core.errors.FleetError` naming the address and ``setting``
     (the port's) when the address cannot be bound (taken, or not this host's)."""
     if not port:
         return None
     try:
-        server, _thread = start_http_server(port, addr=addr, registry=metrics.registry)
+        class Server(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+            address_family = _family(addr, port)
+
+        server = make_server(addr, port, _application(metrics, health), Server, handler_class=_QuietHandler)
     except OSError as exc:
         raise FleetError(
             f"cannot serve metrics on {addr}:{port} ({exc.strerror or type(exc).__name__}):"
             f" set {setting} to a free port (0 turns the endpoint off) or FLEET_METRICS_ADDRESS"
         ) from None
+    threading.Thread(target=server.serve_forever, name="fleet-metrics", daemon=True).start()
     return server
+
+
+_StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+def _application(metrics: MetricSet, health: Health | None) -> Callable[[dict[str, Any], _StartResponse], Iterable[bytes]]:
+    """``/healthz`` and ``/readyz`` from ``health``; everything else is the Prometheus exposition."""
+    exposition = make_wsgi_app(metrics.registry)
+
+    def application(environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if health is not None and path in ("/healthz", "/readyz"):
+            ok, body = health.live() if path == "/healthz" else health.ready()
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        result: Iterable[bytes] = exposition(environ, start_response)
+        return result
+
+    return application
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No line on stderr per request (scrapes and probes come every few seconds)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _family(addr: str, port: int) -> socket.AddressFamily:
+    """IPv4 or IPv6, whichever ``addr`` resolves to first."""
+    infos = socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return infos[0][0]

@@ -4,6 +4,13 @@ Each name starts with ``FLEET_REDIS_KEY_PREFIX`` (empty by default), so deployme
 share one Redis (two databases, staging beside production) keep apart: give each its own
 prefix, e.g. ``fleet-a:``. The prefix is used as written; end it with ``:`` to keep the
 usual ``a:b:c`` look.
+
+On a Redis Cluster (``hash_tags``) the keys that one script or transaction touches
+together carry a hash tag, so they live in one slot: a vehicle's status and newest time
+(``vehicle:{<id>}:status``, ``vehicle:{<id>}:status:newest``) and the dashboard cache with
+its lock and version (``{dashboard:stats:daily}``, ``...:lock``, ``...:version``). The
+geofence sets are used one key per command and keep their names. A prefix holding braces
+would put every key of the deployment in one slot: leave braces out of it.
 """
 
 from __future__ import annotations
@@ -17,13 +24,19 @@ class RedisKeys:
     """The key names of one deployment."""
 
     prefix: str = ""
+    hash_tags: bool = False
+    """Redis Cluster: keys used together share a hash tag (module docstring)."""
 
     def vehicle_status(self, vehicle_id: UUID | str) -> str:
         """Hash: a vehicle's live status."""
+        if self.hash_tags:
+            return f"{self.prefix}vehicle:{{{vehicle_id}}}:status"
         return f"{self.prefix}vehicle:{vehicle_id}:status"
 
     def vehicle_newest(self, vehicle_id: UUID | str) -> str:
         """String: the time of the newest status ever written for the vehicle."""
+        if self.hash_tags:
+            return f"{self.prefix}vehicle:{{{vehicle_id}}}:status:newest"
         return f"{self.prefix}vehicle:{vehicle_id}:status:newest"
 
     def geofence(self, geofence_id: int) -> str:
@@ -33,6 +46,8 @@ class RedisKeys:
     @property
     def dashboard(self) -> str:
         """String: the cached dashboard aggregates (its ``:lock`` and ``:version`` beside it)."""
+        if self.hash_tags:
+            return f"{self.prefix}{{dashboard:stats:daily}}"
         return f"{self.prefix}dashboard:stats:daily"
 
 

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 from fleet_telemetry.core.errors import UsageError
+from fleet_telemetry.core.redis_client import is_cluster_url
 from fleet_telemetry.core.redis_keys import RedisKeys
 
 
@@ -154,6 +155,10 @@ class Settings(BaseSettings):
     retry_initial_seconds: float = Field(default=0.2, gt=0)
     retry_max_seconds: float = Field(default=10.0, gt=0)
     shutdown_timeout_seconds: float = Field(default=30.0, gt=0)
+    health_stale_seconds: float = Field(default=30.0, gt=0)
+    """A worker's ``/readyz`` fails when PostgreSQL or Kafka has not answered, or its
+    consumer loop has not turned, for this long; ``/healthz`` when its event loop has not
+    ticked for this long."""
 
     # --- fleet operations (small writers, commands, read replicas) -----------
     commands_topic: str = "fleet.commands.v1"
@@ -221,7 +226,11 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
-        return _checked_url(value, ("redis", "rediss", "unix"), "a redis:// URL")
+        value = _checked_url(value, ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"),
+                             "a redis:// URL (redis+cluster:// for a Redis Cluster)")
+        if is_cluster_url(value) and urlsplit(value).path.strip("/") not in ("", "0"):
+            raise ValueError(f"{mask_url(value)}: a Redis Cluster has only database 0")
+        return value
 
     @field_validator("redis_key_prefix")
     @classmethod
@@ -267,8 +276,9 @@ class Settings(BaseSettings):
 
     @property
     def redis_keys(self) -> RedisKeys:
-        """The Redis key names of this deployment (``FLEET_REDIS_KEY_PREFIX``)."""
-        return RedisKeys(self.redis_key_prefix)
+        """The Redis key names of this deployment (``FLEET_REDIS_KEY_PREFIX``; hash-tagged
+        where keys go together when ``FLEET_REDIS_URL`` is a Redis Cluster)."""
+        return RedisKeys(self.redis_key_prefix, hash_tags=is_cluster_url(self.redis_url))
 
     def kafka_client_options(self) -> dict[str, object]:
         """Connection options shared by every aiokafka client of the project."""

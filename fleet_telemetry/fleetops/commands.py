@@ -28,7 +28,6 @@ from uuid import UUID
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 import structlog
 from aiokafka import AIOKafkaProducer
 
@@ -45,6 +44,7 @@ from fleet_telemetry.core.retry import Backoff
 from fleet_telemetry.core.errors import ServiceUnavailable
 from fleet_telemetry.ingest.producer import start_producer
 from fleet_telemetry.core.reading import Source
+from fleet_telemetry.core.redis_client import connect_redis
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.core.stopping import StopSignals
 
@@ -415,7 +415,7 @@ class CommandConsumer:
         PostgreSQL or the broker is still away (the uncommitted commands are redelivered)."""
         s = self.settings
         database = Database.from_settings(s, max_size=2)
-        redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        redis = connect_redis(s.redis_url)
         producer: AIOKafkaProducer | None = None
         try:
             await _check_schema(database)

@@ -26,10 +26,10 @@ from typing import Any
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
+from fleet_telemetry.core.redis_client import RedisClient, connect_redis
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.fleetops.audit import jsonable
 from fleet_telemetry.fleetops.db import Database
@@ -124,7 +124,7 @@ class DashboardCache:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         compute: Callable[[], Awaitable[dict[str, Any]]],
         ttl_seconds: int,
         *,
@@ -190,7 +190,7 @@ class DashboardCache:
         return stats
 
 
-async def invalidate(client: aioredis.Redis, key: str = DASHBOARD_KEY) -> bool:
+async def invalidate(client: RedisClient, key: str = DASHBOARD_KEY) -> bool:
     """Drops the cached aggregates after a write that changes them, so the next caller
     computes them afresh; False (logged) when Redis did not answer, in which case the
     cached value lives out its TTL."""
@@ -209,7 +209,7 @@ async def invalidate(client: aioredis.Redis, key: str = DASHBOARD_KEY) -> bool:
 async def invalidate_for(settings: Settings) -> bool:
     """:func:`invalidate` through a client of its own on ``FLEET_REDIS_URL``, with this
     deployment's key; for a command that wrote once."""
-    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    client = connect_redis(settings.redis_url)
     try:
         return await invalidate(client, settings.redis_keys.dashboard)
     finally:

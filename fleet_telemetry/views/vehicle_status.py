@@ -12,8 +12,8 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
-import redis.asyncio as aioredis
 
+from fleet_telemetry.core.redis_client import RedisClient
 from fleet_telemetry.core.redis_keys import RedisKeys
 from fleet_telemetry.core.retry import is_transient
 from fleet_telemetry.fleetops.audit import snapshot
@@ -44,7 +44,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def live_status(redis: aioredis.Redis, keys: RedisKeys, vehicle_id: UUID) -> dict[str, Any] | None:
+async def live_status(redis: RedisClient, keys: RedisKeys, vehicle_id: UUID) -> dict[str, Any] | None:
     """The Redis status hash as typed fields; None when there is none (expired, never
     written). Raises Redis connection errors."""
     raw = await redis.hgetall(keys.vehicle_status(vehicle_id))  # type: ignore[misc]
@@ -54,7 +54,7 @@ async def live_status(redis: aioredis.Redis, keys: RedisKeys, vehicle_id: UUID) 
     return {name: float(value) if name in _NUMBERS else value for name, value in fields.items()}
 
 
-async def vehicle_status(conn: asyncpg.Connection, redis: aioredis.Redis, keys: RedisKeys,
+async def vehicle_status(conn: asyncpg.Connection, redis: RedisClient, keys: RedisKeys,
                          vehicle_id: UUID) -> dict[str, Any]:
     """Everything ``fleet vehicles status`` shows, JSON-ready. Raises asyncpg errors; a
     Redis that does not answer is reported in ``live_note``."""
