@@ -25,11 +25,11 @@ ALERT_TYPE = "document_expiring"
 _RAISE = """
 INSERT INTO alerts (entity_type, entity_id, type, severity, details)
 SELECT d.owner_type, d.owner_id, 'document_expiring',
-       CASE WHEN d.expires_on < $1 THEN 'critical' ELSE 'warning' END,
+       CASE WHEN d.expires_on < $1::date THEN 'critical' ELSE 'warning' END,
        jsonb_build_object('document_id', d.id::text, 'kind', d.kind, 'expires_on', d.expires_on,
                           'file_name', d.file_name)
   FROM documents AS d
- WHERE d.deleted_at IS NULL AND d.expires_on IS NOT NULL AND d.expires_on <= $1 + $2::int
+ WHERE d.deleted_at IS NULL AND d.expires_on IS NOT NULL AND d.expires_on <= $1::date + $2::int
    AND d.kind = ANY($3::text[])
    AND NOT EXISTS (SELECT 1 FROM documents AS n
                     WHERE n.owner_id = d.owner_id AND n.kind = d.kind AND n.deleted_at IS NULL
@@ -45,11 +45,11 @@ UPDATE alerts AS a
    SET is_resolved = true, resolved_at = now(),
        details = a.details || jsonb_build_object('resolution', CASE
            WHEN d.id IS NULL OR d.deleted_at IS NOT NULL THEN 'document deleted'
-           WHEN d.expires_on IS NULL OR d.expires_on > $1 + $2::int THEN 'no longer expiring soon'
+           WHEN d.expires_on IS NULL OR d.expires_on > $1::date + $2::int THEN 'no longer expiring soon'
            ELSE 'newer document attached' END)
   FROM alerts AS o LEFT JOIN documents AS d ON d.id = (o.details ->> 'document_id')::uuid
  WHERE a.id = o.id AND NOT a.is_resolved AND a.type = 'document_expiring'
-   AND (d.id IS NULL OR d.deleted_at IS NOT NULL OR d.expires_on IS NULL OR d.expires_on > $1 + $2::int
+   AND (d.id IS NULL OR d.deleted_at IS NOT NULL OR d.expires_on IS NULL OR d.expires_on > $1::date + $2::int
         OR EXISTS (SELECT 1 FROM documents AS n
                     WHERE n.owner_id = d.owner_id AND n.kind = d.kind AND n.deleted_at IS NULL
                       AND n.created_at > d.created_at))

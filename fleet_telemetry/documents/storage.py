@@ -1,9 +1,10 @@
 """The documents' bucket: streaming uploads and downloads, presigned URLs, listings.
 
 One :class:`Storage` wraps one aiobotocore client (:func:`fleet_telemetry.core.s3_client.connect_s3`)
-and the bucket ``FLEET_S3_BUCKET``. Uploads never hold more than one part in memory:
-a body up to :data:`~fleet_telemetry.documents.rules.PART_BYTES` is one ``PutObject``,
-a larger one a multipart upload of parts that size, aborted if anything fails on the way.
+and the bucket ``FLEET_S3_BUCKET``. Uploads stream from the file without holding a part
+in memory: a body up to :data:`~fleet_telemetry.documents.rules.PART_BYTES` is one
+``PutObject``, a larger one a multipart upload of parts that size, aborted if anything
+fails on the way.
 A storage that does not answer raises :class:`~fleet_telemetry.core.errors.ServiceUnavailable`
 from :meth:`Storage.open` and the S3 client's own (transient) errors afterwards.
 """
@@ -11,7 +12,9 @@ from :meth:`Storage.open` and the S3 client's own (transient) errors afterwards.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import io
+import os
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,8 +28,8 @@ from fleet_telemetry.documents.rules import PART_BYTES
 STORAGE = "Object storage"
 READ_CHUNK_BYTES = 1024 * 1024
 
-ReadPart = Callable[[], Awaitable[bytes]]
-"""Returns the next part of a body (at most PART_BYTES; empty at the end)."""
+Observer = Callable[[bytes | memoryview], None]
+"""Sees the bytes of an upload once each, in order."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,65 @@ class PendingUpload:
     key: str
     upload_id: str
     initiated: datetime
+
+
+class _Region(io.RawIOBase):
+    """A seekable read-only stream over ``length`` bytes of an open file from ``start``,
+    read with ``pread`` chunk by chunk as the S3 client asks (it signs and sends a
+    stream that way, where a part in memory would cost its whole size, and a copy).
+
+    ``observe`` sees every byte of the region exactly once and in order, the first time
+    it is read, whatever the client re-reads (signing and sending, a retry);
+    :meth:`finish` hands it whatever the client skipped."""
+
+    def __init__(self, fd: int, start: int, length: int, observe: Observer) -> None:
+        super().__init__()
+        self._fd, self._start, self._length, self._observe = fd, start, length, observe
+        self._position = 0
+        self._observed = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = min(len(buffer), self._length - self._position)
+        if wanted <= 0:
+            return 0
+        if self._position > self._observed:
+            self._catch_up(self._position)
+        data = os.pread(self._fd, wanted, self._start + self._position)
+        buffer[:len(data)] = data
+        end = self._position + len(data)
+        if end > self._observed:
+            self._observe(memoryview(data)[self._observed - self._position:])
+            self._observed = end
+        self._position = end
+        return len(data)
+
+    def _catch_up(self, until: int) -> None:
+        while self._observed < until:
+            data = os.pread(self._fd, min(READ_CHUNK_BYTES, until - self._observed), self._start + self._observed)
+            if not data:
+                raise OSError(f"the file ended {self._length - self._observed} bytes early")
+            self._observe(data)
+            self._observed += len(data)
+
+    def finish(self) -> None:
+        self._catch_up(self._length)
 
 
 class Storage:
@@ -79,34 +141,34 @@ class Storage:
 
     # --- writing ---------------------------------------------------------------------------
 
-    async def upload(self, key: str, read_part: ReadPart, content_type: str, *, size: int) -> None:
-        """Stores the parts ``read_part`` returns, ``size`` bytes in all, under ``key``:
-        one ``PutObject`` when ``size`` fits one part, else a multipart upload holding one
-        part in memory at a time. A failure (also one raised by ``read_part``) aborts the
-        multipart upload and is raised."""
+    async def upload(self, key: str, fd: int, size: int, content_type: str, observe: Observer) -> None:
+        """Stores the first ``size`` bytes of the open file ``fd`` under ``key``: one
+        ``PutObject`` up to :data:`PART_BYTES`, else a multipart upload of parts that size,
+        each streamed from the file (memory stays at the client's chunks, whatever the
+        size). ``observe`` sees every byte once, in order (the caller hashes them). A
+        failure aborts the multipart upload and is raised."""
         if size <= PART_BYTES:
-            await self.client.put_object(Bucket=self.bucket, Key=key, Body=await read_part(),
-                                         ContentType=content_type)
+            with _Region(fd, 0, size, observe) as body:
+                await self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+                body.finish()
             return
         created = await self.client.create_multipart_upload(Bucket=self.bucket, Key=key,
                                                             ContentType=content_type)
         upload_id = created["UploadId"]
         try:
             parts: list[dict[str, Any]] = []
-            while part := await read_part():
-                parts.append(await self._part(key, upload_id, len(parts) + 1, part))
-                del part
+            for number, start in enumerate(range(0, size, PART_BYTES), start=1):
+                with _Region(fd, start, min(PART_BYTES, size - start), observe) as body:
+                    answer = await self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                           PartNumber=number, Body=body)
+                    body.finish()
+                parts.append({"ETag": answer["ETag"], "PartNumber": number})
             await self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             raise
-
-    async def _part(self, key: str, upload_id: str, number: int, body: bytes) -> dict[str, Any]:
-        answer = await self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                               PartNumber=number, Body=body)
-        return {"ETag": answer["ETag"], "PartNumber": number}
 
     async def delete(self, key: str) -> None:
         """Removes ``key``; nothing happens when it is already gone."""

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -28,7 +28,6 @@ from fleet_telemetry.documents.actors import uploader
 from fleet_telemetry.documents.records import NewDocument
 from fleet_telemetry.documents.rules import (
     HEAD_BYTES,
-    PART_BYTES,
     check_content_type,
     check_expiry,
     check_size,
@@ -51,31 +50,19 @@ class Upload:
     expires_on: date | None = None
 
 
-class _Parts:
-    """Reads a file part by part, hashing and counting what it hands out; refuses to go
-    past the kind's limit (the file grew after it was measured)."""
+class _Digest:
+    """Hashes and counts the bytes of an upload as they stream; refuses to go past the
+    kind's limit (the file grew after it was measured)."""
 
-    def __init__(self, source: BinaryIO, kind: str) -> None:
-        self._source = source
+    def __init__(self, kind: str) -> None:
         self._kind = kind
-        self._first: bytes | None = source.read(PART_BYTES)
-        self.digest = hashlib.sha256()
+        self.sha256 = hashlib.sha256()
         self.size = 0
 
-    @property
-    def head(self) -> bytes:
-        return (self._first or b"")[:HEAD_BYTES]
-
-    async def read(self) -> bytes:
-        if self._first is not None:
-            part, self._first = self._first, None
-        else:
-            part = self._source.read(PART_BYTES)
-        self.digest.update(part)
-        self.size += len(part)
-        if part:
-            check_size(self._kind, self.size)
-        return part
+    def __call__(self, data: bytes | memoryview) -> None:
+        self.sha256.update(data)
+        self.size += len(data)
+        check_size(self._kind, self.size)
 
 
 async def upload_file(conn: asyncpg.Connection, storage: Storage, path: Path, upload: Upload, *,
@@ -94,13 +81,13 @@ async def upload_file(conn: asyncpg.Connection, storage: Storage, path: Path, up
     with source:
         size = os.fstat(source.fileno()).st_size
         check_size(upload.kind, size)
-        parts = _Parts(source, upload.kind)
-        content_type = detect_content_type(parts.head)
+        content_type = detect_content_type(os.pread(source.fileno(), HEAD_BYTES, 0))
         check_content_type(upload.kind, content_type)
         key = object_key(upload.owner_type, upload.owner_id)
-        await storage.upload(key, parts.read, content_type, size=size)
-    new = NewDocument(upload.owner_type, upload.owner_id, upload.kind, key, parts.digest.hexdigest(),
-                      parts.size, content_type, upload.file_name, uploaded_by, upload.expires_on)
+        digest = _Digest(upload.kind)
+        await storage.upload(key, source.fileno(), size, content_type, digest)
+    new = NewDocument(upload.owner_type, upload.owner_id, upload.kind, key, digest.sha256.hexdigest(),
+                      digest.size, content_type, upload.file_name, uploaded_by, upload.expires_on)
     return await _register(conn, storage, new, actor=actor, action="document.upload")
 
 
