@@ -140,5 +140,11 @@ def record_pass(metrics: MaintainMetrics, report: PassReport, finished_at: float
     metrics.rollup_lag.set(report.rollups.lag_seconds)
     metrics.rollup_pending.set(report.rollups.pending_hours)
     metrics.deferred.inc(len(report.deferred))
+    documents = report.documents
+    metrics.document_objects_removed.labels(reason="deleted").inc(documents.deleted_objects_removed)
+    metrics.document_objects_removed.labels(reason="orphan").inc(documents.orphans_removed)
+    metrics.document_objects_removed.labels(reason="multipart").inc(documents.uploads_aborted)
+    metrics.document_alerts.labels(action="raised").inc(documents.alerts_raised)
+    metrics.document_alerts.labels(action="resolved").inc(documents.alerts_resolved)
     if report.telemetry_partitions_until is not None:
         metrics.partitions_until.set(report.telemetry_partitions_until.timestamp())
