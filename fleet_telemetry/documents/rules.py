@@ -79,7 +79,7 @@ def kind(text: str) -> str:
 def file_name(text: str) -> str:
     """The original file name as stored: its last path component, 1 to 255 characters."""
     name = text.replace("\\", "/").rsplit("/", 1)[-1].strip()
-    if not name or len(name) > 255 or any(not c.isprintable() for c in name):
+    if not name or name in (".", "..") or len(name) > 255 or any(not c.isprintable() for c in name):
         raise InvalidInput(f"file name {text[:80]!r} must be 1 to 255 printable characters")
     return name
 
