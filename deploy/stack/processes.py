@@ -3,8 +3,11 @@ session of its own, pid files, and stopping one (SIGTERM, then SIGKILL)."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,8 +57,6 @@ def weed_command(binary: str, endpoint: Endpoint, data_dir: Path, s3_config: Pat
 
 def s3_identities(access_key: str, secret_key: str) -> str:
     """The JSON of ``-s3.config``: one identity with these keys, allowed everything."""
-    import json
-
     return json.dumps({"identities": [{
         "name": "fleet",
         "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
@@ -66,9 +67,6 @@ def s3_identities(access_key: str, secret_key: str) -> str:
 def free_ports(count: int, *, avoid: Sequence[int] = ()) -> list[int]:
     """``count`` distinct free loopback ports below Linux's ephemeral range (32768 and up),
     so that no outgoing connection takes one before the service binds it."""
-    import random
-    import socket
-
     found: list[int] = []
     for port in random.sample(range(20000, 32768), 2000):
         if port in avoid or port in found:
