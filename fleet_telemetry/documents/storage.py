@@ -114,11 +114,11 @@ class Storage:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, settings: Settings, *, check: bool = True) -> AsyncIterator["Storage"]:
-        """A storage on ``FLEET_S3_ENDPOINT``; with ``check`` the bucket is asked for
-        first, so a storage that does not answer, refuses the keys or lacks the bucket
-        fails here, with one line."""
-        async with connect_s3(settings) as client:
+    async def open(cls, settings: Settings, *, check: bool = True, attempts: int = 3) -> AsyncIterator["Storage"]:
+        """A storage on ``FLEET_S3_ENDPOINT`` (each request tried up to ``attempts``
+        times); with ``check`` the bucket is asked for first, so a storage that does not
+        answer, refuses the keys or lacks the bucket fails here, with one line."""
+        async with connect_s3(settings, attempts=attempts) as client:
             storage = cls(client, settings.s3_bucket)
             if check:
                 await storage.check(settings)

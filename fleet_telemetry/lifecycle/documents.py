@@ -38,7 +38,7 @@ async def clean_document_storage(ctx: PassContext) -> None:
     if settings is None:
         return
     try:
-        async with Storage.open(settings) as storage:
+        async with Storage.open(settings, attempts=1) as storage:  # the next pass is the retry
             await clean_bucket(
                 ctx.conn, storage, ctx.report.documents, now=ctx.now, dry_run=ctx.dry_run,
                 orphan_grace=timedelta(hours=settings.document_orphan_grace_hours),
