@@ -232,7 +232,7 @@ async def test_a_presigned_put_then_document_attach_delivers_the_shipment(
     with urllib.request.urlopen(request, timeout=30) as answer:  # the driver's phone uploads itself
         assert answer.status == 200
 
-    good, wrong_hash = uuid.uuid4(), uuid.uuid4()
+    good, wrong_hash, never_put, elsewhere = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     data = {"key": handed["key"], "owner_type": "shipment", "owner_id": str(shipment),
             "kind": "proof_of_delivery", "file_name": "delivered.jpg",
             "sha256": hashlib.sha256(photo).hexdigest(), "size": len(photo)}
@@ -241,6 +241,12 @@ async def test_a_presigned_put_then_document_attach_delivers_the_shipment(
     try:
         await producer.send_and_wait(s.commands_topic, command_value(
             "document.attach", {**data, "sha256": "0" * 64}, command_id=wrong_hash, actor=driver_user))
+        await producer.send_and_wait(s.commands_topic, command_value(
+            "document.attach", {**data, "key": f"documents/shipment/{shipment}/{uuid.uuid4()}"},
+            command_id=never_put, actor=driver_user))
+        await producer.send_and_wait(s.commands_topic, command_value(
+            "document.attach", {**data, "owner_id": str(job_id), "owner_type": "transport_job"},
+            command_id=elsewhere, actor=driver_user))
         await producer.send_and_wait(s.commands_topic, command_value(
             "document.attach", data, command_id=good, actor=driver_user))
     finally:
@@ -259,10 +265,15 @@ async def test_a_presigned_put_then_document_attach_delivers_the_shipment(
                            [str(shipment), str(document["id"])])
     assert [(a["action"], a["actor"]) for a in audit] == [("document.attach", driver_user),
                                                           ("shipment.deliver", driver_user)]
-    rejected = await conn.fetchrow("SELECT reason, detail FROM processed_commands WHERE command_id = $1", wrong_hash)
-    assert rejected["reason"] == "invalid_input" and "SHA-256" in rejected["detail"]
-    dead = await read_topic(s, s.commands_dlq_topic, 1)
-    assert dict(dead[0].headers)["fleet.error.reason"] == "invalid_input"
+    rejected = {r["command_id"]: (r["reason"], r["detail"]) for r in await conn.fetch(
+        "SELECT command_id, reason, detail FROM processed_commands WHERE outcome = 'rejected'"
+        " AND command_id = ANY($1::uuid[])", [wrong_hash, never_put, elsewhere])}
+    assert rejected[wrong_hash][0] == "invalid_input" and "SHA-256" in rejected[wrong_hash][1]
+    assert rejected[never_put][0] == "not_found" and "no object" in rejected[never_put][1]
+    assert rejected[elsewhere][0] == "invalid_input" and "is not a key handed out for" in rejected[elsewhere][1]
+    dead = await read_topic(s, s.commands_dlq_topic, 3)
+    assert sorted(dict(d.headers)["fleet.error.reason"] for d in dead) == ["invalid_input", "invalid_input",
+                                                                          "not_found"]
 
 
 # --- maintenance: orphans, deleted documents, stale multipart uploads --------------------------------
