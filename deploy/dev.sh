@@ -5,8 +5,9 @@
 #   ./deploy/dev.sh test [pytest options]       the local stack, then the test suite
 #
 # Creates .venv (Python 3.11+) and installs the project into it when pyproject.toml has
-# changed, then starts PostgreSQL/PostGIS, Redis and a Kafka-protocol broker on
-# loopback with `fleet services up` (which installs what is missing with apt-get).
+# changed, then starts PostgreSQL/PostGIS, Redis, a Kafka-protocol broker and SeaweedFS
+# (the documents' S3 storage) on loopback with `fleet services up` (which installs what
+# is missing with apt-get).
 # When PostgreSQL refuses the default login (user postgres, no password), `up` makes
 # the project's own role and keeps its URL in .local/database.url; the commands run
 # here then use it as FLEET_DATABASE_URL, unless the environment or .env sets one.

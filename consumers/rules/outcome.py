@@ -56,7 +56,7 @@ SELECT v, type, severity, f, t, details, closed, CASE WHEN closed THEN now() END
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::timestamptz[], $6::jsonb[], $7::bool[])
      AS u(v, type, severity, f, t, details, closed)
 WHERE f IS NULL OR EXISTS (SELECT 1 FROM geofences g WHERE g.id = u.f AND g.is_active AND g.deleted_at IS NULL)
-ON CONFLICT (entity_id, type, coalesce(geofence_id, 0)) WHERE NOT is_resolved DO NOTHING
+ON CONFLICT (entity_id, type, coalesce(geofence_id, 0)) WHERE NOT is_resolved AND type <> 'document_expiring' DO NOTHING
 RETURNING type, is_resolved
 """
 _RESOLVE_BACK_ONLINE = """

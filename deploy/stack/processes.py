@@ -3,8 +3,11 @@ session of its own, pid files, and stopping one (SIGTERM, then SIGKILL)."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +17,9 @@ from fleet_telemetry.deploy.stack.probe import wait_until
 STOP_TIMEOUT_SECONDS = 10.0
 TANSU = "tansu"
 REDIS_SERVER = "redis-server"
+WEED = "weed"
+WEED_PORTS = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3.grpc")
+"""The ports a single-process SeaweedFS needs besides its S3 port (all on loopback)."""
 
 
 def tansu_command(binary: str, endpoint: Endpoint) -> list[str]:
@@ -29,6 +35,51 @@ def tansu_command(binary: str, endpoint: Endpoint) -> list[str]:
         "--storage-engine",
         "memory://tansu/",
     ]
+
+
+def weed_command(binary: str, endpoint: Endpoint, data_dir: Path, s3_config: Path,
+                 ports: dict[str, int]) -> list[str]:
+    """``weed server`` with a master, a volume server, a filer and the S3 gateway at
+    ``endpoint`` in one process, data in ``data_dir``, the S3 identities of ``s3_config``
+    and the other ports of ``ports`` (keys :data:`WEED_PORTS`); nothing else listens."""
+    host = bind_address(endpoint.host)
+    return [
+        binary, "server",
+        f"-dir={data_dir}", f"-ip={host}", f"-ip.bind={host}",
+        f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
+        "-master.volumeSizeLimitMB=64", "-volume.max=0",
+        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
+        "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
+        "-s3", f"-s3.port={endpoint.port}", f"-s3.port.grpc={ports['s3.grpc']}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={s3_config}",
+    ]
+
+
+def s3_identities(access_key: str, secret_key: str) -> str:
+    """The JSON of ``-s3.config``: one identity with these keys, allowed everything."""
+    return json.dumps({"identities": [{
+        "name": "fleet",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]}, indent=2) + "\n"
+
+
+def free_ports(count: int, *, avoid: Sequence[int] = ()) -> list[int]:
+    """``count`` distinct free loopback ports below Linux's ephemeral range (32768 and up),
+    so that no outgoing connection takes one before the service binds it."""
+    found: list[int] = []
+    for port in random.sample(range(20000, 32768), 2000):
+        if port in avoid or port in found:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise RuntimeError("no free loopback ports below the ephemeral range")
 
 
 def redis_command(binary: str, endpoint: Endpoint, run_dir: Path) -> list[str]:

@@ -20,11 +20,13 @@ from fleet_telemetry.deploy.stack.addresses import (
     LABELS,
     POSTGRESQL,
     REDIS,
+    STORAGE,
     Target,
     broker_target,
     last_line,
     postgres_target,
     redis_target,
+    storage_target,
     telling_line,
 )
 from fleet_telemetry.deploy.stack.install import (
@@ -36,25 +38,34 @@ from fleet_telemetry.deploy.stack.install import (
     postgres_clusters,
     postgres_major,
     tansu_binary,
+    weed_binary,
 )
 from fleet_telemetry.deploy.stack.probe import (
     PostgresProbe,
     Probe,
+    StorageProbe,
+    create_bucket,
     probe_broker,
     probe_postgres,
     probe_redis,
+    probe_storage,
     wait_until,
 )
 from fleet_telemetry.deploy.stack.processes import (
     REDIS_SERVER,
     TANSU,
+    WEED,
+    WEED_PORTS,
     cluster_command,
+    free_ports,
     process_alive,
     redis_command,
     spawn_detached,
     stop_pid_file,
     stop_process,
+    s3_identities,
     tansu_command,
+    weed_command,
 )
 from fleet_telemetry.deploy.stack.reports import (
     TANSU_MEMORY_NOTE,
@@ -73,8 +84,8 @@ P = TypeVar("P", bound=Probe)
 
 
 async def up(settings: Settings, timeout: float) -> int:
-    """Makes PostgreSQL with PostGIS, Redis and a broker answer at the configured
-    addresses, waiting up to ``timeout`` seconds for each one it starts, then prints the
+    """Makes PostgreSQL with PostGIS, Redis, a broker and an S3 storage with the bucket
+    answer at the configured addresses, waiting up to ``timeout`` seconds for each one it starts, then prints the
     status table. Returns 0; raises :class:`ServiceUnavailable` with one line when a
     service cannot be made usable. What it started is recorded for ``down``."""
     stack = Stack(settings.stack_dir)
@@ -84,13 +95,14 @@ async def up(settings: Settings, timeout: float) -> int:
         settings = settings.model_copy(update={"database_url": database_url})
     await ensure_redis(settings, stack, machine, timeout)
     await ensure_broker(settings, stack, machine, timeout)
+    await ensure_storage(settings, stack, machine, timeout)
     reports = await collect(settings, stack)
     print_reports(reports, as_json=False)
     check(reports)
     return 0
 
 
-# --- the three services -------------------------------------------------------------
+# --- the four services --------------------------------------------------------------
 
 
 async def ensure_postgres(
@@ -258,6 +270,57 @@ async def ensure_broker(settings: Settings, stack: Stack, machine: Machine, time
     say(answers_at(target.label, target.address) + f" (Tansu, pid {pid}); {TANSU_MEMORY_NOTE}")
 
 
+async def ensure_storage(settings: Settings, stack: Stack, machine: Machine, timeout: float) -> None:
+    """An S3 storage answering with the configured keys and ``FLEET_S3_BUCKET`` created;
+    runs SeaweedFS (its data in the stack folder) on loopback if none answers."""
+    target = storage_target(settings)
+    probe = await probe_storage(settings)
+    if probe.answers:
+        if probe.error:
+            raise ServiceUnavailable(f"{target.label} at {target.address} answers but {probe.error}")
+        say(using_as_is(target.label, target.address))
+    else:
+        if not target.is_local:
+            raise _elsewhere(target, probe)
+        probe = await _start_seaweedfs(settings, stack, machine, timeout, target)
+    if not probe.bucket_exists:
+        await create_bucket(settings)
+        say(f"created bucket {settings.s3_bucket!r} at {target.address}")
+
+
+async def _start_seaweedfs(settings: Settings, stack: Stack, machine: Machine, timeout: float,
+                           target: Target) -> StorageProbe:
+    stale = stack.storage_pid()
+    if stale is not None:
+        say(f"the SeaweedFS started earlier (pid {stale}) does not answer; restarting it")
+        await stop_process(stale, WEED)
+    binary = weed_binary(machine)
+    stack.weed_data.mkdir(parents=True, exist_ok=True)
+    stack.store_weed_config(s3_identities(settings.s3_access_key.get_secret_value(),
+                                          settings.s3_secret_key.get_secret_value()))
+    ports = dict(zip(WEED_PORTS, free_ports(len(WEED_PORTS), avoid=[target.endpoint.port])))
+    say(f"starting SeaweedFS with its S3 API at {target.endpoint}; data and log in {stack.weed_dir}")
+    pid = spawn_detached(weed_command(binary, target.endpoint, stack.weed_data, stack.weed_config, ports),
+                         stack.weed_log)
+    stack.weed_pid.write_text(f"{pid}\n")
+    stack.record(STORAGE, {"pid_file": str(stack.weed_pid), "endpoint": settings.s3_endpoint, "ports": ports})
+    probe = await _wait_for(target, lambda: probe_storage(settings), timeout,
+                            still_running=lambda: process_alive(pid, WEED))
+    if not probe.answers or probe.error:
+        exited = not process_alive(pid, WEED)
+        await stop_pid_file(stack.weed_pid, WEED)
+        stack.forget(STORAGE)
+        try:
+            said = telling_line(stack.weed_log.read_text(errors="replace"))
+        except OSError:
+            said = ""
+        raise _silent(target, probe, "SeaweedFS", timeout,
+                      (f"its log says: {said}; " if said else "") + f"see {stack.weed_log} and check that the"
+                      " port is free", exited=exited)
+    say(answers_at(target.label, target.address) + f" (SeaweedFS, pid {pid})")
+    return probe
+
+
 async def _wait_for(
     target: Target,
     probe: Callable[[], Awaitable[P]],
@@ -293,12 +356,17 @@ def _silent(
 
 
 async def down(settings: Settings) -> int:
-    """Stops what ``up`` recorded in the state file (the broker, Redis, the PostgreSQL
-    cluster), waiting for each to exit, and forgets it. Returns 0, also when nothing was
+    """Stops what ``up`` recorded in the state file (SeaweedFS, the broker, Redis, the
+    PostgreSQL cluster), waiting for each to exit, and forgets it. Returns 0, also when nothing was
     started; services this machine runs on its own are never touched."""
     stack = Stack(settings.stack_dir)
     started = stack.load()
     stopped = []
+
+    pid = await stop_pid_file(stack.weed_pid, WEED)
+    if pid is not None:
+        stopped.append(f"{LABELS[STORAGE]} (SeaweedFS, pid {pid}; its data stays in {stack.weed_dir})")
+    stack.forget(STORAGE)
 
     pid = await stop_pid_file(stack.tansu_pid, TANSU)
     if pid is not None:

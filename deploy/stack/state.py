@@ -1,8 +1,9 @@
 """What ``fleet services up`` started, so that ``down`` stops exactly that.
 
 Everything lives in the project-local stack folder (``FLEET_STACK_DIR``, ``.local`` by
-default): ``state.json`` lists the services ``up`` started, ``tansu/`` and ``redis/``
-hold the pid files and logs of the processes it runs itself, ``database.url`` (mode
+default): ``state.json`` lists the services ``up`` started, ``tansu/``, ``redis/`` and
+``seaweedfs/`` hold the pid files and logs of the processes it runs itself (and
+SeaweedFS's data and its ``s3.json`` with the keys, mode 0600), ``database.url`` (mode
 0600) the URL of the project's own PostgreSQL role when ``up`` had to make one.
 """
 
@@ -14,12 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fleet_telemetry.deploy.stack.addresses import BROKER, REDIS
-from fleet_telemetry.deploy.stack.processes import REDIS_SERVER, TANSU, running_pid
+from fleet_telemetry.deploy.stack.addresses import BROKER, REDIS, STORAGE
+from fleet_telemetry.deploy.stack.processes import REDIS_SERVER, TANSU, WEED, running_pid
 
 
 class Stack:
-    """The stack folder: the state file, the broker's and Redis's logs and pids."""
+    """The stack folder: the state file, the broker's, Redis's and SeaweedFS's logs and pids."""
 
     def __init__(self, stack_dir: str) -> None:
         self.root = Path(stack_dir).resolve()
@@ -31,6 +32,11 @@ class Stack:
         self.redis_pid_file = self.redis_dir / "redis.pid"
         self.redis_log = self.redis_dir / "redis.log"
         self.database_url_file = self.root / "database.url"
+        self.weed_dir = self.root / "seaweedfs"
+        self.weed_data = self.weed_dir / "data"
+        self.weed_pid = self.weed_dir / "weed.pid"
+        self.weed_log = self.weed_dir / "weed.log"
+        self.weed_config = self.weed_dir / "s3.json"
 
     def load(self) -> dict[str, dict[str, Any]]:
         """The services ``up`` started, by name, with what ``down`` needs to stop them."""
@@ -68,6 +74,18 @@ class Stack:
         except OSError:
             return None
 
+    def store_weed_config(self, text: str) -> None:
+        """Writes SeaweedFS's S3 identities (they hold the secret key) readable by this user
+        alone, like :meth:`store_database_url`."""
+        self.weed_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.weed_config.with_suffix(".tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        tmp.replace(self.weed_config)
+
     def store_database_url(self, url: str) -> None:
         """Keeps ``url`` (it holds a password) readable by this user alone: written to a
         new file created with mode 0600, then renamed over the old one."""
@@ -90,9 +108,15 @@ class Stack:
             return None
         return running_pid(self.redis_pid_file, REDIS_SERVER)
 
+    def storage_pid(self) -> int | None:
+        """The pid of the SeaweedFS ``up`` started, if it still runs."""
+        return running_pid(self.weed_pid, WEED)
+
     def started_by_us(self, service: str) -> bool:
         if service == BROKER:
             return self.broker_pid() is not None
+        if service == STORAGE:
+            return self.storage_pid() is not None
         if service == REDIS:
             return self.redis_pid() is not None
         return service in self.load()

@@ -1,4 +1,4 @@
-"""``fleet services status``: probes the three services at once and says which answer
+"""``fleet services status``: probes the four services at once and says which answer
 and can be used, and which of them ``fleet services up`` started."""
 
 from __future__ import annotations
@@ -7,9 +7,17 @@ import asyncio
 
 from fleet_telemetry.core.errors import ServiceUnavailable
 from fleet_telemetry.core.settings import Settings, mask_url
-from fleet_telemetry.deploy.stack.addresses import BROKER, POSTGRESQL, REDIS
+from fleet_telemetry.deploy.stack.addresses import BROKER, POSTGRESQL, REDIS, STORAGE
 from fleet_telemetry.deploy.stack.install import postgis_package, postgres_major
-from fleet_telemetry.deploy.stack.probe import PostgresProbe, Probe, probe_broker, probe_postgres, probe_redis
+from fleet_telemetry.deploy.stack.probe import (
+    PostgresProbe,
+    Probe,
+    StorageProbe,
+    probe_broker,
+    probe_postgres,
+    probe_redis,
+    probe_storage,
+)
 from fleet_telemetry.deploy.stack.reports import Report, print_reports, problem_summary
 from fleet_telemetry.deploy.stack.state import Stack
 from fleet_telemetry.schema.migrate import database_name
@@ -18,7 +26,7 @@ STARTED_BY_UP = "started by fleet services up"
 
 
 async def status(settings: Settings, as_json: bool) -> int:
-    """Prints the status table (or JSON); returns 0 when all three can be used.
+    """Prints the status table (or JSON); returns 0 when all four can be used.
     Raises :class:`ServiceUnavailable` naming every one that cannot."""
     reports = await collect(settings, Stack(settings.stack_dir))
     print_reports(reports, as_json)
@@ -33,16 +41,18 @@ def check(reports: list[Report]) -> None:
 
 
 async def collect(settings: Settings, stack: Stack) -> list[Report]:
-    """Probes the three services concurrently; one report each, in a fixed order."""
-    pg, rd, br = await asyncio.gather(
+    """Probes the four services concurrently; one report each, in a fixed order."""
+    pg, rd, br, st = await asyncio.gather(
         probe_postgres(settings.database_url),
         probe_redis(settings.redis_url),
         probe_broker(settings),
+        probe_storage(settings),
     )
     return [
         postgres_report(settings, pg, stack.started_by_us(POSTGRESQL)),
         redis_report(settings, rd, stack.started_by_us(REDIS)),
         broker_report(settings, br, stack.started_by_us(BROKER)),
+        storage_report(settings, st, stack.started_by_us(STORAGE)),
     ]
 
 
@@ -88,3 +98,15 @@ def broker_report(settings: Settings, probe: Probe, ours: bool) -> Report:
         return unusable
     detail = "answers" + ("; Tansu started by fleet services up, memory only" if ours else "")
     return Report(BROKER, address, True, True, detail, ours)
+
+
+def storage_report(settings: Settings, probe: StorageProbe, ours: bool) -> Report:
+    address = settings.s3_endpoint
+    unusable = _unusable(STORAGE, address, probe, ours)
+    if unusable is not None:
+        return unusable
+    if not probe.bucket_exists:
+        return Report(STORAGE, address, True, False,
+                      f"answers; bucket {settings.s3_bucket!r} does not exist (fleet services up creates it)", ours)
+    detail = f"answers; bucket {settings.s3_bucket!r}" + ("; SeaweedFS started by fleet services up" if ours else "")
+    return Report(STORAGE, address, True, True, detail, ours)

@@ -23,6 +23,7 @@ from fleet_telemetry.cli.parsing import port_arg, seconds_arg
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.redis_client import connect_redis
 from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.documents import command as document_command
 from fleet_telemetry.fleetops import commands, dashboard
 from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.vehicles import resolve_vehicle
@@ -173,6 +174,12 @@ async def _send_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _consume_commands(args: argparse.Namespace, settings: Settings) -> int:
+    """The fleet-operations writers and ``document.attach``, on one command topic."""
+    return commands.run_consumer(args, settings, handlers={**commands.HANDLERS,
+                                                           **document_command.handlers(settings)})
+
+
 def _register_commands(sub: Any) -> None:
     group = _subcommands(sub, "commands", "the command topic of the small writers (docs/commands.md)")
     p = group.add_parser("consume", help="apply commands from FLEET_COMMANDS_TOPIC",
@@ -182,11 +189,12 @@ def _register_commands(sub: Any) -> None:
                    help="exit 0 once no command arrived for SECONDS; exit 1 if the broker did not answer"
                    " for SECONDS at start")
     p.add_argument("--metrics-port", type=port_arg, default=0, help="serve /metrics on this port (default off)")
-    p.set_defaults(handler=commands.run_consumer)
+    p.set_defaults(handler=_consume_commands)
 
     p = group.add_parser("send", help="publish one command", description="Publish one command to"
                          " FLEET_COMMANDS_TOPIC (the consumer applies it).")
-    p.add_argument("type", choices=sorted(commands.HANDLERS), help="the command type (docs/commands.md)")
+    p.add_argument("type", choices=sorted([*commands.HANDLERS, *document_command.TYPES]),
+                   help="the command type (docs/commands.md)")
     p.add_argument("--data", type=json_object_arg, required=True, help="the command's data as a JSON object")
     p.add_argument("--id", type=uuid_arg, help="command id (default: generated)")
     p.add_argument("--key", help="record key (default none; use the entity id to keep its commands ordered)")

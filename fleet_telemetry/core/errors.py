@@ -29,6 +29,7 @@ _HINTS = {
     "PostgreSQL": "start it (fleet services up) or set FLEET_DATABASE_URL",
     "Redis": "start it (fleet services up) or set FLEET_REDIS_URL",
     "Kafka": "start it (fleet services up) or set FLEET_KAFKA_BOOTSTRAP",
+    "Object storage": "start it (fleet services up) or set FLEET_S3_ENDPOINT and the FLEET_S3_* keys",
 }
 
 

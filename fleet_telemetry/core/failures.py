@@ -60,6 +60,8 @@ def explain(exc: BaseException, settings: Settings | None) -> FleetError | None:
         return _kafka(exc, settings.kafka_bootstrap if settings is not None else "FLEET_KAFKA_BOOTSTRAP")
     if isinstance(exc, redis.exceptions.RedisError):
         return _redis(exc, settings.redis_url_masked if settings is not None else "FLEET_REDIS_URL")
+    if type(exc).__module__.startswith("botocore"):  # the S3 client of the documents
+        return _storage(exc, settings.s3_endpoint if settings is not None else "FLEET_S3_ENDPOINT")
     if isinstance(exc, OSError) and exc.filename is not None:
         return FleetError(f"cannot use {exc.filename}: {exc.strerror or type(exc).__name__}")
     if isinstance(exc, (OSError, asyncio.TimeoutError, ssl.SSLError)):
@@ -70,6 +72,18 @@ def explain(exc: BaseException, settings: Settings | None) -> FleetError | None:
             return unavailable(service, settings.kafka_bootstrap, exc)
         if service == "Redis" and settings is not None:
             return unavailable(service, settings.redis_url_masked, exc)
+    return None
+
+
+def _storage(exc: BaseException, endpoint: str) -> FleetError | None:
+    from fleet_telemetry.core.s3_client import error_code, is_s3_transient
+
+    if is_s3_transient(exc):
+        return unavailable("Object storage", endpoint, exc)
+    code = error_code(exc)
+    if code:
+        return FleetError(f"object storage at {endpoint} refused the request ({code}); check FLEET_S3_BUCKET"
+                          " and the FLEET_S3_* keys")
     return None
 
 

@@ -163,11 +163,20 @@ class MaintainMetrics(MetricSet):
             " pass creates them, after the last pass (Unix time).")
         self.deferred = self._counter(
             "fleet_maintain_deferred_steps", "Steps left to the next pass because a lock stayed busy.")
+        self.document_objects_removed = self._counter(
+            "fleet_maintain_document_objects_removed",
+            "Objects removed from the documents' bucket, by reason (deleted, orphan, multipart).", "reason")
+        self.document_alerts = self._counter(
+            "fleet_maintain_document_alerts", "document_expiring alerts raised and resolved.", "action")
         for outcome in ("success", "failure"):
             self.passes.labels(outcome=outcome)
         for table in ("vehicle_telemetry", "audit_logs"):
             self.partitions_created.labels(table=table)
         self.partitions_dropped.labels(table="vehicle_telemetry")
+        for reason in ("deleted", "orphan", "multipart"):
+            self.document_objects_removed.labels(reason=reason)
+        for action in ("raised", "resolved"):
+            self.document_alerts.labels(action=action)
 
 
 class CommandMetrics(MetricSet):

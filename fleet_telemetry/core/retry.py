@@ -43,6 +43,10 @@ def is_transient(exc: BaseException) -> bool:
         return bool(getattr(exc, "retriable", False)) or type(exc).__name__ == "KafkaConnectionError"
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
         return True
+    if type(exc).__module__.startswith("botocore"):  # the S3 client's own classes
+        from fleet_telemetry.core.s3_client import is_s3_transient
+
+        return is_s3_transient(exc)
     return isinstance(exc, (OSError, asyncio.TimeoutError, ConnectionError))
 
 

@@ -214,9 +214,39 @@ class Settings(BaseSettings):
     maintain_metrics_port: int = Field(default=9119, ge=0, le=65535)
     """``fleet maintain --every`` serves its metrics here; ``0`` turns it off."""
 
+    # --- documents in S3-compatible object storage (README, "Documents") -------
+    s3_endpoint: str = "http://127.0.0.1:8333"
+    """The S3 API's URL (SeaweedFS, MinIO, AWS S3...); ``fleet services up`` starts
+    SeaweedFS here when nothing answers on loopback."""
+    s3_bucket: str = Field(default="fleet-documents", min_length=3, max_length=63,
+                           pattern=r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$")
+    s3_region: str = "us-east-1"
+    s3_access_key: SecretStr = SecretStr("fleet-local")
+    s3_secret_key: SecretStr = SecretStr("fleet-local-secret")
+    """The local stack's keys by default; set both for any other storage."""
+    document_url_seconds: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+    """How long a presigned URL (``fleet documents url``) stays valid."""
+    document_orphan_grace_hours: float = Field(default=24.0, gt=0)
+    """``fleet maintain`` removes objects no document refers to, and aborts multipart
+    uploads, once they are this old (an upload in progress or a presigned PUT awaiting
+    ``document.attach`` is younger). Keep it well above ``FLEET_DOCUMENT_URL_SECONDS``."""
+    document_deleted_grace_days: float = Field(default=30.0, ge=0)
+    """``fleet maintain`` removes the object of a deleted document this long after the delete."""
+    document_expiry_days: int = Field(default=30, ge=0)
+    """A licence, registration or insurance expiring within this many days raises
+    ``document_expiring`` for its owner."""
+
     # --- local stack ---------------------------------------------------------
     stack_dir: str = ".local"
     """Project-local folder for the local broker's data and logs (git-ignored)."""
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _check_s3_endpoint(cls, value: str) -> str:
+        value = _checked_url(value, ("http", "https"), "an http:// or https:// URL")
+        if urlsplit(value).password is not None or "@" in urlsplit(value).netloc:
+            raise ValueError("put the S3 keys in FLEET_S3_ACCESS_KEY and FLEET_S3_SECRET_KEY, not in the URL")
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -82,10 +82,12 @@ class CommandRejection:
     type: str | None = None
 
 
-def decode_command(value: bytes, *, key: bytes | None, source: Source) -> Command | CommandRejection:
-    """The envelope of docs/commands.md checked: ``command_id`` (UUID), ``type`` (known),
-    ``data`` (object), ``actor`` (optional text). The ``data`` fields are the writer's
-    business. Pure: no I/O, no clock."""
+def decode_command(value: bytes, *, key: bytes | None, source: Source,
+                   known: Collection[str] | None = None) -> Command | CommandRejection:
+    """The envelope of docs/commands.md checked: ``command_id`` (UUID), ``type`` (one of
+    ``known``, by default :data:`HANDLERS`), ``data`` (object), ``actor`` (optional text).
+    The ``data`` fields are the writer's business. Pure: no I/O, no clock."""
+    known = HANDLERS if known is None else known
     try:
         body = orjson.loads(value)
     except orjson.JSONDecodeError:
@@ -97,9 +99,9 @@ def decode_command(value: bytes, *, key: bytes | None, source: Source) -> Comman
     except InvalidInput as exc:
         return CommandRejection(INVALID_COMMAND, str(exc), source, key, value)
     kind = body.get("type")
-    if not isinstance(kind, str) or kind not in HANDLERS:
+    if not isinstance(kind, str) or kind not in known:
         return CommandRejection(
-            UNKNOWN_TYPE, f"field 'type' must be one of {', '.join(sorted(HANDLERS))}, got {kind!r}",
+            UNKNOWN_TYPE, f"field 'type' must be one of {', '.join(sorted(known))}, got {kind!r}",
             source, key, value, command_id, kind if isinstance(kind, str) else None,
         )
     data = body.get("data", {})
@@ -243,8 +245,12 @@ class CommandApplier:
 
     def __init__(self, database: Database,
                  dead_letter: Callable[[CommandRejection], Awaitable[None]],
-                 applied: Callable[[], Awaitable[object]] | None = None) -> None:
+                 applied: Callable[[], Awaitable[object]] | None = None,
+                 handlers: Mapping[str, Handler] | None = None) -> None:
         self._database = database
+        self.handlers: Mapping[str, Handler] = HANDLERS if handlers is None else handlers
+        """The command types applied and their writers (:data:`HANDLERS` and, given by the
+        command line, those of other packages such as ``document.attach``)."""
         self._dead_letter = dead_letter
         self._applied = applied
         """Called after each command applied (the dashboard cache is invalidated)."""
@@ -267,7 +273,7 @@ class CommandApplier:
                     )
                     if claimed is None:
                         return DUPLICATE
-                    result = await HANDLERS[item.type](conn, item.actor, item.data)
+                    result = await self.handlers[item.type](conn, item.actor, item.data)
                     await conn.execute(
                         "UPDATE processed_commands SET result = $2 WHERE command_id = $1",
                         item.command_id, _result_ids(result),
@@ -366,7 +372,8 @@ class CommandStrategy:
         for tp, fetched in records.items():
             for record in fetched:
                 item = decode_command(record.value or b"", key=record.key,
-                                      source=Source(tp.topic, tp.partition, record.offset))
+                                      source=Source(tp.topic, tp.partition, record.offset),
+                                      known=self._applier.handlers)
                 outcome = await self._retry("postgresql", lambda: self._applier.apply(item))
                 self._metrics.commands.labels(outcome=outcome).inc()
                 self.offsets.mark({tp: record.offset + 1})
@@ -400,8 +407,9 @@ class CommandConsumer:
     the exit status: 0 after a clean stop (SIGTERM, or idle in ``stop_when_idle`` mode)."""
 
     def __init__(self, settings: Settings, *, stop_when_idle: float | None = None,
-                 metrics: CommandMetrics | None = None) -> None:
+                 metrics: CommandMetrics | None = None, handlers: Mapping[str, Handler] | None = None) -> None:
         self.settings = settings
+        self.handlers = handlers
         self.stop_when_idle = stop_when_idle
         self.metrics = metrics or CommandMetrics()
         self._stopping = asyncio.Event()
@@ -425,7 +433,8 @@ class CommandConsumer:
                 give_up=self._stopping, within=self.stop_when_idle)
             retrier = Retrier(self.metrics.retries, self._backoff, give_up=self._stopping)
             applier = CommandApplier(database, self._dead_letter_to(producer),
-                                     applied=lambda: dashboard.invalidate(redis, s.redis_keys.dashboard))
+                                     applied=lambda: dashboard.invalidate(redis, s.redis_keys.dashboard),
+                                     handlers=self.handlers)
             strategy = CommandStrategy(applier, self.metrics, retrier)
             options = LoopOptions.from_settings(
                 s, topics=[s.commands_topic], group=s.commands_group, stop_when_idle=self.stop_when_idle,
@@ -457,10 +466,12 @@ class CommandConsumer:
         return send
 
 
-def run_consumer(args: argparse.Namespace, settings: Settings) -> int:
-    """``fleet commands consume``: runs until SIGTERM/Ctrl-C (or idle with --stop-when-idle)."""
+def run_consumer(args: argparse.Namespace, settings: Settings,
+                 handlers: Mapping[str, Handler] | None = None) -> int:
+    """``fleet commands consume``: runs until SIGTERM/Ctrl-C (or idle with --stop-when-idle),
+    applying ``handlers`` (default :data:`HANDLERS`)."""
     async def main() -> int:
-        worker = CommandConsumer(settings, stop_when_idle=args.stop_when_idle)
+        worker = CommandConsumer(settings, stop_when_idle=args.stop_when_idle, handlers=handlers)
         signals = StopSignals(worker.stop).install()
         if args.metrics_port:
             serve(worker.metrics, args.metrics_port, settings.metrics_address, setting="--metrics-port")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 import structlog
@@ -13,6 +13,9 @@ import structlog
 from fleet_telemetry.lifecycle.locks import in_lock_timeout
 from fleet_telemetry.lifecycle.policy import LifecyclePolicy
 from fleet_telemetry.lifecycle.report import PassReport
+
+if TYPE_CHECKING:
+    from fleet_telemetry.core.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -31,6 +34,9 @@ class PassContext:
     """Refresh the reporting view whether or not its nightly run is due."""
     schema: str = "public"
     """Schema of ``vehicle_telemetry``, where the partitions live."""
+    settings: "Settings | None" = None
+    """The settings of steps that reach beyond the database (the documents' bucket); None
+    skips those steps."""
     report: PassReport = field(init=False)
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from fleet_telemetry.core.metrics import MaintainMetrics
+from fleet_telemetry.documents.cleanup import CleanupReport
 from fleet_telemetry.lifecycle.policy import REPORT_VIEWS
 from fleet_telemetry.lifecycle.rollups import RollupReport
 
@@ -35,6 +36,8 @@ class PassReport:
     """The reporting views (:data:`REPORT_VIEWS`) were refreshed."""
     deferred: list[str] = field(default_factory=list)
     """Steps whose lock stayed busy past the lock timeout; the next pass retries them."""
+    documents: CleanupReport = field(default_factory=CleanupReport)
+    """Expiry alerts and what was removed from the documents' bucket."""
     duration_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -45,6 +48,7 @@ class PassReport:
         out = [*self._partition_lines(), *self._rollup_lines(), *self._retention_lines()]
         if self.stats_refreshed:
             out.extend(f"{self._say('refreshed', 'would refresh')} {view}" for view in REPORT_VIEWS)
+        out.extend(self._document_lines())
         out.extend(f"deferred {step}: its lock stayed busy; the next pass retries" for step in self.deferred)
         out.append(self._summary())
         return out
@@ -87,6 +91,21 @@ class PassReport:
             out.append(f"{say('removed', 'would remove')} {self.daily_rows_removed} daily rollup rows past retention")
         return out
 
+    def _document_lines(self) -> list[str]:
+        d, say = self.documents, self._say
+        out = []
+        if d.alerts_raised or d.alerts_resolved:
+            out.append(f"document expiry alerts: {d.alerts_raised} raised, {d.alerts_resolved} resolved")
+        if d.deleted_objects_removed:
+            out.append(f"{say('removed', 'would remove')} {d.deleted_objects_removed} objects of deleted documents")
+        if d.orphans_removed:
+            out.append(f"{say('removed', 'would remove')} {d.orphans_removed} objects no document refers to")
+        if d.uploads_aborted:
+            out.append(f"{say('aborted', 'would abort')} {d.uploads_aborted} stale multipart uploads")
+        if d.skipped:
+            out.append(f"document storage not cleaned: {d.skipped}")
+        return out
+
     def _summary(self) -> str:
         if self.dry_run:
             return "dry run: nothing was changed"
@@ -121,5 +140,11 @@ def record_pass(metrics: MaintainMetrics, report: PassReport, finished_at: float
     metrics.rollup_lag.set(report.rollups.lag_seconds)
     metrics.rollup_pending.set(report.rollups.pending_hours)
     metrics.deferred.inc(len(report.deferred))
+    documents = report.documents
+    metrics.document_objects_removed.labels(reason="deleted").inc(documents.deleted_objects_removed)
+    metrics.document_objects_removed.labels(reason="orphan").inc(documents.orphans_removed)
+    metrics.document_objects_removed.labels(reason="multipart").inc(documents.uploads_aborted)
+    metrics.document_alerts.labels(action="raised").inc(documents.alerts_raised)
+    metrics.document_alerts.labels(action="resolved").inc(documents.alerts_resolved)
     if report.telemetry_partitions_until is not None:
         metrics.partitions_until.set(report.telemetry_partitions_until.timestamp())

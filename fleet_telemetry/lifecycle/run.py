@@ -14,7 +14,10 @@ A pass (schema/README.md, "Lifecycle: partitions, rollups, retention"), in this 
    rollups past their retention (whole days) and, if configured, daily ones
    (:mod:`fleet_telemetry.lifecycle.retention`);
 5. refreshes ``monthly_vehicle_stats`` and ``monthly_vehicle_revenue`` concurrently when
-   their nightly run is due (:mod:`fleet_telemetry.lifecycle.stats`).
+   their nightly run is due (:mod:`fleet_telemetry.lifecycle.stats`);
+6. raises and resolves ``document_expiring`` alerts, removes the objects of documents
+   deleted past their grace period and objects no document refers to, and aborts stale
+   multipart uploads (:mod:`fleet_telemetry.lifecycle.documents`).
 
 Passes from several hosts serialise on a session advisory lock, and every step is safe
 on its own as well. Each statement that takes a lock ingestion also needs (creating or
@@ -40,6 +43,7 @@ from fleet_telemetry.core.failures import explain
 from fleet_telemetry.core.metrics import MaintainMetrics
 from fleet_telemetry.core.retry import is_transient
 from fleet_telemetry.lifecycle.context import PassContext
+from fleet_telemetry.lifecycle.documents import check_document_expiry, clean_document_storage
 from fleet_telemetry.lifecycle.locks import pass_lock
 from fleet_telemetry.lifecycle.partitions import ensure_ahead, move_default_rows
 from fleet_telemetry.lifecycle.policy import LifecyclePolicy, utc_now
@@ -82,7 +86,8 @@ async def roll_up(ctx: PassContext) -> None:
 
 
 # The steps of a pass, in order; each commits what it did.
-STEPS: tuple[Step, ...] = (move_default_rows, ensure_ahead, roll_up, drop_expired_raw, remove_old_rollups, refresh_stats)
+STEPS: tuple[Step, ...] = (move_default_rows, ensure_ahead, roll_up, drop_expired_raw, remove_old_rollups, refresh_stats,
+                           check_document_expiry, clean_document_storage)
 
 
 async def run_pass(
@@ -92,16 +97,18 @@ async def run_pass(
     now: datetime,
     dry_run: bool = False,
     force_stats: bool = False,
+    settings: "Settings | None" = None,
 ) -> PassReport:
     """One maintenance pass at the moment ``now`` (the injectable clock's reading).
 
     Call outside a transaction: every step commits on its own, so a failure keeps what
     the earlier steps did and the next pass carries on. Blocks while another pass holds
     the pass lock. With ``dry_run`` it only reads (no lock, no change) and reports what a
-    pass would do. Raises asyncpg errors (connection lost, ...) to the caller.
+    pass would do. Without ``settings`` the documents' steps are skipped. Raises asyncpg
+    errors (connection lost, ...) to the caller.
     """
     started = time.perf_counter()
-    ctx = PassContext(conn, policy, now, dry_run=dry_run, force_stats=force_stats)
+    ctx = PassContext(conn, policy, now, dry_run=dry_run, force_stats=force_stats, settings=settings)
     if dry_run:
         await _run_steps(ctx)
     else:
@@ -166,7 +173,8 @@ class Maintainer:
         failure is counted in the metrics)."""
         conn = await connect(self.settings)
         try:
-            report = await run_pass(conn, self.policy, now=self.clock(), dry_run=dry_run, force_stats=force_stats)
+            report = await run_pass(conn, self.policy, now=self.clock(), dry_run=dry_run, force_stats=force_stats,
+                                    settings=self.settings)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             self.metrics.passes.labels(outcome="failure").inc()
             raise _pass_failure(exc, self.settings) from None

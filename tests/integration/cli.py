@@ -11,7 +11,8 @@ from fleet_telemetry.core.settings import Settings
 
 
 def environment(settings: Settings, **extra: str) -> dict[str, str]:
-    """The process environment naming the test's services, topics, group and Redis prefix;
+    """The process environment naming the test's services (the object storage too), topics,
+    group and Redis prefix;
     ``extra`` adds or overrides ``FLEET_*`` variables (``REDIS_URL="..."``)."""
     env = {
         **os.environ,
@@ -25,6 +26,11 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
         "FLEET_METRICS_PORT": "0",
         "FLEET_LOG_FORMAT": "console",
         "FLEET_LOG_LEVEL": "error",
+        "FLEET_S3_ENDPOINT": settings.s3_endpoint,
+        "FLEET_S3_BUCKET": settings.s3_bucket,
+        "FLEET_S3_REGION": settings.s3_region,
+        "FLEET_S3_ACCESS_KEY": settings.s3_access_key.get_secret_value(),
+        "FLEET_S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
     }
     env.update({f"FLEET_{name.upper()}": value for name, value in extra.items()})
     return env

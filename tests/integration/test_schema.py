@@ -358,7 +358,7 @@ async def test_only_one_open_alert_per_entity_type_and_geofence(db: asyncpg.Conn
     raise_alert = (
         "INSERT INTO alerts (entity_id, type, severity) VALUES ($1, 'low_fuel', 'warning')"
         " ON CONFLICT (entity_id, type, coalesce(geofence_id, 0)) WHERE NOT is_resolved"
-        " DO NOTHING RETURNING id"
+        " AND type <> 'document_expiring' DO NOTHING RETURNING id"
     )
     first = await db.fetchval(raise_alert, vehicle)
     assert first is not None
@@ -368,6 +368,19 @@ async def test_only_one_open_alert_per_entity_type_and_geofence(db: asyncpg.Conn
         "UPDATE alerts SET is_resolved = true, resolved_at = now() WHERE id = $1", first
     )
     assert await db.fetchval(raise_alert, vehicle) not in (None, first)
+
+
+async def test_expiry_alerts_are_one_open_per_document_not_per_owner(db: asyncpg.Connection) -> None:
+    owner, licence, insurance = uuid.uuid4(), str(uuid.uuid4()), str(uuid.uuid4())
+    raise_alert = (
+        "INSERT INTO alerts (entity_type, entity_id, type, severity, details)"
+        " VALUES ('driver', $1, 'document_expiring', 'warning', jsonb_build_object('document_id', $2::text))"
+        " ON CONFLICT ((details ->> 'document_id')) WHERE NOT is_resolved AND type = 'document_expiring'"
+        " DO NOTHING RETURNING id"
+    )
+    assert await db.fetchval(raise_alert, owner, licence) is not None
+    assert await db.fetchval(raise_alert, owner, insurance) is not None  # the same owner, another document
+    assert await db.fetchval(raise_alert, owner, licence) is None
 
 
 async def test_geofences_need_their_shape_and_index_both_kinds(db: asyncpg.Connection) -> None:

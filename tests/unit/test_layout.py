@@ -28,10 +28,11 @@ ALLOWED: dict[str, set[str]] = {
     "schema": set(),
     "ingest": set(),
     "consumers": {"ingest"},
-    "lifecycle": {"schema"},
+    "lifecycle": {"schema", "documents"},
     "deploy": {"schema"},
     "replay": {"ingest", "consumers", "lifecycle"},
     "fleetops": {"ingest", "consumers"},
+    "documents": {"fleetops"},
     "views": {"schema", "deploy", "ingest", "consumers", "lifecycle", "replay", "fleetops"},
 }
 

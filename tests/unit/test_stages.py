@@ -26,7 +26,7 @@ from fleet_telemetry.core.metrics import CommandMetrics, PipelineMetrics
 from fleet_telemetry.core.reading import Reading, Source
 from fleet_telemetry.core.retry import Backoff
 from fleet_telemetry.core.settings import Settings
-from fleet_telemetry.fleetops.commands import APPLIED, CommandStrategy, command_value
+from fleet_telemetry.fleetops.commands import APPLIED, HANDLERS, CommandStrategy, command_value
 
 TP = TopicPartition("fleet.telemetry.v1", 2)
 VID = uuid.UUID("6f1c2a4e-9b3d-4c1e-8f00-1234567890ab")
@@ -259,6 +259,8 @@ async def test_the_writer_queue_full_is_backpressure() -> None:
 
 
 class FakeApplier:
+    handlers = HANDLERS
+
     def __init__(self, failures: int = 0) -> None:
         self.failures = failures
         self.applied: list[Any] = []
