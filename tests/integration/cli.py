@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 from fleet_telemetry.core.settings import Settings
+from tests.users import TEST_ADMIN
 
 
 def environment(settings: Settings, **extra: str) -> dict[str, str]:
-    """The process environment naming the test's services, topics, group and Redis prefix;
-    ``extra`` adds or overrides ``FLEET_*`` variables (``REDIS_URL="..."``)."""
+    """The process environment naming the test's services, topics, group and Redis prefix,
+    acting as the session's admin (FLEET_ACTOR); ``extra`` adds or overrides ``FLEET_*`` variables (``REDIS_URL="..."``)."""
     env = {
         **os.environ,
         "FLEET_DATABASE_URL": str(settings.database_url),
@@ -25,6 +26,7 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
         "FLEET_METRICS_PORT": "0",
         "FLEET_LOG_FORMAT": "console",
         "FLEET_LOG_LEVEL": "error",
+        "FLEET_ACTOR": TEST_ADMIN,
     }
     env.update({f"FLEET_{name.upper()}": value for name, value in extra.items()})
     return env
