@@ -12,6 +12,8 @@ from argon2 import PasswordHasher
 TEST_ADMIN = "admin@fleet.test"
 """The admin the session database is seeded with; the CLI helper acts as them (FLEET_ACTOR)."""
 TEST_PASSWORD = "correct horse battery"
+TEST_JWT_SECRET = "the test deployment's token secret, 32+ bytes"
+"""FLEET_JWT_SECRET of the ``fleet`` subprocesses the tests run."""
 
 
 @lru_cache(maxsize=1)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from fleet_telemetry.core.settings import Settings
-from tests.users import TEST_ADMIN
+from tests.users import TEST_ADMIN, TEST_JWT_SECRET
 
 
 def environment(settings: Settings, **extra: str) -> dict[str, str]:
@@ -27,6 +27,7 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
         "FLEET_LOG_FORMAT": "console",
         "FLEET_LOG_LEVEL": "error",
         "FLEET_ACTOR": TEST_ADMIN,
+        "FLEET_JWT_SECRET": TEST_JWT_SECRET,
     }
     env.update({f"FLEET_{name.upper()}": value for name, value in extra.items()})
     return env
