@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,7 +30,6 @@ import asyncpg
 import orjson
 import structlog
 from aiokafka import AIOKafkaProducer
-from redis.asyncio import Redis
 
 from fleet_telemetry.consumers.chain import Abandoned, Retrier
 from fleet_telemetry.consumers.deadletter import fit, request_size
@@ -40,7 +38,7 @@ from fleet_telemetry.fleetops import access, assignments, customers, dashboard, 
 from fleet_telemetry.fleetops.audit import jsonable
 from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.errors import FleetOpsError, InvalidInput
-from fleet_telemetry.fleetops.tokens import TokenKeys, Unauthenticated
+from fleet_telemetry.fleetops.tokens import TokenKeys
 from fleet_telemetry.fleetops.validation import parse_time, parse_uuid
 from fleet_telemetry.core.metrics import CommandMetrics, serve
 from fleet_telemetry.core.retry import Backoff
@@ -231,30 +229,6 @@ HANDLERS: dict[str, Handler] = {
 
 # --- applying one command exactly once -------------------------------------------------------
 
-Authenticate = Callable[[asyncpg.Connection, Command], Awaitable[str]]
-"""Names the user a command acts as (a user id or e-mail), or raises Unauthenticated."""
-
-
-def authenticator(settings: Settings, redis: Redis) -> Authenticate:
-    """v2: the token's user, once its signature, issuer, audience, expiry and revocation
-    check out (:func:`~fleet_telemetry.fleetops.sessions.authenticate`). v1 (no token):
-    refused, unless ``FLEET_COMMANDS_ALLOW_UNSIGNED`` accepts its ``actor`` field."""
-    token_keys = TokenKeys.from_settings(settings)
-
-    async def authenticate(conn: asyncpg.Connection, command: Command) -> str:
-        if command.token is None:
-            if settings.commands_allow_unsigned and command.actor:
-                return command.actor
-            raise Unauthenticated("the command carries no token (v1 commands are accepted only with"
-                                  " FLEET_COMMANDS_ALLOW_UNSIGNED=true and an actor)")
-        if token_keys is None:
-            raise Unauthenticated("no key to verify tokens is configured (FLEET_JWT_SECRET or FLEET_JWT_PUBLIC_KEY)")
-        claims = await sessions.authenticate(conn, redis, settings.redis_keys, token_keys, command.token,
-                                             now=time.time())
-        return str(claims.user_id)
-
-    return authenticate
-
 
 APPLIED = "applied"
 DUPLICATE = "duplicate"
@@ -290,7 +264,7 @@ class CommandApplier:
     def __init__(self, database: Database,
                  dead_letter: Callable[[CommandRejection], Awaitable[None]],
                  applied: Callable[[], Awaitable[object]] | None = None, *,
-                 authenticate: Authenticate) -> None:
+                 authenticate: sessions.Authenticate) -> None:
         self._database = database
         self._dead_letter = dead_letter
         self._authenticate = authenticate
@@ -318,7 +292,7 @@ class CommandApplier:
                     )
                     if claimed is None:
                         return DUPLICATE
-                    who = await access.resolve(conn, await self._authenticate(conn, item))
+                    who = await access.resolve(conn, await self._authenticate(conn, item.token, item.actor))
                     result = await HANDLERS[item.type](conn, str(who.id), item.data)
                     await conn.execute(
                         "UPDATE processed_commands SET result = $2, actor = $3 WHERE command_id = $1",
@@ -478,7 +452,7 @@ class CommandConsumer:
             retrier = Retrier(self.metrics.retries, self._backoff, give_up=self._stopping)
             applier = CommandApplier(database, self._dead_letter_to(producer),
                                      applied=lambda: dashboard.invalidate(redis, s.redis_keys.dashboard),
-                                     authenticate=authenticator(s, redis))
+                                     authenticate=sessions.authenticator(s, redis))
             strategy = CommandStrategy(applier, self.metrics, retrier)
             options = LoopOptions.from_settings(
                 s, topics=[s.commands_topic], group=s.commands_group, stop_when_idle=self.stop_when_idle,

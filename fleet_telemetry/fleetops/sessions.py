@@ -10,12 +10,15 @@ revoked.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
 from uuid import UUID
 
 import asyncpg
 from redis.asyncio import Redis
 
 from fleet_telemetry.core.redis_keys import RedisKeys
+from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.fleetops.tokens import Claims, TokenKeys, Unauthenticated, verify
 
 
@@ -45,3 +48,28 @@ async def authenticate(conn: asyncpg.Connection, redis: Redis, keys: RedisKeys, 
     if revoked is not None and claims.issued_at <= int(revoked):
         raise Unauthenticated("the token was revoked")
     return claims
+
+
+Authenticate = Callable[[asyncpg.Connection, "str | None", "str | None"], Awaitable[str]]
+"""``(conn, token, actor)``: names the user a command acts as (a user id or e-mail), or
+raises Unauthenticated."""
+
+
+def authenticator(settings: Settings, redis: Redis) -> Authenticate:
+    """The command consumer's check. A version 2 command (``token``): the token's user,
+    once :func:`authenticate` accepts it. A version 1 command (no token): refused, unless
+    ``FLEET_COMMANDS_ALLOW_UNSIGNED`` accepts the user its ``actor`` names."""
+    token_keys = TokenKeys.from_settings(settings)
+
+    async def check(conn: asyncpg.Connection, token: str | None, actor: str | None) -> str:
+        if token is None:
+            if settings.commands_allow_unsigned and actor:
+                return actor
+            raise Unauthenticated("the command carries no token (version 1 commands are accepted only with"
+                                  " FLEET_COMMANDS_ALLOW_UNSIGNED=true and an actor)")
+        if token_keys is None:
+            raise Unauthenticated("no key to verify tokens is configured (FLEET_JWT_SECRET or FLEET_JWT_PUBLIC_KEY)")
+        claims = await authenticate(conn, redis, settings.redis_keys, token_keys, token, now=time.time())
+        return str(claims.user_id)
+
+    return check

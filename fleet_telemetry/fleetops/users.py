@@ -7,8 +7,8 @@ Passwords arrive as ``SecretStr`` and are stored as argon2id hashes (argon2-cffi
 put in the audit log. E-mail addresses are unique among live users, case-insensitively
 (``users_email_key``). A user is linked to their driver profile by ``drivers.user_id``.
 
-The first admin: :func:`add_user` without an actor adds an ``admin`` only while no
-active admin exists (checked under a table lock, so two at once cannot both succeed).
+The first admin: :func:`add_user` without an actor (or naming the new user) adds an
+``admin`` only while no active admin exists (checked under a table lock, so two at once cannot both succeed).
 """
 
 from __future__ import annotations
@@ -105,17 +105,18 @@ async def add_user(conn: asyncpg.Connection, *, actor: str | None, email: str, p
                    role: str = "viewer", driver_id: UUID | None = None) -> dict[str, Any]:
     """Adds an active user (linked to ``driver_id``'s profile when given); returns it.
 
-    ``actor`` needs ``users:write``. Without an actor (None or empty) only the first admin
-    can be added: ``role`` must be ``admin`` and no active admin may exist.
+    ``actor`` needs ``users:write``. Without an actor (None or empty), or with the new
+    user's own e-mail as actor, only the first admin can be added: ``role`` must be
+    ``admin`` and no active admin may exist.
     Raises InvalidInput, Conflict (e-mail in use, driver linked to another user),
     NotFound (driver), Forbidden.
     """
     email = _email(email)
     password_hash = await asyncio.to_thread(hash_password, password)
     async with conn.transaction():
-        if actor:
+        if actor and actor.strip().lower() != email.lower():
             who: Actor | None = await authorize(conn, actor, "users:write")
-        else:
+        else:  # nobody named, or the first admin naming themselves (FLEET_ACTOR set ahead)
             who = None
             await _bootstrap_allowed(conn, role)
         await _role(conn, role)
