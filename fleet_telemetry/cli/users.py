@@ -79,21 +79,29 @@ async def _show(conn: Any, args: argparse.Namespace, settings: Settings, actor: 
     return user, "\n".join(f"{k}: {'-' if v is None else v}" for k, v in user.items())
 
 
-def _changed(verb: str) -> Any:
-    async def show(conn: Any, args: argparse.Namespace, settings: Settings, actor: str) -> tuple[Any, str]:
-        if verb == "disabled":
-            user = await users.set_active(conn, actor=actor, user=args.user, active=False)
-        elif verb == "enabled":
-            user = await users.set_active(conn, actor=actor, user=args.user, active=True)
-        elif verb == "deleted":
-            user = await users.delete_user(conn, actor=actor, user=args.user)
-        elif verb == "given a role":
-            user = await users.set_role(conn, actor=actor, user=args.user, role=args.role)
-        else:
-            user = await users.set_password(conn, actor=actor, user=args.user, password=_password(args))
-        return user, f"user {user['email']} {verb}: {_line(user)}"
+async def _disable(conn: Any, args: argparse.Namespace, settings: Settings, actor: str) -> tuple[Any, str]:
+    user = await users.set_active(conn, actor=actor, user=args.user, active=False)
+    return user, f"user {user['email']} disabled: their writes and commands are refused"
 
-    return show
+
+async def _enable(conn: Any, args: argparse.Namespace, settings: Settings, actor: str) -> tuple[Any, str]:
+    user = await users.set_active(conn, actor=actor, user=args.user, active=True)
+    return user, f"user {user['email']} enabled"
+
+
+async def _delete(conn: Any, args: argparse.Namespace, settings: Settings, actor: str) -> tuple[Any, str]:
+    user = await users.delete_user(conn, actor=actor, user=args.user)
+    return user, f"user {user['email']} deleted (the row stays; the e-mail is free again)"
+
+
+async def _set_role(conn: Any, args: argparse.Namespace, settings: Settings, actor: str) -> tuple[Any, str]:
+    user = await users.set_role(conn, actor=actor, user=args.user, role=args.role)
+    return user, f"user {user['email']} now has role {user['role']}"
+
+
+async def _passwd(conn: Any, args: argparse.Namespace, settings: Settings, actor: str) -> tuple[Any, str]:
+    user = await users.set_password(conn, actor=actor, user=args.user, password=_password(args))
+    return user, f"password of {user['email']} changed"
 
 
 async def _token(conn: Any, args: argparse.Namespace, settings: Settings, actor: str) -> tuple[Any, str]:
@@ -125,9 +133,8 @@ async def _roles(conn: Any, args: argparse.Namespace, settings: Settings, actor:
     return seeded, access.roles_table(seeded)
 
 
-_ACTIONS = {"add": _add, "list": _list, "show": _show, "disable": _changed("disabled"),
-            "enable": _changed("enabled"), "delete": _changed("deleted"), "set-role": _changed("given a role"),
-            "passwd": _changed("given a new password"), "token": _token, "revoke": _revoke, "roles": _roles}
+_ACTIONS = {"add": _add, "list": _list, "show": _show, "disable": _disable, "enable": _enable, "delete": _delete,
+            "set-role": _set_role, "passwd": _passwd, "token": _token, "revoke": _revoke, "roles": _roles}
 
 
 def _common(p: argparse.ArgumentParser, *, actor: bool = True, user: bool = True) -> None:
