@@ -133,3 +133,22 @@ def test_the_roles_table_has_a_row_per_write_and_a_column_per_role() -> None:
     assert "| `maintenance:write` | record services; add and change schedules | yes | yes |" in lines
     assert "| `users:write` | add, disable, delete users; set roles and passwords; issue and revoke tokens | yes | - |" \
         in lines
+
+
+def test_rs256_keys_may_be_given_as_files(tmp_path: object) -> None:
+    from pathlib import Path
+
+    folder = Path(str(tmp_path))
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (folder / "private.pem").write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (folder / "public.pem").write_bytes(private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    keys = TokenKeys.from_settings(Settings(_env_file=None,  # type: ignore[call-arg]
+                                            jwt_private_key=SecretStr(str(folder / "private.pem")),
+                                            jwt_public_key=str(folder / "public.pem")))
+    assert keys is not None and keys.algorithm == "RS256"
+    token, claims = issue(keys, USER, ttl_seconds=60, now=NOW)
+    assert verify(keys, token, now=NOW) == claims
+    with pytest.raises(UsageError, match="FLEET_JWT_PUBLIC_KEY: cannot read the key file"):
+        TokenKeys.from_settings(Settings(_env_file=None, jwt_public_key=str(folder / "absent.pem")))  # type: ignore[call-arg]
