@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from fleet_telemetry.core.settings import Settings
 from tests.databases import create_database, drop_database
+from tests.users import seed as seed_users
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +48,12 @@ def base_settings() -> Iterator[Settings]:
 
 @pytest_asyncio.fixture(scope="session")
 async def database_url(base_settings: Settings) -> AsyncIterator[str]:
-    """A freshly created and migrated database for this test session."""
+    """A freshly created and migrated database for this test session, with its admin
+    (tests.users.TEST_ADMIN) whom the writes of the tests name as their actor."""
     name = f"fleet_test_{uuid.uuid4().hex[:10]}"
-    yield await create_database(base_settings.database_url, name, migrate=True)
+    url = await create_database(base_settings.database_url, name, migrate=True)
+    await seed_users(url)
+    yield url
     await drop_database(base_settings.database_url, name)
 
 

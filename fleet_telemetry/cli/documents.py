@@ -20,7 +20,7 @@ from fleet_telemetry.cli.fleetops_table import date_arg, uuid_arg
 from fleet_telemetry.cli.parsing import count_arg
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.documents import records, rules, transfer
-from fleet_telemetry.documents.actors import uploader
+from fleet_telemetry.documents.actors import READ, uploader
 from fleet_telemetry.documents.storage import Storage
 from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.errors import InvalidInput
@@ -113,7 +113,8 @@ def register(sub: Any) -> None:
 
 
 def _actor(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--actor", required=True, help=f"{what}: an active user's e-mail or id (for the audit log)")
+    parser.add_argument("--actor", help=f"{what}: an active user's e-mail or id (default FLEET_ACTOR); recorded"
+                        " in the audit log")
 
 
 def _json(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +132,7 @@ async def _owner(conn: Any, owner: tuple[str, str]) -> tuple[str, UUID]:
 
 
 async def _upload(args: argparse.Namespace, settings: Settings) -> int:
+    args.actor = args.actor or settings.actor or ""
     async with Database.from_settings(settings, max_size=1) as database, database.write() as conn:
         owner_type, owner_id = await _owner(conn, args.owner)
         upload = transfer.Upload(owner_type, owner_id, args.kind, rules.file_name(args.name or args.file.name),
@@ -175,14 +177,16 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _delete(args: argparse.Namespace, settings: Settings) -> int:
+    args.actor = args.actor or settings.actor or ""
     async with Database.from_settings(settings, max_size=1) as database, database.write() as conn:
-        await uploader(conn, args.actor)
-        document = await records.delete(conn, args.id, actor=args.actor)
+        who = await uploader(conn, args.actor)
+        document = await records.delete(conn, args.id, actor=str(who))
     _print(document, args.json)
     return 0
 
 
 async def _url(args: argparse.Namespace, settings: Settings) -> int:
+    args.actor = args.actor or settings.actor or ""
     if args.put == (args.id is not None):
         raise InvalidInput("give a document ID for a GET URL, or --put --owner TYPE:ID for an upload URL")
     if args.put and args.owner is None:
@@ -195,7 +199,7 @@ async def _url(args: argparse.Namespace, settings: Settings) -> int:
                 result = await transfer.presign_put(conn, storage, owner_type, owner_id, actor=args.actor,
                                                     seconds=seconds)
             else:
-                await uploader(conn, args.actor)
+                await uploader(conn, args.actor, READ)
                 document = await records.get(conn, args.id)
                 url = await storage.url_to_get(document["object_key"], seconds, document["file_name"])
                 result = {"id": document["id"], "url": url, "method": "GET", "expires_in_seconds": seconds}

@@ -11,6 +11,8 @@ on stderr and exit status 2; an unreachable service with exit status 1.
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from uuid import uuid4
@@ -24,11 +26,15 @@ from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.redis_client import connect_redis
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.documents import command as document_command
-from fleet_telemetry.fleetops import commands, dashboard
+from fleet_telemetry.fleetops import access, commands, dashboard, tokens
 from fleet_telemetry.fleetops.db import Database
+from fleet_telemetry.fleetops.tokens import TokenKeys
 from fleet_telemetry.fleetops.vehicles import resolve_vehicle
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+
+ACTOR_HELP = ("the user doing this, by e-mail or id (default FLEET_ACTOR); their role must allow the write,"
+              " and the audit log records their id")
 
 
 def register(sub: Any) -> None:
@@ -53,7 +59,7 @@ def _add_action(sub: Any, action: Action) -> None:
                                                      description=action.description or action.help)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     if action.writes:
-        parser.add_argument("--actor", default="fleet-cli", help="who is doing this, for the audit log")
+        parser.add_argument("--actor", help=ACTOR_HELP)
     for option in action.options:
         option.add_to(parser)
     parser.set_defaults(handler=_handler(action))
@@ -61,6 +67,8 @@ def _add_action(sub: Any, action: Action) -> None:
 
 def _handler(action: Action) -> Handler:
     async def run(args: argparse.Namespace, settings: Settings) -> int:
+        if action.writes:
+            args.actor = args.actor or settings.actor
         try:
             async with Database.from_settings(settings, max_size=2) as database:
                 await _resolve_vehicles(action, args, database)
@@ -159,11 +167,35 @@ def _register_dashboard(sub: Any) -> None:
     parser.set_defaults(handler=_dashboard)
 
 
+SENT_TOKEN_SECONDS = 300
+"""Lifetime of the token ``fleet commands send`` issues for its actor."""
+
+
+async def _command_token(args: argparse.Namespace, settings: Settings) -> str | None:
+    """The token the command carries: read from stdin, or issued for the actor; None for v1."""
+    if args.token_stdin:
+        token = sys.stdin.readline().strip()
+        if not token:
+            raise UsageError("--token-stdin: standard input holds no token")
+        return token
+    if args.unsigned:
+        return None
+    keys = TokenKeys.required(settings)
+    async with Database.from_settings(settings, max_size=1) as database, database.write() as conn:
+        who = await access.resolve(conn, args.actor)
+    token, _ = tokens.issue(keys, who.id, ttl_seconds=min(SENT_TOKEN_SECONDS, keys.max_ttl_seconds),
+                            now=time.time())
+    return token
+
+
 async def _send_command(args: argparse.Namespace, settings: Settings) -> int:
     from fleet_telemetry.ingest.producer import start_producer
 
     command_id = args.id or uuid4()
-    value = commands.command_value(args.type, args.data, command_id=command_id, actor=args.actor)
+    args.actor = args.actor or settings.actor
+    token = await _command_token(args, settings)
+    value = commands.command_value(args.type, args.data, command_id=command_id, token=token,
+                                   actor=args.actor if token is None else None)
     producer = await start_producer(settings)
     try:
         key = args.key.encode() if args.key else None
@@ -191,13 +223,20 @@ def _register_commands(sub: Any) -> None:
     p.add_argument("--metrics-port", type=port_arg, default=0, help="serve /metrics on this port (default off)")
     p.set_defaults(handler=_consume_commands)
 
-    p = group.add_parser("send", help="publish one command", description="Publish one command to"
-                         " FLEET_COMMANDS_TOPIC (the consumer applies it).")
+    p = group.add_parser("send", help="publish one command", description="Publish one command (version 2,"
+                         " with a signed token) to FLEET_COMMANDS_TOPIC (the consumer applies it).")
     p.add_argument("type", choices=sorted([*commands.HANDLERS, *document_command.TYPES]),
                    help="the command type (docs/commands.md)")
     p.add_argument("--data", type=json_object_arg, required=True, help="the command's data as a JSON object")
     p.add_argument("--id", type=uuid_arg, help="command id (default: generated)")
     p.add_argument("--key", help="record key (default none; use the entity id to keep its commands ordered)")
-    p.add_argument("--actor", default="fleet-cli", help="who is doing this, for the audit log")
+    p.add_argument("--actor", help="the user the command acts as, by e-mail or id (default FLEET_ACTOR); a"
+                   " token valid 300 s is issued for them with FLEET_JWT_SECRET or FLEET_JWT_PRIVATE_KEY")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--token-stdin", action="store_true",
+                     help="read the token to attach from standard input (from 'fleet users token')")
+    how.add_argument("--unsigned", action="store_true",
+                     help="send a version 1 command naming --actor, without a token (accepted only while the"
+                     " consumer runs with FLEET_COMMANDS_ALLOW_UNSIGNED=true)")
     p.add_argument("--json", action="store_true", help="print the command id and topic as JSON")
     p.set_defaults(handler=_send_command)

@@ -146,7 +146,7 @@ class Action:
     """One command, e.g. ``fleet vehicles add``: ``call`` gets a connection (the primary's
     when ``writes``, else a read-only one, a replica's when one answers) or, with
     ``takes_database``, the :class:`Database`; then the keyword arguments of
-    :meth:`arguments`: writers get ``actor`` (option ``--actor``), and the field options
+    :meth:`arguments`: writers get ``actor`` (option ``--actor``, else ``FLEET_ACTOR``), and the field options
     are passed as one mapping under the keyword ``gather``. ``columns`` are the columns a
     list prints as text; ``description`` is the longer help, if any. With
     ``with_settings`` ``call`` gets the :class:`Database` and the keyword ``settings``;
@@ -550,7 +550,7 @@ ALERTS = (
     Action("show", "one alert: vehicle, geofence, details, what operators did", alerts.get_alert, (ALERT_ID,)),
     Action("resolve", "resolve an open alert by hand (audited)", alerts.resolve_alert,
            (ALERT_ID, Option("--note", help="why, kept in the alert's details and the audit log")), writes=True,
-           description="Resolve an open alert: resolved_at is now, details get resolved_by (--actor), the note and"
+           description="Resolve an open alert: resolved_at is now, details get resolved_by (the --actor's user id), the note and"
            " resolved_because; an audit_logs row 'alert.resolve' records it. The rules raise it again only once"
            " its condition has cleared and come back."),
 )

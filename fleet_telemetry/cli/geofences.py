@@ -38,6 +38,7 @@ from fleet_telemetry.consumers.rules.geofences import (
 )
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.fleetops.access import authorize
 
 
 class GeofenceParser(Parser):
@@ -88,9 +89,15 @@ async def _warn_if_swapped(conn: asyncpg.Connection, fences: list[NewGeofence]) 
             sys.stderr.write(f"fleet geofences: warning: {warning}\n")
 
 
+_WRITES = frozenset({"add", "import", "update", "remove"})
+"""The actions that need an actor whose role grants ``geofences:write``."""
+
+
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     conn = await connect(settings)
     try:
+        if args.action in _WRITES:
+            await authorize(conn, args.actor or settings.actor, "geofences:write")
         return await _COMMANDS[args.action](conn, args, settings)
     finally:
         await conn.close()
@@ -223,6 +230,12 @@ def _shape_options(p: argparse.ArgumentParser) -> None:
                    help="minimum dwell before an enter or exit counts (default FLEET_GEOFENCE_DWELL_SECONDS)")
     p.add_argument("--inactive", action="store_true", help="store it switched off")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _actor_option(p)
+
+
+def _actor_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--actor", help="the user doing this, by e-mail or id (default FLEET_ACTOR); their role"
+                   " must grant geofences:write")
 
 
 def register(sub: Any) -> None:
@@ -263,6 +276,7 @@ def register(sub: Any) -> None:
     switch.add_argument("--active", dest="active", action="store_const", const=True, help="switch it on")
     switch.add_argument("--inactive", dest="active", action="store_const", const=False, help="switch it off")
     upd.add_argument("--json", action="store_true", help="print the result as JSON")
+    _actor_option(upd)
     exp = actions.add_parser("export", help="the geofences as GeoJSON (what import reads) or JSON",
                              description="Print the geofences: a GeoJSON FeatureCollection that 'fleet geofences "
                              "import' reads back (circles as Points with radius_m), or with --json a list with each "
@@ -282,4 +296,5 @@ def register(sub: Any) -> None:
                             "history stays. Prints what was closed per geofence.")
     rm.add_argument("ids", type=int, nargs="+", metavar="ID", help="the ids of the geofences to remove")
     rm.add_argument("--json", action="store_true", help="print JSON")
+    _actor_option(rm)
     parser.set_defaults(handler=run)

@@ -9,7 +9,8 @@ On a Redis Cluster (``hash_tags``) the keys that one script or transaction touch
 together carry a hash tag, so they live in one slot: a vehicle's status and newest time
 (``vehicle:{<id>}:status``, ``vehicle:{<id>}:status:newest``) and the dashboard cache with
 its lock and version (``{dashboard:stats:daily}``, ``...:lock``, ``...:version``). The
-geofence sets are used one key per command and keep their names. A prefix holding braces
+geofence sets are used one key per command and keep their names; the session keys
+(``user:{<id>}:session``, ``driver:{<id>}:session``) are tagged like the vehicle keys. A prefix holding braces
 would put every key of the deployment in one slot: leave braces out of it.
 """
 
@@ -42,6 +43,18 @@ class RedisKeys:
     def geofence(self, geofence_id: int) -> str:
         """GEO set: the vehicles inside an active geofence."""
         return f"{self.prefix}geofence:{geofence_id}"
+
+    def user_session(self, user_id: UUID | str) -> str:
+        """String: when the user's command tokens were last revoked (epoch seconds)."""
+        if self.hash_tags:
+            return f"{self.prefix}user:{{{user_id}}}:session"
+        return f"{self.prefix}user:{user_id}:session"
+
+    def driver_session(self, driver_id: UUID | str) -> str:
+        """String: the same for a user who is a driver, under the driver's id."""
+        if self.hash_tags:
+            return f"{self.prefix}driver:{{{driver_id}}}:session"
+        return f"{self.prefix}driver:{driver_id}:session"
 
     @property
     def dashboard(self) -> str:

@@ -169,6 +169,22 @@ class Settings(BaseSettings):
     replica_retry_seconds: float = Field(default=30.0, gt=0)
     """A read replica that failed to answer is skipped for this long."""
 
+    # --- users, roles and authenticated commands (README, "Users and roles") ---
+    actor: str = Field(default="", max_length=320)
+    """Who a ``fleet`` write acts as (a user's e-mail or id) when ``--actor`` is not given."""
+    jwt_secret: SecretStr = SecretStr("")
+    """HS256 key that signs and verifies command tokens (at least 32 bytes)."""
+    jwt_private_key: SecretStr = SecretStr("")
+    """RS256 instead: the PEM private key (or a file holding it) that signs tokens."""
+    jwt_public_key: str = ""
+    """RS256: the PEM public key (or a file holding it) that verifies tokens."""
+    jwt_issuer: str = Field(default="fleet-telemetry", min_length=1)
+    jwt_audience: str = Field(default="fleet-commands", min_length=1)
+    jwt_max_ttl_seconds: int = Field(default=86_400, ge=60, le=30 * 86_400)
+    """The longest lifetime of a token; a revocation is kept this long."""
+    commands_allow_unsigned: bool = False
+    """Transitional: apply v1 commands without a token as their ``actor`` field's user."""
+
     # --- geofences and alert rules (schema/README.md, "Geofences and alerts") ---
     rules_enabled: bool = True
     """Evaluate geofences and alert rules in the consumer workers."""

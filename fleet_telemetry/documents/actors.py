@@ -1,8 +1,10 @@
-"""Who uploads: the ``--actor`` of a documents command (or a command's ``actor``) as a user.
+"""Who uploads: the ``--actor`` of a documents command (or a command's user) as a user
+whose role grants the documents permission (:func:`fleet_telemetry.fleetops.access.authorize`).
 
-Uploading, deleting and handing out URLs need the permissions ``documents:write`` or
-``documents:read``; until every write checks permissions in one place, this module only
-requires an active user (``users.is_active``, not deleted), named by id or e-mail.
+Uploading, deleting and attaching need ``documents:write``; handing out a download URL
+needs ``documents:read``. An unknown, disabled or not permitted actor is refused with
+:class:`~fleet_telemetry.fleetops.access.Forbidden` (exit status 2, or a dead letter with
+reason ``forbidden``) before anything is stored.
 """
 
 from __future__ import annotations
@@ -11,31 +13,13 @@ from uuid import UUID
 
 import asyncpg
 
-from fleet_telemetry.fleetops.errors import FleetOpsError
+from fleet_telemetry.fleetops.access import authorize
+
+READ = "documents:read"
+WRITE = "documents:write"
 
 
-class UnknownActor(FleetOpsError):
-    """The actor names no active user."""
-
-    reason = "unknown_actor"
-
-
-_ACTIVE_USER = (
-    "SELECT id FROM users WHERE is_active AND deleted_at IS NULL"
-    " AND (id = $1::uuid OR ($1::uuid IS NULL AND lower(email) = lower($2)))"
-)
-
-
-async def uploader(conn: asyncpg.Connection, actor: str) -> UUID:
-    """The id of the active user ``actor`` names (a user id or an e-mail address).
-
-    Raises :class:`UnknownActor` (exit status 2, or a dead letter) when there is none."""
-    text = actor.strip()
-    try:
-        as_id: UUID | None = UUID(text)
-    except ValueError:
-        as_id = None
-    found = await conn.fetchval(_ACTIVE_USER, as_id, text)
-    if found is None:
-        raise UnknownActor(f"actor {text[:100]!r} is not an active user (give a user's e-mail or id)")
-    return UUID(str(found))
+async def uploader(conn: asyncpg.Connection, actor: str, permission: str = WRITE) -> UUID:
+    """The id of the active user ``actor`` names (a user id or an e-mail address), if their
+    role grants ``permission``; raises :class:`~fleet_telemetry.fleetops.access.Forbidden`."""
+    return (await authorize(conn, actor, permission)).id

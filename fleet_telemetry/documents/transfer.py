@@ -88,7 +88,7 @@ async def upload_file(conn: asyncpg.Connection, storage: Storage, path: Path, up
         await storage.upload(key, source.fileno(), size, content_type, digest)
     new = NewDocument(upload.owner_type, upload.owner_id, upload.kind, key, digest.sha256.hexdigest(),
                       digest.size, content_type, upload.file_name, uploaded_by, upload.expires_on)
-    return await _register(conn, storage, new, actor=actor, action="document.upload")
+    return await _register(conn, storage, new, actor=str(uploaded_by), action="document.upload")
 
 
 async def _register(conn: asyncpg.Connection, storage: Storage, new: NewDocument, *, actor: str,
@@ -178,7 +178,7 @@ async def attach_object(conn: asyncpg.Connection, storage: Storage, upload: Uplo
     check_content_type(upload.kind, content_type)
     new = NewDocument(upload.owner_type, upload.owner_id, upload.kind, key, sha256, size, content_type,
                       upload.file_name, uploaded_by, upload.expires_on)
-    document, created = await records.register(conn, new, actor=actor, action="document.attach")
+    document, created = await records.register(conn, new, actor=str(uploaded_by), action="document.attach")
     if not created:
         with contextlib.suppress(Exception):
             await storage.delete(key)

@@ -20,6 +20,7 @@ from uuid import UUID
 import asyncpg
 
 from fleet_telemetry.fleetops import audit
+from fleet_telemetry.fleetops.access import requires
 from fleet_telemetry.fleetops.audit import snapshot
 from fleet_telemetry.fleetops.errors import Conflict, DoubleBooking, InvalidInput, NotFound
 from fleet_telemetry.fleetops.validation import OPEN_JOB_STATUSES
@@ -46,6 +47,7 @@ SELECT id, start_time, end_time FROM vehicle_assignments
 """
 
 
+@requires("assignments:write")
 async def create_assignment(
     conn: asyncpg.Connection,
     *,
@@ -103,6 +105,7 @@ async def create_assignment(
     return snapshot(row) or {}
 
 
+@requires("assignments:write")
 async def end_assignment(conn: asyncpg.Connection, *, actor: str, assignment_id: UUID,
                          at: datetime | None = None) -> dict[str, Any]:
     """Ends an ACTIVE assignment at ``at`` (default now; not in the future): its end time
@@ -133,6 +136,7 @@ async def end_assignment(conn: asyncpg.Connection, *, actor: str, assignment_id:
     return snapshot(after) or {}
 
 
+@requires("assignments:write")
 async def cancel_assignment(conn: asyncpg.Connection, *, actor: str,
                             assignment_id: UUID) -> dict[str, Any]:
     """Cancels an ACTIVE assignment: its period is free again. Commits with its audit row.

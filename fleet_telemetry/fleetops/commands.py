@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
@@ -34,14 +34,15 @@ from aiokafka import AIOKafkaProducer
 from fleet_telemetry.consumers.chain import Abandoned, Retrier
 from fleet_telemetry.consumers.deadletter import fit, request_size
 from fleet_telemetry.consumers.kafka_loop import Committable, KafkaLoop, LoopMetrics, LoopOptions, Records, start_with_retry
-from fleet_telemetry.fleetops import assignments, customers, dashboard, drivers, jobs, maintenance, vehicles
+from fleet_telemetry.fleetops import access, assignments, customers, dashboard, drivers, jobs, maintenance, sessions, vehicles
 from fleet_telemetry.fleetops.audit import jsonable
 from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.errors import FleetOpsError, InvalidInput
+from fleet_telemetry.fleetops.tokens import TokenKeys
 from fleet_telemetry.fleetops.validation import parse_time, parse_uuid
 from fleet_telemetry.core.metrics import CommandMetrics, serve
 from fleet_telemetry.core.retry import Backoff
-from fleet_telemetry.core.errors import ServiceUnavailable
+from fleet_telemetry.core.errors import ServiceUnavailable, UsageError
 from fleet_telemetry.ingest.producer import start_producer
 from fleet_telemetry.core.reading import Source
 from fleet_telemetry.core.redis_client import connect_redis
@@ -51,7 +52,7 @@ from fleet_telemetry.core.stopping import StopSignals
 log = structlog.get_logger("fleet.commands")
 
 # Dead-letter reasons (header fleet.error.reason) besides the writers' own
-# (invalid_input, not_found, conflict, double_booking).
+# (invalid_input, not_found, conflict, double_booking) and access's (unauthenticated, forbidden).
 MALFORMED_JSON = "malformed_json"
 INVALID_COMMAND = "invalid_command"
 UNKNOWN_TYPE = "unknown_type"
@@ -62,13 +63,18 @@ HEADER_COMMAND_TYPE = "fleet.command.type"
 
 @dataclass(frozen=True)
 class Command:
+    """A decoded command. ``token`` is the v2 command's signed token (None for v1, whose
+    ``actor`` field names the user); ``value`` is the record's bytes with the token
+    redacted, as a dead letter shows them."""
+
     command_id: UUID
     type: str
-    actor: str
+    actor: str | None
     data: dict[str, Any]
     source: Source
     key: bytes | None
-    value: bytes
+    value: bytes = field(repr=False)
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -82,11 +88,16 @@ class CommandRejection:
     type: str | None = None
 
 
+REDACTED = "<redacted>"
+
+
 def decode_command(value: bytes, *, key: bytes | None, source: Source,
                    known: Collection[str] | None = None) -> Command | CommandRejection:
     """The envelope of docs/commands.md checked: ``command_id`` (UUID), ``type`` (one of
-    ``known``, by default :data:`HANDLERS`), ``data`` (object), ``actor`` (optional text).
-    The ``data`` fields are the writer's business. Pure: no I/O, no clock."""
+    ``known``, by default :data:`HANDLERS`), ``data`` (object), ``token`` (v2: text) or
+    ``actor`` (v1: optional text). The ``data`` fields are the writer's business; whether
+    the token is valid is the applier's. Pure: no I/O, no clock. A token never reaches a
+    dead letter: the value kept is re-encoded with the token replaced by ``<redacted>``."""
     known = HANDLERS if known is None else known
     try:
         body = orjson.loads(value)
@@ -94,6 +105,9 @@ def decode_command(value: bytes, *, key: bytes | None, source: Source,
         return CommandRejection(MALFORMED_JSON, "the value is not UTF-8 JSON", source, key, value)
     if not isinstance(body, dict):
         return CommandRejection(INVALID_COMMAND, "the value must be a JSON object", source, key, value)
+    token = body.get("token")
+    if "token" in body:
+        value = orjson.dumps({**body, "token": REDACTED})
     try:
         command_id = parse_uuid(body.get("command_id"), "command_id")
     except InvalidInput as exc:
@@ -105,15 +119,20 @@ def decode_command(value: bytes, *, key: bytes | None, source: Source,
             source, key, value, command_id, kind if isinstance(kind, str) else None,
         )
     data = body.get("data", {})
-    actor = body.get("actor", "fleet-commands")
+    actor = body.get("actor")
+    version = body.get("version", 2 if "token" in body else 1)
     problem = None
     if not isinstance(data, dict):
         problem = "field 'data' must be a JSON object"
-    elif not isinstance(actor, str) or not actor.strip() or len(actor) > 200:
-        problem = "field 'actor' must be non-empty text of at most 200 characters"
+    elif version not in (1, 2) or isinstance(version, bool):
+        problem = f"field 'version' must be 1 or 2, got {version!r}"
+    elif actor is not None and (not isinstance(actor, str) or not actor.strip() or len(actor) > 320):
+        problem = "field 'actor' must be non-empty text of at most 320 characters"
+    elif token is not None and (not isinstance(token, str) or len(token) > 8192):
+        problem = "field 'token' must be text of at most 8192 characters"
     if problem is not None:
         return CommandRejection(INVALID_COMMAND, problem, source, key, value, command_id, kind)
-    return Command(command_id, kind, actor.strip(), data, source, key, value)
+    return Command(command_id, kind, actor.strip() if actor else None, data, source, key, value, token or None)
 
 
 # --- what each command type does ----------------------------------------------------------
@@ -212,6 +231,7 @@ HANDLERS: dict[str, Handler] = {
 
 # --- applying one command exactly once -------------------------------------------------------
 
+
 APPLIED = "applied"
 DUPLICATE = "duplicate"
 REJECTED = "rejected"
@@ -245,19 +265,24 @@ class CommandApplier:
 
     def __init__(self, database: Database,
                  dead_letter: Callable[[CommandRejection], Awaitable[None]],
-                 applied: Callable[[], Awaitable[object]] | None = None,
+                 applied: Callable[[], Awaitable[object]] | None = None, *,
+                 authenticate: sessions.Authenticate,
                  handlers: Mapping[str, Handler] | None = None) -> None:
         self._database = database
         self.handlers: Mapping[str, Handler] = HANDLERS if handlers is None else handlers
         """The command types applied and their writers (:data:`HANDLERS` and, given by the
         command line, those of other packages such as ``document.attach``)."""
         self._dead_letter = dead_letter
+        self._authenticate = authenticate
         self._applied = applied
         """Called after each command applied (the dashboard cache is invalidated)."""
 
     async def apply(self, item: Command | CommandRejection) -> str:
         """Returns APPLIED, DUPLICATE or REJECTED. The effect and the processed row commit
         together; a rejection is dead-lettered (acknowledged) before it is recorded.
+        A command seen before is a duplicate whatever its token; a new one is applied only
+        when ``authenticate`` names its user (else ``unauthenticated``) and that user may
+        do it (else ``forbidden``, :func:`~fleet_telemetry.fleetops.access.authorize`).
 
         Raises transient errors (PostgreSQL, broker) for the caller to retry.
         """
@@ -268,15 +293,16 @@ class CommandApplier:
             try:
                 async with conn.transaction():
                     claimed = await conn.fetchval(
-                        _CLAIM, item.command_id, item.type, item.actor, item.source.topic,
+                        _CLAIM, item.command_id, item.type, None, item.source.topic,
                         item.source.partition, item.source.offset,
                     )
                     if claimed is None:
                         return DUPLICATE
-                    result = await self.handlers[item.type](conn, item.actor, item.data)
+                    who = await access.resolve(conn, await self._authenticate(conn, item.token, item.actor))
+                    result = await self.handlers[item.type](conn, str(who.id), item.data)
                     await conn.execute(
-                        "UPDATE processed_commands SET result = $2 WHERE command_id = $1",
-                        item.command_id, _result_ids(result),
+                        "UPDATE processed_commands SET result = $2, actor = $3 WHERE command_id = $1",
+                        item.command_id, _result_ids(result), str(who.id),
                     )
             except (FleetOpsError, asyncpg.exceptions.IntegrityConstraintViolationError,
                     asyncpg.exceptions.DataError) as exc:
@@ -434,6 +460,7 @@ class CommandConsumer:
             retrier = Retrier(self.metrics.retries, self._backoff, give_up=self._stopping)
             applier = CommandApplier(database, self._dead_letter_to(producer),
                                      applied=lambda: dashboard.invalidate(redis, s.redis_keys.dashboard),
+                                     authenticate=sessions.authenticator(s, redis),
                                      handlers=self.handlers)
             strategy = CommandStrategy(applier, self.metrics, retrier)
             options = LoopOptions.from_settings(
@@ -469,7 +496,12 @@ class CommandConsumer:
 def run_consumer(args: argparse.Namespace, settings: Settings,
                  handlers: Mapping[str, Handler] | None = None) -> int:
     """``fleet commands consume``: runs until SIGTERM/Ctrl-C (or idle with --stop-when-idle),
-    applying ``handlers`` (default :data:`HANDLERS`)."""
+    applying ``handlers`` (default :data:`HANDLERS`). Refuses to start (exit 2) when it
+    could authenticate no command at all."""
+    if TokenKeys.from_settings(settings) is None and not settings.commands_allow_unsigned:
+        raise UsageError("no key to verify command tokens: set FLEET_JWT_SECRET (or FLEET_JWT_PUBLIC_KEY),"
+                         " or FLEET_COMMANDS_ALLOW_UNSIGNED=true while producers move to version 2")
+
     async def main() -> int:
         worker = CommandConsumer(settings, stop_when_idle=args.stop_when_idle, handlers=handlers)
         signals = StopSignals(worker.stop).install()
@@ -481,9 +513,13 @@ def run_consumer(args: argparse.Namespace, settings: Settings,
 
 
 def command_value(command_type: str, data: Mapping[str, Any], *, command_id: UUID,
-                  actor: str | None = None) -> bytes:
-    """The JSON bytes of one command (docs/commands.md), for producers and tests."""
-    body: dict[str, Any] = {"command_id": str(command_id), "type": command_type, "data": jsonable(data)}
+                  token: str | None = None, actor: str | None = None) -> bytes:
+    """The JSON bytes of one command (docs/commands.md), for producers and tests: version 2
+    with ``token``, else version 1 naming ``actor``."""
+    body: dict[str, Any] = {"version": 2 if token is not None else 1, "command_id": str(command_id),
+                            "type": command_type, "data": jsonable(data)}
+    if token is not None:
+        body["token"] = token
     if actor is not None:
         body["actor"] = actor
     return orjson.dumps(body)

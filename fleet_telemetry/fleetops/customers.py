@@ -12,6 +12,7 @@ from uuid import UUID
 import asyncpg
 
 from fleet_telemetry.fleetops import entities
+from fleet_telemetry.fleetops.access import requires
 from fleet_telemetry.fleetops.audit import snapshot
 from fleet_telemetry.fleetops.errors import Conflict
 from fleet_telemetry.fleetops.validation import OPEN_JOB_STATUSES, customer_fields
@@ -23,6 +24,7 @@ CUSTOMER = entities.Kind(
 )
 
 
+@requires("customers:write")
 async def register_customer(conn: asyncpg.Connection, *, actor: str, data: Mapping[str, Any],
                             customer_id: UUID | None = None) -> dict[str, Any]:
     """Registers a customer (``name`` required); commits with its audit row."""
@@ -31,6 +33,7 @@ async def register_customer(conn: asyncpg.Connection, *, actor: str, data: Mappi
     return snapshot(row) or {}
 
 
+@requires("customers:write")
 async def update_customer(conn: asyncpg.Connection, *, actor: str, customer_id: UUID,
                           changes: Mapping[str, Any]) -> dict[str, Any]:
     """Changes the given fields of a live customer; raises InvalidInput, NotFound."""
@@ -39,6 +42,7 @@ async def update_customer(conn: asyncpg.Connection, *, actor: str, customer_id: 
     return snapshot(after) or {}
 
 
+@requires("customers:write")
 async def delete_customer(conn: asyncpg.Connection, *, actor: str, customer_id: UUID) -> dict[str, Any]:
     """Soft-deletes a customer; raises NotFound, Conflict (open jobs)."""
     async with conn.transaction():

@@ -13,6 +13,7 @@ from uuid import UUID
 import asyncpg
 
 from fleet_telemetry.fleetops import assignments, entities
+from fleet_telemetry.fleetops.access import requires
 from fleet_telemetry.fleetops.audit import snapshot
 from fleet_telemetry.fleetops.errors import NotFound
 from fleet_telemetry.fleetops.validation import driver_fields
@@ -25,6 +26,7 @@ DRIVER = entities.Kind(
 )
 
 
+@requires("drivers:write")
 async def register_driver(conn: asyncpg.Connection, *, actor: str, data: Mapping[str, Any],
                           driver_id: UUID | None = None) -> dict[str, Any]:
     """Registers a driver (``name`` required); commits with its audit row.
@@ -40,6 +42,7 @@ async def register_driver(conn: asyncpg.Connection, *, actor: str, data: Mapping
     return snapshot(row) or {}
 
 
+@requires("drivers:write")
 async def update_driver(conn: asyncpg.Connection, *, actor: str, driver_id: UUID,
                         changes: Mapping[str, Any]) -> dict[str, Any]:
     """Changes the given fields of a live driver; commits with its audit row.
@@ -54,6 +57,7 @@ async def update_driver(conn: asyncpg.Connection, *, actor: str, driver_id: UUID
     return snapshot(after) or {}
 
 
+@requires("drivers:write")
 async def delete_driver(conn: asyncpg.Connection, *, actor: str, driver_id: UUID) -> dict[str, Any]:
     """Soft-deletes a driver; raises NotFound, Conflict (an ACTIVE assignment not ended)."""
     async with conn.transaction():

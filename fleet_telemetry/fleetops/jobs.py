@@ -18,6 +18,7 @@ from uuid import UUID
 import asyncpg
 
 from fleet_telemetry.fleetops import audit
+from fleet_telemetry.fleetops.access import requires
 from fleet_telemetry.fleetops.audit import snapshot
 from fleet_telemetry.fleetops.entities import insert_row, update_row
 from fleet_telemetry.fleetops.errors import Conflict, InvalidInput, NotFound
@@ -85,6 +86,7 @@ async def job_view(conn: asyncpg.Connection, job_id: UUID, *, lock: bool = False
     return view
 
 
+@requires("jobs:write")
 async def create_job(conn: asyncpg.Connection, *, actor: str, data: Mapping[str, Any],
                      job_id: UUID | None = None) -> dict[str, Any]:
     """Creates a pending job with its route and shipments; commits them with one audit row
@@ -124,6 +126,7 @@ async def _insert_shipment(conn: asyncpg.Connection, job_id: UUID, item: Shipmen
                                item.description)
 
 
+@requires("jobs:write")
 async def add_shipment(conn: asyncpg.Connection, *, actor: str, job_id: UUID,
                        data: Mapping[str, Any]) -> dict[str, Any]:
     """Adds cargo to a job that is not delivered or cancelled; commits with an audit row."""
@@ -137,6 +140,7 @@ async def add_shipment(conn: asyncpg.Connection, *, actor: str, job_id: UUID,
     return after
 
 
+@requires("jobs:write")
 async def update_job(conn: asyncpg.Connection, *, actor: str, job_id: UUID,
                      changes: Mapping[str, Any]) -> dict[str, Any]:
     """Changes the price, currency or window of a job not yet delivered or cancelled.
@@ -158,6 +162,7 @@ async def update_job(conn: asyncpg.Connection, *, actor: str, job_id: UUID,
     return after
 
 
+@requires("jobs:write")
 async def assign_job(conn: asyncpg.Connection, *, actor: str, job_id: UUID,
                      assignment_id: UUID) -> dict[str, Any]:
     """Dispatches a pending (or re-dispatches an assigned) job to an ACTIVE assignment that
@@ -189,6 +194,7 @@ async def assign_job(conn: asyncpg.Connection, *, actor: str, job_id: UUID,
     return after
 
 
+@requires("jobs:write")
 async def set_job_status(conn: asyncpg.Connection, *, actor: str, job_id: UUID, status: str,
                          at: datetime | None = None) -> dict[str, Any]:
     """Moves a job along its life cycle (see the module docstring); ``delivered`` records
@@ -215,6 +221,7 @@ async def set_job_status(conn: asyncpg.Connection, *, actor: str, job_id: UUID, 
     return after
 
 
+@requires("jobs:write")
 async def delete_job(conn: asyncpg.Connection, *, actor: str, job_id: UUID) -> dict[str, Any]:
     """Soft-deletes a pending or cancelled job; raises NotFound, Conflict."""
     async with conn.transaction():

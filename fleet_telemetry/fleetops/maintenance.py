@@ -21,6 +21,7 @@ from uuid import UUID
 import asyncpg
 
 from fleet_telemetry.fleetops import audit
+from fleet_telemetry.fleetops.access import requires
 from fleet_telemetry.fleetops.audit import snapshot
 from fleet_telemetry.fleetops.entities import insert_row, update_row
 from fleet_telemetry.fleetops.errors import Conflict, InvalidInput, NotFound
@@ -102,6 +103,7 @@ async def sync_triggers(conn: asyncpg.Connection, *, actor: str, vehicle_id: UUI
         await conn.execute(_UPSERT_TRIGGERS, actor, *columns)
 
 
+@requires("maintenance:write")
 async def record_service(conn: asyncpg.Connection, *, actor: str, data: Mapping[str, Any],
                          record_id: UUID | None = None) -> dict[str, Any]:
     """Stores a service of a live vehicle and moves its matching triggers forward; commits
@@ -151,6 +153,7 @@ async def record_service(conn: asyncpg.Connection, *, actor: str, data: Mapping[
     return {"record": snapshot(row), "triggers": moved}
 
 
+@requires("maintenance:write")
 async def create_schedule(conn: asyncpg.Connection, *, actor: str, data: Mapping[str, Any],
                           schedule_id: UUID | None = None) -> dict[str, Any]:
     """Creates a recurring rule for a vehicle type and the triggers of its vehicles;
@@ -170,6 +173,7 @@ async def create_schedule(conn: asyncpg.Connection, *, actor: str, data: Mapping
     return snapshot(row) or {}
 
 
+@requires("maintenance:write")
 async def update_schedule(conn: asyncpg.Connection, *, actor: str, schedule_id: UUID,
                           changes: Mapping[str, Any]) -> dict[str, Any]:
     """Changes a schedule's intervals and recomputes the next due values of its active

@@ -15,6 +15,7 @@ from uuid import UUID
 import asyncpg
 
 from fleet_telemetry.fleetops import assignments, entities, maintenance
+from fleet_telemetry.fleetops.access import requires
 from fleet_telemetry.fleetops.audit import snapshot
 from fleet_telemetry.fleetops.errors import Conflict, NotFound
 from fleet_telemetry.fleetops.validation import vehicle_fields
@@ -60,6 +61,7 @@ async def resolve_vehicle(conn: asyncpg.Connection, text: str) -> UUID:
     return rows[0]["id"]  # type: ignore[no-any-return]
 
 
+@requires("vehicles:write")
 async def register_vehicle(conn: asyncpg.Connection, *, actor: str, data: Mapping[str, Any],
                            vehicle_id: UUID | None = None) -> dict[str, Any]:
     """Registers a vehicle (``vin`` and ``license_plate`` required) and creates its
@@ -74,6 +76,7 @@ async def register_vehicle(conn: asyncpg.Connection, *, actor: str, data: Mappin
     return snapshot(row) or {}
 
 
+@requires("vehicles:write")
 async def update_vehicle(conn: asyncpg.Connection, *, actor: str, vehicle_id: UUID,
                          changes: Mapping[str, Any]) -> dict[str, Any]:
     """Changes the given fields of a live vehicle; commits with its audit row.
@@ -88,6 +91,7 @@ async def update_vehicle(conn: asyncpg.Connection, *, actor: str, vehicle_id: UU
     return snapshot(after) or {}
 
 
+@requires("vehicles:write")
 async def delete_vehicle(conn: asyncpg.Connection, *, actor: str, vehicle_id: UUID) -> dict[str, Any]:
     """Soft-deletes a vehicle (its VIN and plate become free) and switches its triggers off.
 

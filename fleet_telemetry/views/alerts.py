@@ -17,6 +17,7 @@ from uuid import UUID
 import asyncpg
 
 from fleet_telemetry.fleetops import audit
+from fleet_telemetry.fleetops.access import requires
 from fleet_telemetry.fleetops.errors import Conflict, NotFound
 
 _SELECT = """
@@ -69,6 +70,7 @@ async def get_alert(conn: asyncpg.Connection, alert_id: int) -> dict[str, Any]:
     return shown
 
 
+@requires("alerts:resolve")
 async def resolve_alert(conn: asyncpg.Connection, *, actor: str, alert_id: int,
                         note: str | None = None) -> dict[str, Any]:
     """Resolves an open alert with its audit row (one transaction); returns the alert.

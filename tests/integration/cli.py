@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 from fleet_telemetry.core.settings import Settings
+from tests.users import TEST_ADMIN, TEST_JWT_SECRET
 
 
 def environment(settings: Settings, **extra: str) -> dict[str, str]:
     """The process environment naming the test's services (the object storage too), topics,
-    group and Redis prefix;
-    ``extra`` adds or overrides ``FLEET_*`` variables (``REDIS_URL="..."``)."""
+    group and Redis prefix, acting as the session's admin (FLEET_ACTOR); ``extra`` adds or
+    overrides ``FLEET_*`` variables (``REDIS_URL="..."``)."""
     env = {
         **os.environ,
         "FLEET_DATABASE_URL": str(settings.database_url),
@@ -31,6 +32,8 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
         "FLEET_S3_REGION": settings.s3_region,
         "FLEET_S3_ACCESS_KEY": settings.s3_access_key.get_secret_value(),
         "FLEET_S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
+        "FLEET_ACTOR": TEST_ADMIN,
+        "FLEET_JWT_SECRET": TEST_JWT_SECRET,
     }
     env.update({f"FLEET_{name.upper()}": value for name, value in extra.items()})
     return env

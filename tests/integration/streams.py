@@ -17,6 +17,7 @@ from fleet_telemetry.consumers.kafka_loop import LoopOptions, OffsetLookup, Rang
 from fleet_telemetry.consumers.kafka_range import read_ranges
 from fleet_telemetry.consumers.worker import Worker
 from fleet_telemetry.core.settings import Settings
+from tests.users import TEST_ADMIN, TEST_JWT_SECRET
 
 
 @dataclass
@@ -93,12 +94,12 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 60
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a ``fleet`` subprocess on ``settings``' services, topics and group
-    (no ``FLEET_*`` variable of the caller's; metrics off)."""
+    (no ``FLEET_*`` variable of the caller's; metrics off), acting as the session's admin."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update({
         "FLEET_DATABASE_URL": settings.database_url, "FLEET_REDIS_URL": settings.redis_url,
         "FLEET_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "FLEET_TELEMETRY_TOPIC": settings.telemetry_topic,
         "FLEET_DLQ_TOPIC": settings.dlq_topic, "FLEET_CONSUMER_GROUP": settings.consumer_group,
-        "FLEET_METRICS_PORT": "0", **extra,
+        "FLEET_METRICS_PORT": "0", "FLEET_ACTOR": TEST_ADMIN, "FLEET_JWT_SECRET": TEST_JWT_SECRET, **extra,
     })
     return env

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import os
+import time
 import tracemalloc
 import urllib.request
 import uuid
@@ -29,12 +30,14 @@ from fleet_telemetry.documents.rules import MiB
 from fleet_telemetry.documents.storage import Storage
 from fleet_telemetry.fleetops import assignments, customers, drivers, jobs
 from fleet_telemetry.fleetops.commands import command_value
+from fleet_telemetry.fleetops.tokens import TokenKeys, issue
 from fleet_telemetry.ingest.topics import ensure_topics
 from fleet_telemetry.lifecycle.context import PassContext
 from fleet_telemetry.lifecycle.documents import check_document_expiry, clean_document_storage
 from fleet_telemetry.lifecycle.policy import LifecyclePolicy
 from tests.integration.cli import fleet
 from tests.integration.streams import read_topic
+from tests.users import TEST_ADMIN, TEST_JWT_SECRET
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +107,7 @@ async def test_a_20_mib_file_streams_up_and_down_in_constant_memory_with_its_has
     assert hashlib.sha256((tmp_path / "cli.pdf").read_bytes()).hexdigest() == expected
     audit = await conn.fetchrow("SELECT actor, after FROM audit_logs WHERE action = 'document.upload'"
                               " AND entity_id = $1", document["id"])
-    assert audit["actor"] == actor
+    assert audit["actor"] == str(await conn.fetchval("SELECT id FROM users WHERE email = $1", actor))
 
 
 async def test_a_download_whose_bytes_do_not_match_fails_and_leaves_no_file(
@@ -196,7 +199,7 @@ async def test_the_same_file_for_the_same_owner_and_kind_is_stored_once(
 
 async def in_transit_shipment(conn: asyncpg.Connection, vehicle: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID]:
     """A job in transit with one shipment; returns (job id, shipment id)."""
-    actor = "test-dispatch"
+    actor = TEST_ADMIN
     customer = await customers.register_customer(conn, actor=actor, data={"name": "Acme"})
     driver = await drivers.register_driver(conn, actor=actor, data={"name": "Dana"})
     booking = await assignments.create_assignment(
@@ -236,19 +239,22 @@ async def test_a_presigned_put_then_document_attach_delivers_the_shipment(
     data = {"key": handed["key"], "owner_type": "shipment", "owner_id": str(shipment),
             "kind": "proof_of_delivery", "file_name": "delivered.jpg",
             "sha256": hashlib.sha256(photo).hexdigest(), "size": len(photo)}
+    user_id = await conn.fetchval("SELECT id FROM users WHERE email = $1", driver_user)
+    keys = TokenKeys("HS256", s.jwt_issuer, s.jwt_audience, s.jwt_max_ttl_seconds, TEST_JWT_SECRET, TEST_JWT_SECRET)
+    token = issue(keys, user_id, ttl_seconds=600, now=time.time())[0]
     producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all")
     await producer.start()
     try:
         await producer.send_and_wait(s.commands_topic, command_value(
-            "document.attach", {**data, "sha256": "0" * 64}, command_id=wrong_hash, actor=driver_user))
+            "document.attach", {**data, "sha256": "0" * 64}, command_id=wrong_hash, token=token))
         await producer.send_and_wait(s.commands_topic, command_value(
             "document.attach", {**data, "key": f"documents/shipment/{shipment}/{uuid.uuid4()}"},
-            command_id=never_put, actor=driver_user))
+            command_id=never_put, token=token))
         await producer.send_and_wait(s.commands_topic, command_value(
             "document.attach", {**data, "owner_id": str(job_id), "owner_type": "transport_job"},
-            command_id=elsewhere, actor=driver_user))
+            command_id=elsewhere, token=token))
         await producer.send_and_wait(s.commands_topic, command_value(
-            "document.attach", data, command_id=good, actor=driver_user))
+            "document.attach", data, command_id=good, token=token))
     finally:
         await producer.stop()
 
@@ -263,8 +269,8 @@ async def test_a_presigned_put_then_document_attach_delivers_the_shipment(
     assert await conn.fetchval("SELECT status FROM transport_jobs WHERE id = $1", job_id) == "delivered"
     audit = await conn.fetch("SELECT action, actor FROM audit_logs WHERE entity_id = ANY($1::text[]) ORDER BY id",
                            [str(shipment), str(document["id"])])
-    assert [(a["action"], a["actor"]) for a in audit] == [("document.attach", driver_user),
-                                                          ("shipment.deliver", driver_user)]
+    assert [(a["action"], a["actor"]) for a in audit] == [("document.attach", str(user_id)),
+                                                          ("shipment.deliver", str(user_id))]
     rejected = {r["command_id"]: (r["reason"], r["detail"]) for r in await conn.fetch(
         "SELECT command_id, reason, detail FROM processed_commands WHERE outcome = 'rejected'"
         " AND command_id = ANY($1::uuid[])", [wrong_hash, never_put, elsewhere])}

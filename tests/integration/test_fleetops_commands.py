@@ -6,20 +6,33 @@ dead-lettered with their reason, and replaying the topic changes nothing.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 import pytest_asyncio
+import orjson
 from aiokafka import AIOKafkaProducer
+from pydantic import SecretStr
 
 from fleet_telemetry.fleetops.commands import CommandConsumer, command_value
+from fleet_telemetry.fleetops.tokens import TokenKeys, issue
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.ingest.topics import ensure_topics
 from tests.integration.streams import read_topic
+from tests.users import TEST_ADMIN
 
 pytestmark = pytest.mark.integration
+
+JWT_SECRET = "a test secret of more than 32 bytes, never logged"
+
+
+def token_for(settings: Settings, user_id: uuid.UUID, ttl: int = 600) -> str:
+    keys = TokenKeys.from_settings(settings)
+    assert keys is not None
+    return issue(keys, user_id, ttl_seconds=ttl, now=time.time())[0]
 
 
 @pytest_asyncio.fixture
@@ -29,6 +42,7 @@ async def command_settings(settings: Settings) -> Settings:
         "commands_topic": f"test.commands.{tag}",
         "commands_dlq_topic": f"test.commands.dlq.{tag}",
         "commands_group": f"test-commands-{tag}",
+        "jwt_secret": SecretStr(JWT_SECRET),
     })
     await ensure_topics(s, [s.commands_topic, s.commands_dlq_topic], partitions=2)
     return s
@@ -59,6 +73,8 @@ async def test_commands_are_applied_once_and_refusals_dead_lettered_with_their_r
 ) -> None:
     s = command_settings
     tag = uuid.uuid4().hex[:10].upper()
+    admin = await db.fetchval("SELECT id FROM users WHERE email = $1", TEST_ADMIN)
+    token = token_for(s, admin)
     vehicle, driver, other_driver, booking = (uuid.uuid4() for _ in range(4))
     ids = {name: uuid.uuid4() for name in ("vehicle", "driver", "other", "book", "clash", "unknown_type",
                                           "bad_field", "no_such", "no_customer")}
@@ -68,7 +84,7 @@ async def test_commands_are_applied_once_and_refusals_dead_lettered_with_their_r
     key = f"depot-{tag}".encode()
 
     def cmd(name: str, kind: str, data: dict[str, object]) -> tuple[bytes | None, bytes]:
-        return key, command_value(kind, data, command_id=ids[name], actor="dispatch-app")
+        return key, command_value(kind, data, command_id=ids[name], token=token)
 
     register = cmd("vehicle", "vehicle.register", {"id": str(vehicle), "vin": f"C{tag}", "license_plate": f"C-{tag}"})
     messages = [
@@ -100,8 +116,7 @@ async def test_commands_are_applied_once_and_refusals_dead_lettered_with_their_r
     audit = await db.fetch("SELECT actor, action FROM audit_logs WHERE entity_id = ANY($1::text[]) ORDER BY id",
                            [str(vehicle), str(driver), str(booking)])
     assert [(r["actor"], r["action"]) for r in audit] == [
-        ("dispatch-app", "vehicle.register"), ("dispatch-app", "driver.register"),
-        ("dispatch-app", "assignment.create")]
+        (str(admin), "vehicle.register"), (str(admin), "driver.register"), (str(admin), "assignment.create")]
 
     dead = await read_topic(s, s.commands_dlq_topic, expected=6)
     by_reason = {r.headers["fleet.error.reason"]: r for r in dead}
@@ -113,7 +128,9 @@ async def test_commands_are_applied_once_and_refusals_dead_lettered_with_their_r
         " from 2094-05-01T08:00:00+00:00 to 2094-05-01T16:00:00+00:00")
     assert clash.headers["fleet.command.id"] == str(ids["clash"])
     assert clash.headers["fleet.command.type"] == "assignment.create"
-    assert clash.value == messages[4][1] and clash.key == key
+    # The dead letter is the command with its token redacted.
+    assert orjson.loads(clash.value) == {**orjson.loads(messages[4][1]), "token": "<redacted>"}
+    assert token.encode() not in clash.value and clash.key == key
     assert clash.headers["fleet.source.topic"] == s.commands_topic
     assert "colour" in by_reason["invalid_input"].headers["fleet.error.detail"]
     assert by_reason["malformed_json"].value == messages[5][1]

@@ -29,10 +29,11 @@ from fleet_telemetry.fleetops.errors import DoubleBooking
 from fleet_telemetry.fleetops.values import Point
 from fleet_telemetry.core.settings import Settings
 from tests.integration.streams import publish, run_worker
+from tests.users import TEST_ADMIN
 
 pytestmark = pytest.mark.integration
 
-ACTOR = "test-queries"
+ACTOR = TEST_ADMIN
 EARTH_RADIUS_M = 6_371_008.8  # mean radius; PostGIS measures on the spheroid, within 0.5 %
 
 

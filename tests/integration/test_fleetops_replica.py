@@ -29,6 +29,7 @@ from fleet_telemetry.fleetops import queries, vehicles
 from fleet_telemetry.fleetops.db import Database
 from tests.clusters import Cluster, free_port, postgres_bindir, private_clusters
 from tests.databases import create_database
+from tests.users import TEST_ADMIN, seed as seed_users
 
 pytestmark = pytest.mark.integration
 
@@ -70,6 +71,7 @@ async def pair() -> AsyncIterator[Pair]:
     with private_clusters(bindir) as clusters:
         primary = await asyncio.to_thread(clusters.primary)
         primary_url = await create_database(primary.url(), "fleet_replica_test", migrate=True)
+        await seed_users(primary_url)
         replica = await asyncio.to_thread(clusters.replica_of, primary)
         replica_url = with_port(primary_url, replica.port)
 
@@ -99,7 +101,7 @@ async def test_reads_go_to_the_replica_writes_to_the_primary_and_a_down_replica_
     async with Database.from_settings(settings) as db:
         async with db.write() as conn:
             assert not await conn.fetchval("SELECT pg_is_in_recovery()")
-            vehicle = await vehicles.register_vehicle(conn, actor="test", data={
+            vehicle = await vehicles.register_vehicle(conn, actor=TEST_ADMIN, data={
                 "vin": uuid.uuid4().hex[:17].upper(), "license_plate": f"RR-{uuid.uuid4().hex[:8]}",
                 "type": vehicle_type})
 
@@ -124,7 +126,7 @@ async def test_reads_go_to_the_replica_writes_to_the_primary_and_a_down_replica_
         assert [r["id"] for r in rows] == [vehicle["id"]]
         assert pair.replica_url in db.replicas_down()
         async with db.write() as conn:  # writes never depended on the replica
-            await vehicles.update_vehicle(conn, actor="test", vehicle_id=uuid.UUID(vehicle["id"]),
+            await vehicles.update_vehicle(conn, actor=TEST_ADMIN, vehicle_id=uuid.UUID(vehicle["id"]),
                                           changes={"year": 2021})
 
         await asyncio.to_thread(replica.start)

@@ -20,10 +20,11 @@ import pytest
 from fleet_telemetry.fleetops import assignments, customers, drivers, jobs, maintenance, vehicles
 from fleet_telemetry.fleetops.errors import Conflict, DoubleBooking, InvalidInput, NotFound
 from fleet_telemetry.cli.main import main as cli_main
+from tests.users import TEST_ADMIN, make_user
 
 pytestmark = pytest.mark.integration
 
-ACTOR = "test-writer"
+ACTOR = TEST_ADMIN
 
 
 def tag() -> str:
@@ -40,6 +41,10 @@ async def new_driver(conn: asyncpg.Connection, **extra: Any) -> dict[str, Any]:
     t = tag()
     return await drivers.register_driver(conn, actor=ACTOR, data={"name": f"Driver {t}",
                                                                    "license_number": f"DL-{t}", **extra})
+
+
+async def admin_id(conn: asyncpg.Connection) -> str:
+    return str(await conn.fetchval("SELECT id FROM users WHERE email = $1 AND deleted_at IS NULL", TEST_ADMIN))
 
 
 async def audit_rows(conn: asyncpg.Connection, entity_type: str, entity_id: Any) -> list[dict[str, Any]]:
@@ -64,17 +69,18 @@ async def test_vehicle_register_update_delete_leave_rows_and_audit_rows(conn: as
     assert created["vin"] == f"VIN{t}" and created["license_plate"] == f"B-{t}"  # normalised
     assert created["type"] == "truck" and created["status"] == "active"
 
-    updated = await vehicles.update_vehicle(conn, actor="alice", vehicle_id=vid,
+    alice, bob = await make_user(conn, role="fleet_manager"), await make_user(conn, role="fleet_manager")
+    updated = await vehicles.update_vehicle(conn, actor=str(alice), vehicle_id=vid,
                                             changes={"status": "maintenance", "year": 2023})
     assert updated["status"] == "maintenance" and updated["year"] == 2023
-    deleted = await vehicles.delete_vehicle(conn, actor="bob", vehicle_id=vid)
+    deleted = await vehicles.delete_vehicle(conn, actor=str(bob), vehicle_id=vid)
     assert deleted["deleted_at"] is not None
 
     row = await conn.fetchrow("SELECT status, year, deleted_at FROM vehicles WHERE id = $1", vid)
     assert row["status"] == "maintenance" and row["year"] == 2023 and row["deleted_at"] is not None
     log = await audit_rows(conn, "vehicle", vid)
     assert [(r["actor"], r["action"]) for r in log] == [
-        (ACTOR, "vehicle.register"), ("alice", "vehicle.update"), ("bob", "vehicle.delete")]
+        (await admin_id(conn), "vehicle.register"), (str(alice), "vehicle.update"), (str(bob), "vehicle.delete")]
     assert log[0]["before"] is None and log[0]["after"]["specs"] == {"fuel": "diesel"}
     assert log[1]["before"]["status"] == "active" and log[1]["after"]["status"] == "maintenance"
     assert log[2]["before"]["deleted_at"] is None and log[2]["after"]["deleted_at"] is not None
@@ -198,7 +204,8 @@ async def test_ending_an_assignment_sets_its_end_and_frees_the_rest(conn: asyncp
 
 async def test_job_with_route_and_shipments_goes_through_its_life_cycle(conn: asyncpg.Connection) -> None:
     customer = await customers.register_customer(conn, actor=ACTOR, data={"name": f"Shipper {tag()}"})
-    job = await jobs.create_job(conn, actor="dispatcher-1", data={
+    dispatcher = await make_user(conn, role="dispatcher")
+    job = await jobs.create_job(conn, actor=str(dispatcher), data={
         "customer_id": customer["id"], "agreed_price": "1250.50", "currency": "eur",
         "pickup_at": "2090-01-01T08:00:00Z", "deliver_by": "2090-01-02T18:00:00+01:00",
         "route": {"origin": {"lat": 52.52, "lon": 13.405}, "destination": "48.137,11.575",
@@ -237,7 +244,7 @@ async def test_job_with_route_and_shipments_goes_through_its_life_cycle(conn: as
 
     log = await audit_rows(conn, "job", jid)
     assert [r["action"] for r in log] == ["job.create", "job.assign", "job.in_transit", "job.delivered"]
-    assert log[0]["actor"] == "dispatcher-1" and log[0]["after"]["route"]["path"][1] == {"lat": 50.11, "lon": 8.682}
+    assert log[0]["actor"] == str(dispatcher) and log[0]["after"]["route"]["path"][1] == {"lat": 50.11, "lon": 8.682}
     assert log[3]["before"]["status"] == "in_transit" and log[3]["after"]["status"] == "delivered"
 
 
@@ -278,7 +285,8 @@ async def test_recording_a_service_recomputes_next_due_date_and_odometer(conn: a
     assert len(triggers) == 4
     assert {t["next_due_km"] for t in triggers} == {None} and {t["last_service_date"] for t in triggers} == {None}
 
-    result = await maintenance.record_service(conn, actor="workshop", data={
+    workshop = await make_user(conn, role="mechanic")
+    result = await maintenance.record_service(conn, actor=str(workshop), data={
         "vehicle_id": str(vid), "type": "oil_change", "cost": "310.00", "date": "2031-01-31",
         "odometer_km": 120500, "provider": "Garage"})
     assert result["record"]["cost"] == "310.00"
@@ -310,7 +318,7 @@ async def test_recording_a_service_recomputes_next_due_date_and_odometer(conn: a
     assert [r["action"] for r in trigger_log] == [
         "maintenance_trigger.activate", "maintenance_trigger.service", "maintenance_trigger.service",
         "maintenance_trigger.reschedule"]
-    assert trigger_log[1]["actor"] == "workshop" and trigger_log[1]["before"]["next_due_km"] is None
+    assert trigger_log[1]["actor"] == str(workshop) and trigger_log[1]["before"]["next_due_km"] is None
     assert trigger_log[1]["after"]["next_due_km"] == 150500.0
     record_log = await audit_rows(conn, "maintenance_record", result["record"]["id"])
     assert record_log[0]["after"]["provider"] == "Garage"
@@ -333,6 +341,7 @@ async def fleet(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[s
     monkeypatch.setenv("FLEET_DATABASE_URL", database_url)
     monkeypatch.setenv("FLEET_LOG_FORMAT", "console")
     monkeypatch.setenv("FLEET_LOG_LEVEL", "error")
+    monkeypatch.setenv("FLEET_ACTOR", TEST_ADMIN)
     try:
         code = await asyncio.to_thread(cli_main, list(argv))
     except SystemExit as exc:  # argparse refuses the usage before any work
@@ -345,13 +354,19 @@ async def test_cli_writes_with_json_output_and_answers_bad_input_with_one_line_a
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], database_url: str
 ) -> None:
     t = tag()
+    setup = await asyncpg.connect(database_url)
+    try:
+        clerk = f"clerk-{t.lower()}@fleet.test"
+        clerk_id, admin = await make_user(setup, clerk, "fleet_manager"), await admin_id(setup)
+    finally:
+        await setup.close()
     code, out, err = await fleet(monkeypatch, capsys, database_url, "vehicles", "add", "--vin", f"V{t}",
                                  "--plate", f"CLI-{t}", "--specs", '{"fuel": "diesel"}', "--json")
     assert (code, err) == (0, "")
     vehicle = orjson.loads(out)
     assert vehicle["vin"] == f"V{t}" and vehicle["specs"] == {"fuel": "diesel"}
     code, out, _ = await fleet(monkeypatch, capsys, database_url, "drivers", "add", "--name", f"CLI {t}",
-                               "--actor", "cli-test", "--json")
+                               "--actor", clerk.upper(), "--json")
     driver = orjson.loads(out)
 
     booking = ["assignments", "create", "--vehicle", vehicle["id"], "--driver", driver["id"],
@@ -387,4 +402,4 @@ async def test_cli_writes_with_json_output_and_answers_bad_input_with_one_line_a
     finally:
         await audit.close()
     assert [(r["actor"], r["action"]) for r in actors] == [
-        ("fleet-cli", "vehicle.register"), ("cli-test", "driver.register"), ("fleet-cli", "assignment.create")]
+        (admin, "vehicle.register"), (str(clerk_id), "driver.register"), (admin, "assignment.create")]

@@ -24,6 +24,7 @@ from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.schema.migrate import load_migrations
 from tests.databases import create_database, drop_database
 from tests.integration.cli import fleet
+from tests.users import seed as seed_users
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +34,7 @@ async def empty(base_settings: Settings) -> AsyncIterator[Settings]:
     """A freshly migrated database of this test's own (no geofence, no vehicle)."""
     name = f"fleet_test_{uuid.uuid4().hex[:10]}"
     url = await create_database(base_settings.database_url, name, migrate=True)
+    await seed_users(url)
     try:
         yield base_settings.model_copy(update={"database_url": url, "redis_key_prefix": f"test-{name}:"})
     finally:

@@ -25,12 +25,14 @@ from fleet_telemetry.consumers.worker import Worker
 from fleet_telemetry.core.reading import Reading, Source
 from fleet_telemetry.core.settings import Settings
 from tests.integration.streams import publish, wait_for
+from tests.users import TEST_ADMIN
 
 pytestmark = pytest.mark.integration
 
 
 def fleet(settings: Settings, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FLEET_DATABASE_URL": settings.database_url, "FLEET_REDIS_URL": settings.redis_url}
+    env = {**os.environ, "FLEET_DATABASE_URL": settings.database_url, "FLEET_REDIS_URL": settings.redis_url,
+           "FLEET_ACTOR": TEST_ADMIN}
     return subprocess.run([sys.executable, "-m", "fleet_telemetry.cli", "geofences", *args], input=stdin,
                           capture_output=True, text=True, env=env, timeout=60)
 

@@ -24,6 +24,7 @@ from fleet_telemetry.ingest.topics import ensure_topics
 from tests.databases import create_database, drop_database
 from tests.integration.cli import fleet
 from tests.integration.streams import publish, run_worker
+from tests.users import make_user
 
 pytestmark = pytest.mark.integration
 
@@ -116,16 +117,17 @@ async def test_alerts_list_show_and_resolve_with_an_audit_row(story: Story, db: 
     shown = json.loads(ok(fleet(s, "alerts", "show", str(alert), "--json")))
     assert shown["vehicle_id"] == str(story.vehicle) and shown["details"] and shown["history"] == []
 
+    anna = f"anna-{uuid.uuid4().hex[:8]}@fleet.test"
+    anna_id = str(await make_user(db, anna, "dispatcher"))
     resolved = json.loads(ok(fleet(s, "alerts", "resolve", str(alert), "--note", "refuelled at the depot",
-                                   "--actor", "ops-anna", "--json")))
+                                   "--actor", anna, "--json")))
     assert resolved["is_resolved"] and resolved["resolved_at"]
-    assert resolved["details"]["note"] == "refuelled at the depot" and resolved["details"]["resolved_by"] == "ops-anna"
+    assert resolved["details"]["note"] == "refuelled at the depot" and resolved["details"]["resolved_by"] == anna_id
     row = await db.fetchrow("SELECT actor, before, after FROM audit_logs WHERE entity_type = 'alert'"
                             " AND entity_id = $1 AND action = 'alert.resolve'", str(alert))
-    assert row is not None and row["actor"] == "ops-anna"
+    assert row is not None and row["actor"] == anna_id
     assert json.loads(row["before"])["is_resolved"] is False and json.loads(row["after"])["is_resolved"] is True
-    assert [h["actor"] for h in json.loads(ok(fleet(s, "alerts", "show", str(alert), "--json")))["history"]] == [
-        "ops-anna"]
+    assert [h["actor"] for h in json.loads(ok(fleet(s, "alerts", "show", str(alert), "--json")))["history"]] == [anna_id]
     assert json.loads(ok(fleet(s, "alerts", "list", "--open", "--vehicle", story.plate, "--json"))) == []
 
     assert one_line_error(fleet(s, "alerts", "resolve", str(alert))).startswith(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
@@ -14,6 +15,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+from pydantic import SecretStr
 
 from fleet_telemetry.consumers.rules import RuleEngine
 from fleet_telemetry.consumers.sink import create_pool
@@ -24,10 +26,12 @@ from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.fleetops import dashboard
 from fleet_telemetry.fleetops.commands import CommandConsumer, command_value
 from fleet_telemetry.fleetops.db import Database
+from fleet_telemetry.fleetops.tokens import TokenKeys, issue
 from fleet_telemetry.ingest.producer import start_producer
 from fleet_telemetry.ingest.topics import ensure_topics
 from tests.databases import create_database, drop_database
 from tests.integration.cli import fleet
+from tests.users import TEST_ADMIN, seed as seed_users
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +41,8 @@ async def deployments(base_settings: Settings) -> AsyncIterator[tuple[str, str]]
     """Two freshly migrated databases, as two deployments would have."""
     names = [f"fleet_test_{uuid.uuid4().hex[:10]}" for _ in range(2)]
     urls = [await create_database(base_settings.database_url, name, migrate=True) for name in names]
+    for url in urls:
+        await seed_users(url)
     yield urls[0], urls[1]
     for name in names:
         await drop_database(base_settings.database_url, name)
@@ -174,13 +180,27 @@ def test_a_prefix_with_a_space_is_refused_with_one_line(settings: Settings) -> N
     assert line.startswith("fleet dashboard: invalid configuration FLEET_REDIS_KEY_PREFIX:")
 
 
+async def redis_admin_id(settings: Settings) -> uuid.UUID:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        user_id: uuid.UUID = await conn.fetchval("SELECT id FROM users WHERE email = $1", TEST_ADMIN)
+        return user_id
+    finally:
+        await conn.close()
+
+
 async def test_a_command_applied_by_the_consumer_invalidates_the_dashboard_cache(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     tag = uuid.uuid4().hex[:10]
     settings = settings.model_copy(update={
         "redis_key_prefix": f"test-{tag}:", "commands_topic": f"test.commands.{tag}",
-        "commands_dlq_topic": f"test.commands.dlq.{tag}", "commands_group": f"test-commands-{tag}"})
+        "commands_dlq_topic": f"test.commands.dlq.{tag}", "commands_group": f"test-commands-{tag}",
+        "jwt_secret": SecretStr("a secret of at least thirty-two bytes")})
+    keys = TokenKeys.from_settings(settings)
+    assert keys is not None
+    admin = await redis_admin_id(settings)
+    token, _ = issue(keys, admin, ttl_seconds=600, now=time.time())
     await ensure_topics(settings, [settings.commands_topic, settings.commands_dlq_topic], partitions=1)
     try:
         before = dashboard_figures(settings)
@@ -188,7 +208,7 @@ async def test_a_command_applied_by_the_consumer_invalidates_the_dashboard_cache
         try:
             await producer.send_and_wait(settings.commands_topic, command_value(
                 "vehicle.register", {"vin": f"CMD{tag[:10].upper()}", "license_plate": f"CMD-{tag[:6].upper()}"},
-                command_id=uuid.uuid4()))
+                command_id=uuid.uuid4(), token=token))
         finally:
             await producer.stop()
         assert await asyncio.wait_for(CommandConsumer(settings, stop_when_idle=2.0).run(), timeout=120) == 0

@@ -189,7 +189,17 @@ def test_a_command_decodes_into_its_parts() -> None:
     default_actor = commands.decode_command(orjson.dumps({"command_id": str(command_id), "type": "vehicle.delete"}),
                                             key=None, source=SOURCE)
     assert isinstance(default_actor, commands.Command)
-    assert default_actor.actor == "fleet-commands" and default_actor.data == {}
+    assert default_actor.actor is None and default_actor.token is None and default_actor.data == {}
+
+
+def test_a_version_2_command_carries_its_token_and_never_shows_it() -> None:
+    command_id = uuid.uuid4()
+    raw = commands.command_value("vehicle.delete", {"id": "x"}, command_id=command_id, token="sec.ret.token")
+    decoded = commands.decode_command(raw, key=None, source=SOURCE)
+    assert isinstance(decoded, commands.Command)
+    assert decoded.token == "sec.ret.token" and decoded.actor is None
+    assert orjson.loads(decoded.value)["token"] == "<redacted>"
+    assert b"sec.ret.token" not in decoded.value and "sec.ret.token" not in repr(decoded)
 
 
 @pytest.mark.parametrize(("raw", "reason", "has_id"), [
@@ -201,6 +211,7 @@ def test_a_command_decodes_into_its_parts() -> None:
     (b'{"command_id": "%s", "type": "vehicle.fly"}', "unknown_type", True),
     (b'{"command_id": "%s", "type": "vehicle.delete", "data": [1]}', "invalid_command", True),
     (b'{"command_id": "%s", "type": "vehicle.delete", "actor": ""}', "invalid_command", True),
+    (b'{"command_id": "%s", "type": "vehicle.delete", "version": 3}', "invalid_command", True),
 ])
 def test_bad_envelopes_are_rejections_with_a_reason(raw: bytes, reason: str, has_id: bool) -> None:
     command_id = uuid.uuid4()
@@ -288,7 +299,7 @@ def test_given_field_options_are_gathered_for_the_writer_and_the_rest_passed_as_
     vehicle_id = uuid.uuid4()
     args = _parsed("vehicles", "update", str(vehicle_id), "--status", "retired")
     assert _action("vehicles", "update").arguments(args) == {  # the id, VIN or plate is resolved when it runs
-        "actor": "fleet-cli", "vehicle_id": str(vehicle_id), "changes": {"status": "retired"}}
+        "actor": None, "vehicle_id": str(vehicle_id), "changes": {"status": "retired"}}
     args = _parsed("assignments", "list", "--driver", str(vehicle_id), "--limit", "3")
     assert _action("assignments", "list").arguments(args) == {
         "vehicle_id": None, "driver_id": vehicle_id, "status": None, "limit": 3}
