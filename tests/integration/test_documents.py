@@ -149,7 +149,7 @@ async def test_a_refused_content_type_stores_nothing(
     assert await objects_under(doc_settings, f"documents/vehicle/{vehicle}/") == []
 
 
-async def test_an_unknown_actor_or_owner_is_refused_before_anything_is_stored(
+async def test_an_unknown_or_read_only_actor_or_an_unknown_owner_is_refused_before_anything_is_stored(
     doc_settings: Settings, conn: asyncpg.Connection, make_vehicles: Callable[[int], Awaitable[list[uuid.UUID]]],
     tmp_path: Path,
 ) -> None:
@@ -158,7 +158,13 @@ async def test_an_unknown_actor_or_owner_is_refused_before_anything_is_stored(
     (tmp_path / "a.pdf").write_bytes(pdf(5000))
     nobody = fleet(doc_settings, "documents", "upload", str(tmp_path / "a.pdf"), "--owner", f"vehicle:{vehicle}",
                    "--kind", "insurance", "--actor", "nobody@example.com")
-    assert nobody.returncode == 2 and "is not an active user" in one_line(nobody.stderr)
+    assert nobody.returncode == 2 and "unknown actor 'nobody@example.com'" in one_line(nobody.stderr)
+    viewer = f"viewer-{uuid.uuid4().hex[:8]}@example.com"
+    await conn.execute("INSERT INTO users (email, password_hash, role) VALUES ($1, 'not-a-login', 'viewer')", viewer)
+    read_only = fleet(doc_settings, "documents", "upload", str(tmp_path / "a.pdf"), "--owner", f"vehicle:{vehicle}",
+                      "--kind", "insurance", "--actor", viewer)
+    assert read_only.returncode == 2
+    assert f"forbidden: {viewer} (role viewer) may not documents:write" in one_line(read_only.stderr)
     ghost = uuid.uuid4()
     no_owner = fleet(doc_settings, "documents", "upload", str(tmp_path / "a.pdf"), "--owner", f"driver:{ghost}",
                      "--kind", "licence", "--actor", actor)
@@ -338,7 +344,7 @@ async def test_an_expiring_licence_raises_one_alert_resolved_by_a_newer_licence(
     doc_settings: Settings, conn: asyncpg.Connection, tmp_path: Path,
 ) -> None:
     actor = await make_user(conn)
-    driver = await drivers.register_driver(conn, actor="test", data={"name": "Lee"})
+    driver = await drivers.register_driver(conn, actor=TEST_ADMIN, data={"name": "Lee"})
     owner = f"driver:{driver['id']}"
     soon = (date.today() + timedelta(days=10)).isoformat()
     later = (date.today() + timedelta(days=800)).isoformat()
