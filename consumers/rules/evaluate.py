@@ -18,10 +18,12 @@ from operator import attrgetter
 from uuid import UUID
 
 from fleet_telemetry.consumers.rules.checks import (
+    HARSH_MIN_DELTA_KMH,
     JUMP_MIN_DEGREES,
     STATIONARY_DEGREES,
     check_engine,
     check_fuel,
+    check_harsh,
     check_jump,
     check_overspeed,
 )
@@ -147,6 +149,11 @@ def _vehicle(vid: UUID, vs: VehicleState, rs: list[Reading], index: GeofenceInde
         if speed is not None and (vs.episodes or speed > speed_limit
                                   or (here.inside and speed > index.lowest_limit(here.inside))):
             vs.episodes = check_overspeed(vid, vs, t, speed, index, here.inside, th, actions)
+        last_speed = vs.last_speed
+        if last_speed is not None and (vs.harsh_since is not None or (
+                speed is not None and abs(speed - last_speed) >= HARSH_MIN_DELTA_KMH)):
+            check_harsh(vid, vs, t, speed, last_speed, th, actions)
+        vs.last_speed = speed
         fuel = r.fuel_level
         if fuel is not None:
             last_fuel = vs.last_fuel
