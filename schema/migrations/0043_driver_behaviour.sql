@@ -1,0 +1,146 @@
+-- 0043: driver behaviour: the driver on every vehicle alert, and daily driver scores
+-- (schema/README.md, "Driver behaviour").
+
+-- The driver of the vehicle's ACTIVE assignment when the alert happened (its reading time,
+-- or when it was raised for the alerts of the timers), as recorded at insert; NULL: no
+-- driver on duty, or not a vehicle alert.
+ALTER TABLE alerts ADD COLUMN driver_id uuid REFERENCES drivers (id);
+
+-- Fills alerts.driver_id for every writer that leaves it NULL (the rules, the timers, and
+-- any writer added later), from fleet_driver_at (0040).
+CREATE FUNCTION fleet_alerts_fill_driver() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.driver_id IS NULL AND NEW.entity_type = 'vehicle' THEN
+        NEW.driver_id := fleet_driver_at(NEW.entity_id, coalesce(NEW.reading_time, NEW.raised_at));
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER alerts_fill_driver BEFORE INSERT ON alerts
+    FOR EACH ROW EXECUTE FUNCTION fleet_alerts_fill_driver();
+
+-- The alerts raised before this migration get the driver the trigger would have given them.
+UPDATE alerts SET driver_id = fleet_driver_at(entity_id, coalesce(reading_time, raised_at))
+WHERE entity_type = 'vehicle' AND driver_id IS NULL;
+
+-- A driver's alerts, newest first (`fleet alerts list` for one driver, the driver's history).
+CREATE INDEX alerts_driver_idx ON alerts (driver_id, reading_time DESC) WHERE driver_id IS NOT NULL;
+-- The score of one day reads that day's behaviour alerts: `WHERE type IN (...) AND reading_time in [day, day + 1)`.
+CREATE INDEX alerts_behaviour_time_idx ON alerts (reading_time)
+    WHERE type IN ('harsh_braking', 'harsh_acceleration', 'overspeed');
+
+
+-- One row per driver and UTC day they drove or had a behaviour alert, recomputed by
+-- `fleet maintain` for the days whose telemetry, behaviour alerts or assignments changed.
+CREATE TABLE driver_daily_scores (
+    driver_id          uuid NOT NULL REFERENCES drivers (id),
+    day                date NOT NULL,
+    -- Between consecutive readings of the driver's ACTIVE assignments that day, GPS jumps left out.
+    distance_km        double precision NOT NULL,
+    harsh_braking      integer NOT NULL,
+    harsh_acceleration integer NOT NULL,
+    -- Overspeed alerts: the global limit's and the geofences' own.
+    overspeed          integer NOT NULL,
+    -- With the FLEET_BEHAVIOUR_PENALTY_* of the pass that computed the row.
+    penalty_points     double precision NOT NULL,
+    -- max(0, 100 - penalty_points per 100 km); NULL when no distance was driven.
+    score              double precision,
+    computed_at        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (driver_id, day),
+    CONSTRAINT driver_daily_scores_counts_check
+        CHECK (distance_km >= 0 AND harsh_braking >= 0 AND harsh_acceleration >= 0 AND overspeed >= 0),
+    CONSTRAINT driver_daily_scores_score_check CHECK (score BETWEEN 0 AND 100)
+);
+
+-- Every driver over a period (`fleet drivers scores` without --driver) and the
+-- recompute of one day (`WHERE day = $1`); one driver's period uses the primary key.
+CREATE INDEX driver_daily_scores_day_idx ON driver_daily_scores (day);
+
+
+-- Days whose scores must be recomputed, marked by the triggers below in the transaction
+-- of the change. `fleet maintain` moves them into driver_score_queue in a short
+-- transaction that first waits for the transactions that already marked (LOCK ... IN
+-- EXCLUSIVE MODE, like telemetry_dirty_hours), then recomputes day by day.
+CREATE TABLE driver_score_dirty_days (
+    day       date PRIMARY KEY,
+    marked_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Days claimed and not yet recomputed; a crash between the claim and the recompute loses nothing.
+CREATE TABLE driver_score_queue (
+    day       date PRIMARY KEY,
+    queued_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- A behaviour alert marks its day.
+CREATE FUNCTION fleet_mark_score_day_of_alert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO driver_score_dirty_days (day) VALUES ((NEW.reading_time AT TIME ZONE 'UTC')::date)
+    ON CONFLICT (day) DO NOTHING;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER alerts_mark_score_day AFTER INSERT ON alerts
+    FOR EACH ROW
+    WHEN (NEW.type IN ('harsh_braking', 'harsh_acceleration', 'overspeed') AND NEW.reading_time IS NOT NULL)
+    EXECUTE FUNCTION fleet_mark_score_day_of_alert();
+
+-- Telemetry hours queued for the rollups mark their days: whatever queued them (the sink's
+-- dirty hours, a backfill, rows moved out of a default partition), the raw rows changed.
+CREATE FUNCTION fleet_mark_score_days_of_hours() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO driver_score_dirty_days (day)
+    SELECT DISTINCT (hour AT TIME ZONE 'UTC')::date FROM queued_hours
+    ON CONFLICT (day) DO NOTHING;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER telemetry_rollup_queue_mark_score_days AFTER INSERT ON telemetry_rollup_queue
+    REFERENCING NEW TABLE AS queued_hours
+    FOR EACH STATEMENT EXECUTE FUNCTION fleet_mark_score_days_of_hours();
+
+-- A booking made, moved, ended or cancelled marks the past days whose attribution it
+-- changes: the whole period of the old and the new row when the vehicle, the driver or
+-- the status changed, else only the days between the old and the new start and end.
+CREATE FUNCTION fleet_mark_score_days_of_assignment() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    spans tstzrange[] := '{}';
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        spans := ARRAY[tstzrange(NEW.start_time, NEW.end_time, '[)')];
+    ELSIF TG_OP = 'DELETE' THEN
+        spans := ARRAY[tstzrange(OLD.start_time, OLD.end_time, '[)')];
+    ELSIF (OLD.vehicle_id, OLD.driver_id, OLD.status) IS DISTINCT FROM (NEW.vehicle_id, NEW.driver_id, NEW.status) THEN
+        spans := ARRAY[tstzrange(OLD.start_time, OLD.end_time, '[)'), tstzrange(NEW.start_time, NEW.end_time, '[)')];
+    ELSE
+        IF OLD.start_time <> NEW.start_time THEN
+            spans := spans || tstzrange(least(OLD.start_time, NEW.start_time), greatest(OLD.start_time, NEW.start_time), '[]');
+        END IF;
+        IF OLD.end_time IS DISTINCT FROM NEW.end_time THEN
+            spans := spans || tstzrange(least(coalesce(OLD.end_time, 'infinity'), coalesce(NEW.end_time, 'infinity')),
+                                        greatest(coalesce(OLD.end_time, 'infinity'), coalesce(NEW.end_time, 'infinity')),
+                                        '[]');
+        END IF;
+    END IF;
+    INSERT INTO driver_score_dirty_days (day)
+    SELECT DISTINCT (d AT TIME ZONE 'UTC')::date
+      FROM unnest(spans) AS s(span)
+     CROSS JOIN LATERAL generate_series(
+            date_trunc('day', lower(s.span), 'UTC'),
+            date_trunc('day', least(coalesce(upper(s.span), now()), now()), 'UTC'),
+            interval '1 day') AS d
+     WHERE lower(s.span) <= now()
+    ON CONFLICT (day) DO NOTHING;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER vehicle_assignments_mark_score_days AFTER INSERT OR UPDATE OR DELETE ON vehicle_assignments
+    FOR EACH ROW EXECUTE FUNCTION fleet_mark_score_days_of_assignment();
