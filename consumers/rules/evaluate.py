@@ -118,6 +118,8 @@ def _vehicle(vid: UUID, vs: VehicleState, rs: list[Reading], index: GeofenceInde
     refuel = th.fuel_hysteresis_percent
     overheat = th.overheat_c
     stationary_kmh = th.stationary_kmh
+    harsh_gap = timedelta(seconds=th.behaviour_max_gap_seconds)
+    last_time = vs.last_time
     for r in rs:
         t = r.time
         lat, lon, speed = r.lat, r.lon, r.speed
@@ -151,7 +153,8 @@ def _vehicle(vid: UUID, vs: VehicleState, rs: list[Reading], index: GeofenceInde
             vs.episodes = check_overspeed(vid, vs, t, speed, index, here.inside, th, actions)
         last_speed = vs.last_speed
         if last_speed is not None and (vs.harsh_since is not None or (
-                speed is not None and abs(speed - last_speed) >= HARSH_MIN_DELTA_KMH)):
+                speed is not None and abs(speed - last_speed) >= HARSH_MIN_DELTA_KMH
+                and last_time is not None and t - last_time <= harsh_gap)):
             check_harsh(vid, vs, t, speed, last_speed, th, actions)
         vs.last_speed = speed
         fuel = r.fuel_level
@@ -172,4 +175,4 @@ def _vehicle(vid: UUID, vs: VehicleState, rs: list[Reading], index: GeofenceInde
                 check_engine(vid, vs, t, engine, th, actions)
         if r.odometer_km is not None:
             vs.odometer_km = r.odometer_km
-        vs.last_time = t
+        vs.last_time = last_time = t
