@@ -2,14 +2,15 @@
 
 Per driver and UTC day (schema/README.md, "Driver behaviour"):
 
+- **bookings**: the driver's assignments that were driven, ACTIVE or COMPLETED (``fleet
+  assignments end`` completes one; a CANCELLED one never happened), cut to the day.
 - **distance**: the sum of ``ST_Distance`` on geography between consecutive raw readings
-  of the vehicle inside each of the driver's ACTIVE assignments that day, leaving out the
-  steps the rules take for GPS jumps (longer than :data:`JUMP_MIN_DISTANCE_M` at more
-  than ``FLEET_ALERT_MAX_GPS_SPEED_KMH``); the step across midnight or across an
-  assignment's start or end belongs to neither side.
-- **events**: the ``harsh_braking``, ``harsh_acceleration`` and ``overspeed`` alerts of
-  the day (by reading time) whose vehicle the driver had at that moment
-  (``fleet_driver_at``).
+  of the vehicle inside each booking, leaving out the steps the rules take for GPS jumps
+  (longer than :data:`JUMP_MIN_DISTANCE_M` at more than ``FLEET_ALERT_MAX_GPS_SPEED_KMH``);
+  the step across midnight or across a booking's start or end belongs to neither side.
+  Rounded to the metre.
+- **events**: the ``harsh_braking``, ``harsh_acceleration`` and ``overspeed`` alerts whose
+  reading time falls inside a booking of the driver that day.
 - **score**: :func:`score_of` the penalty points (``FLEET_BEHAVIOUR_PENALTY_*`` per event).
 
 The triggers of migration 0043 mark a day in ``driver_score_dirty_days`` whenever its
@@ -55,7 +56,7 @@ WITH bounds AS (
     SELECT a.driver_id, a.vehicle_id, greatest(a.start_time, b.lo) AS w_start,
            least(coalesce(a.end_time, 'infinity'), b.hi) AS w_end
       FROM vehicle_assignments AS a, bounds AS b
-     WHERE a.status = 'ACTIVE' AND a.start_time < b.hi AND (a.end_time IS NULL OR a.end_time > b.lo)
+     WHERE a.status IN ('ACTIVE', 'COMPLETED') AND a.start_time < b.hi AND (a.end_time IS NULL OR a.end_time > b.lo)
 ), steps AS (
     SELECT w.driver_id,
            ST_Distance((lag(t.location) OVER p)::geography, t.location::geography) AS m,
@@ -77,11 +78,11 @@ WITH bounds AS (
            count(*) FILTER (WHERE type = 'harsh_braking')::int AS harsh_braking,
            count(*) FILTER (WHERE type = 'harsh_acceleration')::int AS harsh_acceleration,
            count(*) FILTER (WHERE type = 'overspeed')::int AS overspeed
-      FROM (SELECT fleet_driver_at(a.entity_id, a.reading_time) AS driver_id, a.type
-              FROM alerts AS a, bounds AS b
+      FROM (SELECT w.driver_id, a.type
+              FROM alerts AS a, bounds AS b, windows AS w
              WHERE a.type IN ('harsh_braking', 'harsh_acceleration', 'overspeed') AND a.entity_type = 'vehicle'
-               AND a.reading_time >= b.lo AND a.reading_time < b.hi) AS e
-     WHERE driver_id IS NOT NULL
+               AND a.reading_time >= b.lo AND a.reading_time < b.hi
+               AND a.entity_id = w.vehicle_id AND a.reading_time >= w.w_start AND a.reading_time < w.w_end) AS e
      GROUP BY driver_id
 ), counted AS (
     SELECT coalesce(d.driver_id, e.driver_id) AS driver_id, coalesce(d.km, 0) AS km,

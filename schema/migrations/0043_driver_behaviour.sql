@@ -32,16 +32,18 @@ CREATE INDEX alerts_behaviour_time_idx ON alerts (reading_time)
     WHERE type IN ('harsh_braking', 'harsh_acceleration', 'overspeed');
 
 
--- One row per driver and UTC day they drove or had a behaviour alert, recomputed by
--- `fleet maintain` for the days whose telemetry, behaviour alerts or assignments changed.
+-- One row per driver and UTC day they drove or had a behaviour alert on one of their
+-- bookings (ACTIVE or COMPLETED), recomputed by `fleet maintain` for the days whose
+-- telemetry, behaviour alerts or bookings changed.
 CREATE TABLE driver_daily_scores (
     driver_id          uuid NOT NULL REFERENCES drivers (id),
     day                date NOT NULL,
-    -- Between consecutive readings of the driver's ACTIVE assignments that day, GPS jumps left out.
+    -- Between consecutive readings inside the driver's bookings that day, GPS jumps left out.
     distance_km        double precision NOT NULL,
     harsh_braking      integer NOT NULL,
     harsh_acceleration integer NOT NULL,
-    -- Overspeed alerts: the global limit's and the geofences' own.
+    -- Behaviour alerts (by reading time) inside the driver's bookings; overspeed counts the
+    -- global limit's alerts and the geofences' own.
     overspeed          integer NOT NULL,
     -- With the FLEET_BEHAVIOUR_PENALTY_* of the pass that computed the row.
     penalty_points     double precision NOT NULL,
@@ -106,28 +108,40 @@ CREATE TRIGGER telemetry_rollup_queue_mark_score_days AFTER INSERT ON telemetry_
     FOR EACH STATEMENT EXECUTE FUNCTION fleet_mark_score_days_of_hours();
 
 -- A booking made, moved, ended or cancelled marks the past days whose attribution it
--- changes: the whole period of the old and the new row when the vehicle, the driver or
--- the status changed, else only the days between the old and the new start and end.
+-- changes. The scores count ACTIVE and COMPLETED bookings alike (a COMPLETED one was driven,
+-- a CANCELLED one never was): the whole period of the old and of the new row when the
+-- vehicle, the driver or whether it counts changed, else only the days between the old
+-- and the new start and between the old and the new end.
 CREATE FUNCTION fleet_mark_score_days_of_assignment() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    spans tstzrange[] := '{}';
+    old_span tstzrange;
+    new_span tstzrange;
+    spans    tstzrange[];
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        spans := ARRAY[tstzrange(NEW.start_time, NEW.end_time, '[)')];
-    ELSIF TG_OP = 'DELETE' THEN
-        spans := ARRAY[tstzrange(OLD.start_time, OLD.end_time, '[)')];
-    ELSIF (OLD.vehicle_id, OLD.driver_id, OLD.status) IS DISTINCT FROM (NEW.vehicle_id, NEW.driver_id, NEW.status) THEN
-        spans := ARRAY[tstzrange(OLD.start_time, OLD.end_time, '[)'), tstzrange(NEW.start_time, NEW.end_time, '[)')];
+    IF TG_OP <> 'INSERT' AND OLD.status <> 'CANCELLED' THEN
+        old_span := tstzrange(OLD.start_time, OLD.end_time, '[)');
+    END IF;
+    IF TG_OP <> 'DELETE' AND NEW.status <> 'CANCELLED' THEN
+        new_span := tstzrange(NEW.start_time, NEW.end_time, '[)');
+    END IF;
+    IF old_span IS NOT NULL AND new_span IS NOT NULL
+       AND (OLD.vehicle_id, OLD.driver_id) = (NEW.vehicle_id, NEW.driver_id) THEN
+        spans := ARRAY[
+            tstzrange(least(OLD.start_time, NEW.start_time), greatest(OLD.start_time, NEW.start_time), '[]'),
+            tstzrange(least(coalesce(OLD.end_time, 'infinity'), coalesce(NEW.end_time, 'infinity')),
+                      greatest(coalesce(OLD.end_time, 'infinity'), coalesce(NEW.end_time, 'infinity')), '[]')];
+        IF OLD.start_time = NEW.start_time THEN
+            spans := spans[2:2];
+        END IF;
+        IF OLD.end_time IS NOT DISTINCT FROM NEW.end_time THEN
+            spans := spans[1:1];
+        END IF;
+        IF OLD.start_time = NEW.start_time AND OLD.end_time IS NOT DISTINCT FROM NEW.end_time THEN
+            RETURN NULL;
+        END IF;
     ELSE
-        IF OLD.start_time <> NEW.start_time THEN
-            spans := spans || tstzrange(least(OLD.start_time, NEW.start_time), greatest(OLD.start_time, NEW.start_time), '[]');
-        END IF;
-        IF OLD.end_time IS DISTINCT FROM NEW.end_time THEN
-            spans := spans || tstzrange(least(coalesce(OLD.end_time, 'infinity'), coalesce(NEW.end_time, 'infinity')),
-                                        greatest(coalesce(OLD.end_time, 'infinity'), coalesce(NEW.end_time, 'infinity')),
-                                        '[]');
-        END IF;
+        spans := array_remove(ARRAY[old_span, new_span], NULL);
     END IF;
     INSERT INTO driver_score_dirty_days (day)
     SELECT DISTINCT (d AT TIME ZONE 'UTC')::date

@@ -41,12 +41,13 @@ def message(vid: uuid.UUID, t: datetime, speed: float, lat: float, lon: float = 
 
 
 async def book(conn: asyncpg.Connection, vid: uuid.UUID, name: str, start: datetime,
-               end: datetime | None = None) -> uuid.UUID:
+               end: datetime | None = None) -> tuple[uuid.UUID, uuid.UUID]:
+    """Registers driver ``name`` and books them on ``vid``; returns (driver id, assignment id)."""
     driver = await drivers.register_driver(conn, actor=ACTOR, data={"name": name})
     did = uuid.UUID(str(driver["id"]))
-    await assignments.create_assignment(conn, actor=ACTOR, vehicle_id=vid, driver_id=did, start_time=start,
-                                        end_time=end)
-    return did
+    booking = await assignments.create_assignment(conn, actor=ACTOR, vehicle_id=vid, driver_id=did, start_time=start,
+                                                  end_time=end)
+    return did, uuid.UUID(str(booking["id"]))
 
 
 async def behaviour_alerts(db: asyncpg.Connection, vid: uuid.UUID) -> list[dict[str, Any]]:
@@ -65,7 +66,7 @@ async def test_harsh_braking_is_one_alert_with_the_driver_on_duty_and_a_redelive
     settings = rules_settings(topics)
     braking, slow = await make_vehicles(2)
     start = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=20)
-    driver = await book(conn, braking, f"Ada {braking.hex[:6]}", start - timedelta(hours=1))
+    driver, _ = await book(conn, braking, f"Ada {braking.hex[:6]}", start - timedelta(hours=1))
     # 80 km/h to 40 km/h in one second (-11.1 m/s²), then steady; the other vehicle makes
     # the same change over ten seconds (-1.1 m/s²) and then over six (too far apart).
     one_second = [(0, 80.0), (1, 80.0), (2, 40.0), (3, 38.0), (4, 38.0)]
@@ -168,7 +169,7 @@ async def run_scored_day(settings: Settings, producer: AIOKafkaProducer, db: asy
                      " 'MAN', 'TGX', 2021)", vid, vid.hex[:17].upper(), "B-" + vid.hex[:8].upper())
     name = f"Grace {vid.hex[:6]}"
     async with Database(settings.database_url) as database, database.write() as writer:
-        driver = await book(writer, vid, name, t0 + timedelta(minutes=30), t0 + timedelta(hours=2))  # 09:30-11:00
+        driver, booking = await book(writer, vid, name, t0 + timedelta(minutes=30), t0 + timedelta(hours=2))  # 09:30-11:00
 
     def at_minute(m: float) -> datetime:
         return t0 + timedelta(minutes=m)
@@ -243,6 +244,17 @@ async def run_scored_day(settings: Settings, producer: AIOKafkaProducer, db: asy
     assert header.split() == ["driver", "days", "distance_km", "braking", "acceleration", "overspeed", "penalty",
                               "score"]
     assert line.startswith(name) and line.split()[-1] == f"{rescored['score']:.1f}"
+
+    # The booking ended after the fact at 10:20: the day is rescored without what came later.
+    async with Database(settings.database_url) as database, database.write() as writer:
+        await assignments.end_assignment(writer, actor=ACTOR, assignment_id=booking, at=at_minute(80))
+    report = await maintainer.run_once()
+    assert report.driver_scores.days >= 1
+    shortened = [(t, lat, lon) for t, _, lat, lon in readings + late if at_minute(30) <= t < at_minute(80)]
+    ended = await db.fetchrow("SELECT * FROM driver_daily_scores WHERE driver_id = $1 AND day = $2", driver, day)
+    assert ended["distance_km"] == pytest.approx(await expected_km(db, shortened), abs=0.0011)
+    assert (ended["harsh_braking"], ended["harsh_acceleration"], ended["overspeed"], ended["penalty_points"],
+            ended["score"]) == (0, 0, 0, 0.0, 100.0)
 
 
 async def test_drivers_scores_refuses_bad_arguments_with_one_line(settings: Settings) -> None:
