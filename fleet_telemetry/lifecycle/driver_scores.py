@@ -18,7 +18,8 @@ telemetry hours are queued for the rollups, a behaviour alert is inserted, or an
 assignment covering it changes. :func:`refresh_driver_scores` claims the marks (waiting
 for the transactions that marked, like the rollups' claim) and recomputes each day in
 a transaction of its own; recomputing a day gives the same rows, and rows that did not
-change are not rewritten.
+change are not rewritten. A day whose raw readings are gone (before the raw horizon)
+keeps its rows.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fleet_telemetry.lifecycle.context import PassContext
 from fleet_telemetry.lifecycle.locks import in_lock_timeout
 from fleet_telemetry.lifecycle.policy import DEFAULT_LOCK_TIMEOUT_SECONDS, LOCK_PATIENCE_SECONDS, ScoreRules
 from fleet_telemetry.lifecycle.report import ScoresReport
+from fleet_telemetry.lifecycle.rollups import read_horizons
 
 # A step shorter than this is never a GPS jump: the rules' own JUMP_MIN_DISTANCE_M.
 JUMP_MIN_DISTANCE_M = 250.0
@@ -162,10 +164,14 @@ async def refresh_driver_scores(
     report = ScoresReport()
     report.claim_deferred = not await claim_dirty_days(conn, lock_timeout=lock_timeout, lock_patience=lock_patience)
     for row in await conn.fetch(_QUEUED):
+        day = row["day"]
         async with conn.transaction():
-            if await conn.fetchval(_TAKE, row["day"]) is None:
+            if await conn.fetchval(_TAKE, day) is None:
                 continue  # another pass took it
-            report.rows_changed += await score_day(conn, row["day"], rules)
+            if not (await read_horizons(conn)).raw_kept(datetime.combine(day, time(), timezone.utc)):
+                report.days_past_retention += 1  # its raw readings are gone: its rows stay as they are
+                continue
+            report.rows_changed += await score_day(conn, day, rules)
             report.days += 1
     report.pending_days = int(await conn.fetchval(_PENDING))
     return report

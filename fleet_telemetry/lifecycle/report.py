@@ -19,6 +19,8 @@ class ScoresReport:
     """Days recomputed."""
     rows_changed: int = 0
     """Driver-day rows inserted, changed or removed."""
+    days_past_retention: int = 0
+    """Marked days left as they were: their raw readings are gone."""
     claim_deferred: bool = False
     """The marks could not be claimed within the lock timeout (retried next time)."""
     pending_days: int = 0
