@@ -149,6 +149,7 @@ def record_pass(metrics: MaintainMetrics, report: PassReport, finished_at: float
     metrics.hours_rolled_up.inc(report.rollups.hours)
     metrics.rollup_lag.set(report.rollups.lag_seconds)
     metrics.rollup_pending.set(report.rollups.pending_hours)
+    metrics.score_days.inc(report.driver_scores.days)
     metrics.deferred.inc(len(report.deferred))
     if report.telemetry_partitions_until is not None:
         metrics.partitions_until.set(report.telemetry_partitions_until.timestamp())
