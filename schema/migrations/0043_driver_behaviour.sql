@@ -70,6 +70,13 @@ CREATE TABLE driver_score_dirty_days (
     marked_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- The days whose raw readings are kept and rolled up already are scored by the next pass.
+INSERT INTO driver_score_dirty_days (day)
+SELECT DISTINCT (d.bucket AT TIME ZONE 'UTC')::date
+  FROM vehicle_telemetry_daily AS d, telemetry_lifecycle AS l
+ WHERE d.bucket >= l.raw_horizon
+ON CONFLICT (day) DO NOTHING;
+
 -- Days claimed and not yet recomputed; a crash between the claim and the recompute loses nothing.
 CREATE TABLE driver_score_queue (
     day       date PRIMARY KEY,
