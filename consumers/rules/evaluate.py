@@ -119,6 +119,7 @@ def _vehicle(vid: UUID, vs: VehicleState, rs: list[Reading], index: GeofenceInde
     overheat = th.overheat_c
     stationary_kmh = th.stationary_kmh
     harsh_gap = timedelta(seconds=th.behaviour_max_gap_seconds)
+    min_delta = HARSH_MIN_DELTA_KMH
     last_time = vs.last_time
     for r in rs:
         t = r.time
@@ -153,7 +154,7 @@ def _vehicle(vid: UUID, vs: VehicleState, rs: list[Reading], index: GeofenceInde
             vs.episodes = check_overspeed(vid, vs, t, speed, index, here.inside, th, actions)
         last_speed = vs.last_speed
         if last_speed is not None and (vs.harsh_since is not None or (
-                speed is not None and abs(speed - last_speed) >= HARSH_MIN_DELTA_KMH
+                speed is not None and not -min_delta < speed - last_speed < min_delta
                 and last_time is not None and t - last_time <= harsh_gap)):
             check_harsh(vid, vs, t, speed, last_speed, th, actions)
         vs.last_speed = speed

@@ -35,7 +35,7 @@ ALERT_TYPES = tuple(SEVERITY)
 
 @dataclass(frozen=True, slots=True)
 class Thresholds:
-    """The rules' settings (``FLEET_ALERT_*``, ``FLEET_GEOFENCE_DWELL_SECONDS``)."""
+    """The rules' settings (``FLEET_ALERT_*``, ``FLEET_GEOFENCE_DWELL_SECONDS``, ``FLEET_BEHAVIOUR_*``)."""
 
     dwell_seconds: float = 20.0
     """Default minimum dwell before an enter or exit counts."""
