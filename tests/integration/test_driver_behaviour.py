@@ -121,6 +121,26 @@ async def test_harsh_acceleration_without_a_booking_has_no_driver(
     assert alert["details"]["peak_mps2"] == 4.17 and alert["details"]["to_kmh"] == 27.0
 
 
+async def test_a_worker_restart_between_two_readings_keeps_the_previous_speed(
+        topics: Settings, producer: AIOKafkaProducer, db: asyncpg.Connection, make_vehicles: Any) -> None:
+    settings = rules_settings(topics)
+    (vid,) = await make_vehicles(1)
+    start = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=5)
+    await publish(producer, settings.telemetry_topic, [message(vid, start, 90.0, 48.0)])
+    await run_worker(settings)  # stops when idle, its states written
+    assert await db.fetchval("SELECT (memory ->> 'last_speed')::float8 FROM vehicle_rule_state WHERE vehicle_id = $1",
+                             vid) == 90.0
+
+    # The next reading, a second later, reaches another worker: 90 -> 60 km/h is -8.3 m/s².
+    await publish(producer, settings.telemetry_topic, [message(vid, start + timedelta(seconds=1), 60.0, 48.0001)])
+    await run_worker(settings)
+
+    (alert,) = await behaviour_alerts(db, vid)
+    assert (alert["type"], alert["reading_time"], alert["is_resolved"]) == (
+        "harsh_braking", start + timedelta(seconds=1), False)
+    assert alert["details"]["acceleration_mps2"] == -8.33
+
+
 # --- daily scores through fleet maintain ----------------------------------------------------------
 
 
