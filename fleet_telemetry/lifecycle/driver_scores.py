@@ -59,22 +59,21 @@ WITH bounds AS (
            least(coalesce(a.end_time, 'infinity'), b.hi) AS w_end
       FROM vehicle_assignments AS a, bounds AS b
      WHERE a.status IN ('ACTIVE', 'COMPLETED') AND a.start_time < b.hi AND (a.end_time IS NULL OR a.end_time > b.lo)
-), steps AS (
-    SELECT w.driver_id,
-           ST_Distance((lag(t.location) OVER p)::geography, t.location::geography) AS m,
-           extract(epoch FROM t.time - lag(t.time) OVER p)::float8 AS s
-      FROM windows AS w
-      JOIN vehicle_telemetry AS t
-        ON t.vehicle_id = w.vehicle_id AND t.time >= w.w_start AND t.time < w.w_end
-     -- the same bounds again, for partition pruning
-     WHERE t.time >= $1::timestamptz AND t.time < $1::timestamptz + interval '1 day'
-    WINDOW p AS (PARTITION BY w.driver_id, w.vehicle_id, w.w_start ORDER BY t.time)
 ), distance AS (
-    SELECT driver_id,
-           -- metre precision: a recompute gives the same value whatever order the sum took
-           round((coalesce(sum(m) FILTER (WHERE m <= $2::float8 OR (s > 0 AND m / s * 3.6 <= $3::float8)), 0)
-                  / 1000.0)::numeric, 3)::float8 AS km
-      FROM steps GROUP BY driver_id
+    -- Each booking's steps summed apart (its readings come in small sorted runs), then per
+    -- driver; metre precision, so a recompute gives the same value whatever order the sum took.
+    SELECT w.driver_id, round((sum(p.m) / 1000.0)::numeric, 3)::float8 AS km
+      FROM windows AS w
+     CROSS JOIN LATERAL (
+        SELECT coalesce(sum(m) FILTER (WHERE m <= $2::float8 OR (s > 0 AND m / s * 3.6 <= $3::float8)), 0) AS m
+          FROM (SELECT ST_Distance(lag(g) OVER o, g) AS m, extract(epoch FROM time - lag(time) OVER o)::float8 AS s
+                  FROM (SELECT t.time, t.location::geography AS g
+                          FROM vehicle_telemetry AS t
+                         WHERE t.vehicle_id = w.vehicle_id AND t.time >= w.w_start AND t.time < w.w_end
+                           -- the day's bounds again, for partition pruning
+                           AND t.time >= $1::timestamptz AND t.time < $1::timestamptz + interval '1 day') AS r
+                WINDOW o AS (ORDER BY time)) AS steps) AS p
+     GROUP BY w.driver_id
 ), events AS (
     SELECT driver_id,
            count(*) FILTER (WHERE type = 'harsh_braking')::int AS harsh_braking,
