@@ -16,15 +16,17 @@ class ScoresReport:
     """What one :func:`fleet_telemetry.lifecycle.driver_scores.refresh_driver_scores` did."""
 
     days: int = 0
-    """Days recomputed."""
+    """Days whose rows were recomputed."""
+    hours: int = 0
+    """Hours whose distances were recomputed."""
     rows_changed: int = 0
     """Driver-day rows inserted, changed or removed."""
     days_past_retention: int = 0
-    """Marked days left as they were: their raw readings are gone."""
+    """Days with marked hours left as they were: their raw readings are gone."""
     claim_deferred: bool = False
     """The marks could not be claimed within the lock timeout (retried next time)."""
-    pending_days: int = 0
-    """Days still marked or queued when it finished."""
+    pending_hours: int = 0
+    """Hours still marked or queued when it finished."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,9 +100,9 @@ class PassReport:
     def _score_lines(self) -> list[str]:
         s = self.driver_scores
         if self.dry_run:
-            return [f"would recompute the driver scores of {s.pending_days} days"] if s.pending_days else []
+            return [f"would recompute the driver scores of {s.pending_hours} hours"] if s.pending_hours else []
         if s.days:
-            return [f"recomputed the driver scores of {s.days} days ({s.rows_changed} rows changed)"]
+            return [f"recomputed the driver scores of {s.days} days ({s.hours} hours, {s.rows_changed} rows changed)"]
         return []
 
     def _retention_lines(self) -> list[str]:

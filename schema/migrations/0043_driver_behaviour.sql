@@ -61,65 +61,81 @@ CREATE TABLE driver_daily_scores (
 CREATE INDEX driver_daily_scores_day_idx ON driver_daily_scores (day);
 
 
--- Days whose scores must be recomputed, marked by the triggers below in the transaction
--- of the change. `fleet maintain` moves them into driver_score_queue in a short
--- transaction that first waits for the transactions that already marked (LOCK ... IN
--- EXCLUSIVE MODE, like telemetry_dirty_hours), then recomputes day by day.
-CREATE TABLE driver_score_dirty_days (
-    day       date PRIMARY KEY,
+-- Each driver's distance per UTC hour and vehicle (steps ending in that hour, inside
+-- the driver's bookings): a day's distance is the sum of its hours, so a pass recomputes
+-- only the hours that changed. Kept while the raw readings are (the raw horizon).
+CREATE TABLE driver_hourly_distance (
+    hour       timestamptz NOT NULL,
+    driver_id  uuid NOT NULL REFERENCES drivers (id),
+    vehicle_id uuid NOT NULL,
+    distance_m double precision NOT NULL,
+    -- Leads with the hour: one hour's rows are replaced, one day's summed, old ones removed.
+    PRIMARY KEY (hour, driver_id, vehicle_id),
+    CONSTRAINT driver_hourly_distance_on_the_hour CHECK (hour = date_trunc('hour', hour, 'UTC'))
+);
+
+
+-- Hours whose distances, and days whose scores, must be recomputed, marked by the triggers
+-- below in the transaction of the change. `fleet maintain` moves them into
+-- driver_score_queue in a short transaction that first waits for the transactions that
+-- already marked (LOCK ... IN EXCLUSIVE MODE, like telemetry_dirty_hours), then
+-- recomputes day by day.
+CREATE TABLE driver_score_dirty_hours (
+    hour      timestamptz PRIMARY KEY,
     marked_at timestamptz NOT NULL DEFAULT now()
 );
 
--- The days whose raw readings are kept and rolled up already are scored by the next pass.
-INSERT INTO driver_score_dirty_days (day)
-SELECT DISTINCT (d.bucket AT TIME ZONE 'UTC')::date
-  FROM vehicle_telemetry_daily AS d, telemetry_lifecycle AS l
- WHERE d.bucket >= l.raw_horizon
-ON CONFLICT (day) DO NOTHING;
+-- The hours whose raw readings are kept and rolled up already are scored by the next pass.
+INSERT INTO driver_score_dirty_hours (hour)
+SELECT DISTINCT h.bucket
+  FROM vehicle_telemetry_hourly AS h, telemetry_lifecycle AS l
+ WHERE h.bucket >= l.raw_horizon
+ON CONFLICT (hour) DO NOTHING;
 
--- Days claimed and not yet recomputed; a crash between the claim and the recompute loses nothing.
+-- Hours claimed and not yet recomputed; a crash between the claim and the recompute loses nothing.
 CREATE TABLE driver_score_queue (
-    day       date PRIMARY KEY,
+    hour      timestamptz PRIMARY KEY,
     queued_at timestamptz NOT NULL DEFAULT now()
 );
 
--- A behaviour alert marks its day.
-CREATE FUNCTION fleet_mark_score_day_of_alert() RETURNS trigger
+-- A behaviour alert marks its hour (its day's counts change).
+CREATE FUNCTION fleet_mark_score_hour_of_alert() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO driver_score_dirty_days (day) VALUES ((NEW.reading_time AT TIME ZONE 'UTC')::date)
-    ON CONFLICT (day) DO NOTHING;
+    INSERT INTO driver_score_dirty_hours (hour) VALUES (date_trunc('hour', NEW.reading_time, 'UTC'))
+    ON CONFLICT (hour) DO NOTHING;
     RETURN NULL;
 END
 $$;
 
-CREATE TRIGGER alerts_mark_score_day AFTER INSERT ON alerts
+CREATE TRIGGER alerts_mark_score_hour AFTER INSERT ON alerts
     FOR EACH ROW
     WHEN (NEW.type IN ('harsh_braking', 'harsh_acceleration', 'overspeed') AND NEW.reading_time IS NOT NULL)
-    EXECUTE FUNCTION fleet_mark_score_day_of_alert();
+    EXECUTE FUNCTION fleet_mark_score_hour_of_alert();
 
--- Telemetry hours queued for the rollups mark their days: whatever queued them (the sink's
--- dirty hours, a backfill, rows moved out of a default partition), the raw rows changed.
-CREATE FUNCTION fleet_mark_score_days_of_hours() RETURNS trigger
+-- Telemetry hours queued for the rollups mark themselves and the next hour, whose first
+-- step may start in them: whatever queued them (the sink's dirty hours, a backfill, rows
+-- moved out of a default partition), the raw rows changed.
+CREATE FUNCTION fleet_mark_score_hours_of_telemetry() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO driver_score_dirty_days (day)
-    SELECT DISTINCT (hour AT TIME ZONE 'UTC')::date FROM queued_hours
-    ON CONFLICT (day) DO NOTHING;
+    INSERT INTO driver_score_dirty_hours (hour)
+    SELECT DISTINCT h FROM queued_hours AS q, LATERAL (VALUES (q.hour), (q.hour + interval '1 hour')) AS v(h)
+    ON CONFLICT (hour) DO NOTHING;
     RETURN NULL;
 END
 $$;
 
-CREATE TRIGGER telemetry_rollup_queue_mark_score_days AFTER INSERT ON telemetry_rollup_queue
+CREATE TRIGGER telemetry_rollup_queue_mark_score_hours AFTER INSERT ON telemetry_rollup_queue
     REFERENCING NEW TABLE AS queued_hours
-    FOR EACH STATEMENT EXECUTE FUNCTION fleet_mark_score_days_of_hours();
+    FOR EACH STATEMENT EXECUTE FUNCTION fleet_mark_score_hours_of_telemetry();
 
--- A booking made, moved, ended or cancelled marks the past days whose attribution it
+-- A booking made, moved, ended or cancelled marks the past hours whose attribution it
 -- changes. The scores count ACTIVE and COMPLETED bookings alike (a COMPLETED one was driven,
 -- a CANCELLED one never was): the whole period of the old and of the new row when the
--- vehicle, the driver or whether it counts changed, else only the days between the old
+-- vehicle, the driver or whether it counts changed, else only the hours between the old
 -- and the new start and between the old and the new end.
-CREATE FUNCTION fleet_mark_score_days_of_assignment() RETURNS trigger
+CREATE FUNCTION fleet_mark_score_hours_of_assignment() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     old_span tstzrange;
@@ -134,34 +150,33 @@ BEGIN
     END IF;
     IF old_span IS NOT NULL AND new_span IS NOT NULL
        AND (OLD.vehicle_id, OLD.driver_id) = (NEW.vehicle_id, NEW.driver_id) THEN
+        IF OLD.start_time = NEW.start_time AND OLD.end_time IS NOT DISTINCT FROM NEW.end_time THEN
+            RETURN NULL;
+        END IF;
         spans := ARRAY[
             tstzrange(least(OLD.start_time, NEW.start_time), greatest(OLD.start_time, NEW.start_time), '[]'),
             tstzrange(least(coalesce(OLD.end_time, 'infinity'), coalesce(NEW.end_time, 'infinity')),
                       greatest(coalesce(OLD.end_time, 'infinity'), coalesce(NEW.end_time, 'infinity')), '[]')];
         IF OLD.start_time = NEW.start_time THEN
             spans := spans[2:2];
-        END IF;
-        IF OLD.end_time IS NOT DISTINCT FROM NEW.end_time THEN
+        ELSIF OLD.end_time IS NOT DISTINCT FROM NEW.end_time THEN
             spans := spans[1:1];
-        END IF;
-        IF OLD.start_time = NEW.start_time AND OLD.end_time IS NOT DISTINCT FROM NEW.end_time THEN
-            RETURN NULL;
         END IF;
     ELSE
         spans := array_remove(ARRAY[old_span, new_span], NULL);
     END IF;
-    INSERT INTO driver_score_dirty_days (day)
-    SELECT DISTINCT (d AT TIME ZONE 'UTC')::date
+    INSERT INTO driver_score_dirty_hours (hour)
+    SELECT DISTINCT h
       FROM unnest(spans) AS s(span)
      CROSS JOIN LATERAL generate_series(
-            date_trunc('day', lower(s.span), 'UTC'),
-            date_trunc('day', least(coalesce(upper(s.span), now()), now()), 'UTC'),
-            interval '1 day') AS d
+            date_trunc('hour', lower(s.span), 'UTC'),
+            date_trunc('hour', least(coalesce(upper(s.span), now()), now()), 'UTC'),
+            interval '1 hour') AS h
      WHERE lower(s.span) <= now()
-    ON CONFLICT (day) DO NOTHING;
+    ON CONFLICT (hour) DO NOTHING;
     RETURN NULL;
 END
 $$;
 
-CREATE TRIGGER vehicle_assignments_mark_score_days AFTER INSERT OR UPDATE OR DELETE ON vehicle_assignments
-    FOR EACH ROW EXECUTE FUNCTION fleet_mark_score_days_of_assignment();
+CREATE TRIGGER vehicle_assignments_mark_score_hours AFTER INSERT OR UPDATE OR DELETE ON vehicle_assignments
+    FOR EACH ROW EXECUTE FUNCTION fleet_mark_score_hours_of_assignment();

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.fleetops import assignments, drivers
 from fleet_telemetry.fleetops.db import Database
-from fleet_telemetry.lifecycle.driver_scores import score_day
+from fleet_telemetry.lifecycle.driver_scores import measure_hour, score_day
 from fleet_telemetry.lifecycle.policy import ScoreRules
 from fleet_telemetry.lifecycle.run import Maintainer
 from tests.databases import create_database, drop_database
@@ -218,7 +218,7 @@ async def run_scored_day(settings: Settings, producer: AIOKafkaProducer, db: asy
 
     maintainer = Maintainer(settings)
     report = await maintainer.run_once()
-    assert report.driver_scores.days >= 1 and report.driver_scores.pending_days == 0
+    assert report.driver_scores.days >= 1 and report.driver_scores.pending_hours == 0
 
     # The booking's readings, the jump's two steps left out.
     booked = [(t, lat, lon) for t, _, lat, lon in readings if at_minute(30) <= t < at_minute(120)]
@@ -233,8 +233,10 @@ async def run_scored_day(settings: Settings, producer: AIOKafkaProducer, db: asy
     assert row["score"] == max(0.0, 100.0 - penalty * 100.0 / row["distance_km"])
     assert 75 < row["score"] < 85
 
-    # Recomputing the day gives the same row.
+    # Recomputing the whole day, every hour of it, gives the same row.
     async with db.transaction():
+        for hour in range(24):
+            await measure_hour(db, t0 - timedelta(hours=9 - hour), ScoreRules())
         assert await score_day(db, day, ScoreRules()) == 0
 
     # A late backfill inside the booking (09:40-09:50): no alert, more distance, a better score.

@@ -54,8 +54,8 @@ def test_the_table_has_a_header_and_one_line_per_driver() -> None:
 
 def test_a_pass_reports_the_days_it_rescored() -> None:
     now = datetime(2026, 11, 25, tzinfo=timezone.utc)
-    report = PassReport(now=now, driver_scores=ScoresReport(days=2, rows_changed=5))
-    assert "recomputed the driver scores of 2 days (5 rows changed)" in report.lines()
-    planned = PassReport(now=now, dry_run=True, driver_scores=ScoresReport(pending_days=3))
-    assert "would recompute the driver scores of 3 days" in planned.lines()
+    report = PassReport(now=now, driver_scores=ScoresReport(days=2, hours=7, rows_changed=5))
+    assert "recomputed the driver scores of 2 days (7 hours, 5 rows changed)" in report.lines()
+    planned = PassReport(now=now, dry_run=True, driver_scores=ScoresReport(pending_hours=3))
+    assert "would recompute the driver scores of 3 hours" in planned.lines()
     assert not any("driver scores" in line for line in PassReport(now=now).lines())
