@@ -38,7 +38,8 @@ CREATE INDEX alerts_behaviour_time_idx ON alerts (reading_time)
 CREATE TABLE driver_daily_scores (
     driver_id          uuid NOT NULL REFERENCES drivers (id),
     day                date NOT NULL,
-    -- Between consecutive readings inside the driver's bookings that day, GPS jumps left out.
+    -- The sum of the day's driver_hourly_distance: steps between consecutive readings inside
+    -- the driver's bookings, GPS jumps left out; to the metre.
     distance_km        double precision NOT NULL,
     harsh_braking      integer NOT NULL,
     harsh_acceleration integer NOT NULL,
