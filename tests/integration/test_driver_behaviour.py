@@ -99,6 +99,8 @@ async def test_harsh_braking_is_one_alert_with_the_driver_on_duty_and_a_redelive
     assert listed.returncode == 0, listed.stderr
     (row,) = json.loads(listed.stdout)
     assert row["driver_id"] == str(driver) and row["driver"] == f"Ada {braking.hex[:6]}"
+    shown = fleet(settings, "alerts", "show", str(row["id"]), "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["driver"] == f"Ada {braking.hex[:6]}"
     text = fleet(settings, "alerts", "list", "--driver", str(driver))
     assert text.returncode == 0 and f"driver=Ada {braking.hex[:6]}" in text.stdout and "harsh_braking" in text.stdout
 
