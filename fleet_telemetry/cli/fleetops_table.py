@@ -374,9 +374,11 @@ DRIVERS_NEAREST = Action(
 DRIVERS_SCORES = Action(
     "scores", "driving scores over a period of UTC days (fleet maintain computes them)", driver_scores.driver_scores,
     (
-        Option("--from", dest="start", type=date_arg, required=True, help="first day, YYYY-MM-DD (UTC)"),
-        Option("--to", dest="end", type=date_arg, required=True, help="last day, YYYY-MM-DD (UTC), included"),
-        Option("--driver", to="driver_id", type=uuid_arg, help="only this driver (their id)"),
+        Option("--from", dest="start", type=date_arg, required=True, metavar="DATE",
+               help="first day, YYYY-MM-DD (UTC)"),
+        Option("--to", dest="end", type=date_arg, required=True, metavar="DATE",
+               help="last day, YYYY-MM-DD (UTC), included"),
+        Option("--driver", to="driver_id", type=uuid_arg, metavar="ID", help="only this driver (their id)"),
     ),
     render=driver_scores.render_scores,
     description="Per driver: the days scored, the distance driven on their assignments, harsh braking, harsh"
@@ -558,7 +560,8 @@ ALERTS = (
         vehicle_option(),
         Option("--type", to="alert_type", choices=ALERT_TYPES, help="only alerts of this type"),
         Option("--since", type=since_arg, metavar="TIME", help="raised since: RFC 3339, or a time ago (30m, 2h, 7d)"),
-        Option("--driver", to="driver_id", type=uuid_arg, help="only alerts with this driver on duty (their id)"),
+        Option("--driver", to="driver_id", type=uuid_arg, metavar="ID",
+               help="only alerts with this driver on duty (their id)"),
         LIMIT,
     ), columns=("id", "raised_at", "type", "severity", "license_plate", "driver", "geofence", "is_resolved",
                 "resolved_at")),
