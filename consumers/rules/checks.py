@@ -1,5 +1,6 @@
 """The alert rules, one function each: GPS jumps, overspeed (global and per geofence),
-fuel (low level, sudden drop while stationary), engine (overheating, trouble codes).
+harsh braking and acceleration, fuel (low level, sudden drop while stationary), engine
+(overheating, trouble codes).
 
 Pure code: each rule advances one vehicle's :class:`VehicleState` over one reading and
 appends the alert actions it decided to ``actions``. A rule only raises what is not
@@ -21,6 +22,8 @@ from fleet_telemetry.consumers.rules.model import (
     ENGINE_DTC,
     FUEL_DROP,
     GPS_JUMP,
+    HARSH_ACCELERATION,
+    HARSH_BRAKING,
     LOW_FUEL,
     OVERHEATING,
     OVERSPEED,
@@ -38,6 +41,11 @@ JUMP_MIN_DEGREES = JUMP_MIN_DISTANCE_M / 111_320 / 1.5
 # Speed unknown and moved less than this since the previous reading: stationary.
 STATIONARY_DISTANCE_M = 30.0
 STATIONARY_DEGREES = STATIONARY_DISTANCE_M / 111_320
+# A speed change smaller than this between two readings is never harsh: at the default
+# thresholds it would take readings less than half a second apart, where a device's speed
+# noise alone makes such changes. It also spares the common reading any time arithmetic.
+HARSH_MIN_DELTA_KMH = 5.0
+KMH_PER_MPS = 3.6
 
 
 # --- GPS jumps ---------------------------------------------------------------------
@@ -158,6 +166,61 @@ def _episode(
         actions.append(AlertAction("resolve", OVERSPEED, vid, t, {
             "max_speed_kmh": top, "ended_at": t.isoformat(), "duration_s": (t - since).total_seconds()}, fid))
     return None, None, False
+
+
+# --- harsh braking and acceleration -------------------------------------------------
+
+
+def check_harsh(
+    vid: UUID, vs: VehicleState, t: datetime, speed: float | None, last_speed: float, th: Thresholds,
+    actions: list[AlertAction],
+) -> None:
+    """``harsh_braking`` and ``harsh_acceleration`` from the speed change since the
+    previous reading (at ``vs.last_time``, speed ``last_speed``); call it before
+    ``vs.last_time`` moves on, when the change is at least :data:`HARSH_MIN_DELTA_KMH`
+    or an episode is running.
+
+    An episode is a run of consecutive reading pairs, at most
+    ``behaviour_max_gap_seconds`` apart, whose acceleration passes the same threshold:
+    raised at the first pair's later reading, resolved at the first reading that does
+    not continue it (a weaker change, a gap, no speed, or the opposite episode), with
+    the peak acceleration and the speeds it went from and to.
+    """
+    last = vs.last_time
+    kind: str | None = None
+    mps2 = 0.0
+    seconds = 0.0
+    if speed is not None and last is not None:
+        seconds = (t - last).total_seconds()
+        if 0 < seconds <= th.behaviour_max_gap_seconds:
+            mps2 = (speed - last_speed) / KMH_PER_MPS / seconds
+            if mps2 <= -th.harsh_braking_mps2:
+                kind = HARSH_BRAKING
+            elif mps2 >= th.harsh_acceleration_mps2:
+                kind = HARSH_ACCELERATION
+    since = vs.harsh_since
+    if since is not None:
+        running = HARSH_BRAKING if vs.harsh_peak_mps2 < 0 else HARSH_ACCELERATION
+        if kind == running:
+            if abs(mps2) > abs(vs.harsh_peak_mps2):
+                vs.harsh_peak_mps2 = mps2
+            return
+        assert last is not None
+        if running in vs.open:
+            vs.open.discard(running)
+            actions.append(AlertAction("resolve", running, vid, t, {
+                "peak_mps2": round(vs.harsh_peak_mps2, 2), "from_kmh": vs.harsh_from_kmh, "to_kmh": last_speed,
+                "ended_at": last.isoformat(), "duration_s": (last - since).total_seconds()}))
+        vs.harsh_since, vs.harsh_from_kmh, vs.harsh_peak_mps2 = None, None, 0.0
+    if kind is None or last is None:
+        return
+    vs.harsh_since, vs.harsh_from_kmh, vs.harsh_peak_mps2 = last, last_speed, mps2
+    if kind not in vs.open:
+        vs.open.add(kind)
+        threshold = -th.harsh_braking_mps2 if kind == HARSH_BRAKING else th.harsh_acceleration_mps2
+        actions.append(AlertAction("raise", kind, vid, t, {
+            "acceleration_mps2": round(mps2, 2), "threshold_mps2": threshold, "speed_before_kmh": last_speed,
+            "speed_kmh": speed, "seconds": seconds, "since": last.isoformat()}))
 
 
 # --- fuel --------------------------------------------------------------------------

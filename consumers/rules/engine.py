@@ -49,7 +49,8 @@ _ATTEMPTS = 10
 
 
 def thresholds_from_settings(s: Settings) -> Thresholds:
-    """The rules' thresholds as configured (``FLEET_ALERT_*``, ``FLEET_GEOFENCE_DWELL_SECONDS``)."""
+    """The rules' thresholds as configured (``FLEET_ALERT_*``, ``FLEET_GEOFENCE_DWELL_SECONDS``,
+    ``FLEET_BEHAVIOUR_*``)."""
     return Thresholds(
         dwell_seconds=s.geofence_dwell_seconds, overspeed_kmh=s.alert_overspeed_kmh,
         overspeed_min_seconds=s.alert_overspeed_min_seconds, low_fuel_percent=s.alert_low_fuel_percent,
@@ -57,6 +58,8 @@ def thresholds_from_settings(s: Settings) -> Thresholds:
         fuel_drop_seconds=s.alert_fuel_drop_seconds, stationary_kmh=s.alert_stationary_kmh,
         overheat_c=s.alert_overheat_c, overheat_hysteresis_c=s.alert_overheat_hysteresis_c,
         offline_seconds=s.alert_offline_seconds, max_gps_speed_kmh=s.alert_max_gps_speed_kmh,
+        harsh_braking_mps2=s.behaviour_harsh_braking_mps2, harsh_acceleration_mps2=s.behaviour_harsh_acceleration_mps2,
+        behaviour_max_gap_seconds=s.behaviour_max_gap_seconds,
     )
 
 

@@ -18,10 +18,12 @@ from operator import attrgetter
 from uuid import UUID
 
 from fleet_telemetry.consumers.rules.checks import (
+    HARSH_MIN_DELTA_KMH,
     JUMP_MIN_DEGREES,
     STATIONARY_DEGREES,
     check_engine,
     check_fuel,
+    check_harsh,
     check_jump,
     check_overspeed,
 )
@@ -116,6 +118,9 @@ def _vehicle(vid: UUID, vs: VehicleState, rs: list[Reading], index: GeofenceInde
     refuel = th.fuel_hysteresis_percent
     overheat = th.overheat_c
     stationary_kmh = th.stationary_kmh
+    harsh_gap = timedelta(seconds=th.behaviour_max_gap_seconds)
+    min_delta = HARSH_MIN_DELTA_KMH
+    last_time = vs.last_time
     for r in rs:
         t = r.time
         lat, lon, speed = r.lat, r.lon, r.speed
@@ -147,6 +152,12 @@ def _vehicle(vid: UUID, vs: VehicleState, rs: list[Reading], index: GeofenceInde
         if speed is not None and (vs.episodes or speed > speed_limit
                                   or (here.inside and speed > index.lowest_limit(here.inside))):
             vs.episodes = check_overspeed(vid, vs, t, speed, index, here.inside, th, actions)
+        last_speed = vs.last_speed
+        if last_speed is not None and (vs.harsh_since is not None or (
+                speed is not None and not -min_delta < speed - last_speed < min_delta
+                and last_time is not None and t - last_time <= harsh_gap)):
+            check_harsh(vid, vs, t, speed, last_speed, th, actions)
+        vs.last_speed = speed
         fuel = r.fuel_level
         if fuel is not None:
             last_fuel = vs.last_fuel
@@ -165,4 +176,4 @@ def _vehicle(vid: UUID, vs: VehicleState, rs: list[Reading], index: GeofenceInde
                 check_engine(vid, vs, t, engine, th, actions)
         if r.odometer_km is not None:
             vs.odometer_km = r.odometer_km
-        vs.last_time = t
+        vs.last_time = last_time = t

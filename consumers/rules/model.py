@@ -23,16 +23,19 @@ OVERHEATING = "overheating"
 OFFLINE = "offline"
 MAINTENANCE_DUE = "maintenance_due"
 GPS_JUMP = "gps_jump"
+HARSH_BRAKING = "harsh_braking"
+HARSH_ACCELERATION = "harsh_acceleration"
 SEVERITY = {
     OVERSPEED: "warning", LOW_FUEL: "warning", FUEL_DROP: "critical", ENGINE_DTC: "warning",
     OVERHEATING: "critical", OFFLINE: "warning", MAINTENANCE_DUE: "info", GPS_JUMP: "warning",
+    HARSH_BRAKING: "warning", HARSH_ACCELERATION: "warning",
 }
 ALERT_TYPES = tuple(SEVERITY)
 
 
 @dataclass(frozen=True, slots=True)
 class Thresholds:
-    """The rules' settings (``FLEET_ALERT_*``, ``FLEET_GEOFENCE_DWELL_SECONDS``)."""
+    """The rules' settings (``FLEET_ALERT_*``, ``FLEET_GEOFENCE_DWELL_SECONDS``, ``FLEET_BEHAVIOUR_*``)."""
 
     dwell_seconds: float = 20.0
     """Default minimum dwell before an enter or exit counts."""
@@ -52,6 +55,12 @@ class Thresholds:
     """Silent this long raises ``offline``; 0 turns the rule off."""
     max_gps_speed_kmh: float = 300.0
     """A move faster than this is a GPS jump."""
+    harsh_braking_mps2: float = 3.5
+    """A deceleration at least this strong (m/s², a magnitude) between two readings is harsh braking."""
+    harsh_acceleration_mps2: float = 3.0
+    """An acceleration at least this strong (m/s²) between two readings is harsh acceleration."""
+    behaviour_max_gap_seconds: float = 5.0
+    """Two readings further apart than this are never compared for harsh braking or acceleration."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +100,15 @@ class VehicleState:
     """The engine's trouble codes as last reported."""
     suspect: tuple[datetime, float, float] | None = None
     """(time, lat, lon) of the last reading rejected as a GPS jump."""
+    last_speed: float | None = None
+    """Speed of the newest evaluated reading (at ``last_time``), None when it had none."""
+    harsh_since: datetime | None = None
+    """A harsh braking or acceleration episode is running since this reading (its type is in
+    ``open``); None: none is."""
+    harsh_from_kmh: float | None = None
+    """The speed the running episode started from."""
+    harsh_peak_mps2: float = 0.0
+    """The strongest acceleration (negative: deceleration) of the running episode."""
     open: set[str] = field(default_factory=set)
     """Vehicle-level alert types this evaluator raised and has not resolved."""
     episodes: bool = True

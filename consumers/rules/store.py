@@ -281,6 +281,8 @@ def _memory(vs: VehicleState) -> dict[str, Any]:
         "dtc": None if vs.dtc is None else list(vs.dtc),
         "suspect": None if vs.suspect is None else [_iso(vs.suspect[0]), vs.suspect[1], vs.suspect[2]],
         "open": sorted(vs.open),
+        "last_speed": vs.last_speed,
+        "harsh": None if vs.harsh_since is None else [_iso(vs.harsh_since), vs.harsh_from_kmh, vs.harsh_peak_mps2],
     }
 
 
@@ -292,13 +294,16 @@ def _state_from_row(row: Any, fences: dict[int, FenceState], index: GeofenceInde
         lat, lon = row["lat"], row["lon"]
         position = Position(_time(m.get("pos_time")) or row["last_time"], lat, lon, index.containing(lon, lat))
     suspect = m.get("suspect")
+    harsh = m.get("harsh")
     return VehicleState(
         last_time=row["last_time"], position=position, odometer_km=row["odometer_km"],
         speeding_since=_time(m.get("speeding_since")), speeding_max=m.get("speeding_max"),
         rest_fuel=m.get("rest_fuel"), rest_time=_time(m.get("rest_time")), last_fuel=m.get("last_fuel"),
         dtc=None if m.get("dtc") is None else tuple(m["dtc"]),
         suspect=None if suspect is None else (datetime.fromisoformat(suspect[0]), suspect[1], suspect[2]),
-        open=set(m.get("open") or ()), fences=fences,
+        open=set(m.get("open") or ()), fences=fences, last_speed=m.get("last_speed"),
+        harsh_since=None if harsh is None else datetime.fromisoformat(harsh[0]),
+        harsh_from_kmh=None if harsh is None else harsh[1], harsh_peak_mps2=0.0 if harsh is None else harsh[2],
     )
 
 

@@ -31,7 +31,7 @@ from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.fleetops.errors import InvalidInput
 from fleet_telemetry.fleetops.validation import DRIVER_STATUSES, JOB_STATUSES, VEHICLE_STATUSES
 from fleet_telemetry.fleetops.values import parse_date, parse_month, parse_number, parse_point, parse_time
-from fleet_telemetry.views import alerts
+from fleet_telemetry.views import alerts, driver_scores
 from fleet_telemetry.views.vehicle_status import vehicle_status
 
 # --- argument types: one readable line on bad input ---------------------------------------------
@@ -371,6 +371,21 @@ DRIVERS_NEAREST = Action(
     " last position is within --radius-km of --at, nearest first.",
 )
 
+DRIVERS_SCORES = Action(
+    "scores", "driving scores over a period of UTC days (fleet maintain computes them)", driver_scores.driver_scores,
+    (
+        Option("--from", dest="start", type=date_arg, required=True, metavar="DATE",
+               help="first day, YYYY-MM-DD (UTC)"),
+        Option("--to", dest="end", type=date_arg, required=True, metavar="DATE",
+               help="last day, YYYY-MM-DD (UTC), included"),
+        Option("--driver", to="driver_id", type=uuid_arg, metavar="ID", help="only this driver (their id)"),
+    ),
+    render=driver_scores.render_scores,
+    description="Per driver: the days scored, the distance driven on their assignments, harsh braking, harsh"
+    " acceleration and overspeed episodes, penalty points, and the period's score = max(0, 100 - penalty points"
+    " per 100 km of the period's distance), from driver_daily_scores.",
+)
+
 CUSTOMERS = Entity(
     name="customer",
     fields=(
@@ -545,8 +560,11 @@ ALERTS = (
         vehicle_option(),
         Option("--type", to="alert_type", choices=ALERT_TYPES, help="only alerts of this type"),
         Option("--since", type=since_arg, metavar="TIME", help="raised since: RFC 3339, or a time ago (30m, 2h, 7d)"),
+        Option("--driver", to="driver_id", type=uuid_arg, metavar="ID",
+               help="only alerts with this driver on duty (their id)"),
         LIMIT,
-    ), columns=("id", "raised_at", "type", "severity", "license_plate", "geofence", "is_resolved", "resolved_at")),
+    ), columns=("id", "raised_at", "type", "severity", "license_plate", "driver", "geofence", "is_resolved",
+                "resolved_at")),
     Action("show", "one alert: vehicle, geofence, details, what operators did", alerts.get_alert, (ALERT_ID,)),
     Action("resolve", "resolve an open alert by hand (audited)", alerts.resolve_alert,
            (ALERT_ID, Option("--note", help="why, kept in the alert's details and the audit log")), writes=True,
@@ -559,7 +577,7 @@ GROUPS = (
     Group("vehicles", "register, change and find vehicles",
           (*entity_actions(VEHICLES), VEHICLES_AVAILABLE, VEHICLE_STATUS)),
     Group("drivers", "register, change and find drivers",
-          (*entity_actions(DRIVERS), DRIVERS_AVAILABLE, DRIVERS_NEAREST)),
+          (*entity_actions(DRIVERS), DRIVERS_AVAILABLE, DRIVERS_NEAREST, DRIVERS_SCORES)),
     Group("customers", "register and change customers", entity_actions(CUSTOMERS)),
     Group("assignments", "book drivers on vehicles; end or cancel bookings", ASSIGNMENTS),
     Group("jobs", "transport jobs with their route and cargo", JOBS),

@@ -157,6 +157,8 @@ class MaintainMetrics(MetricSet):
             "Age of the oldest hour marked dirty and not yet rolled up, after the last pass (0: none).")
         self.rollup_pending = self._gauge(
             "fleet_maintain_rollup_pending", "Hours marked dirty and not yet rolled up, after the last pass.")
+        self.score_days = self._counter(
+            "fleet_maintain_score_days", "Days whose driver scores were recomputed.")
         self.partitions_until = self._gauge(
             "fleet_maintain_telemetry_partitions_until_timestamp_seconds",
             "End of the telemetry partitions that follow on from today without a gap, as far as a"

@@ -213,6 +213,20 @@ class Settings(BaseSettings):
     alert_max_gps_speed_kmh: float = Field(default=300.0, gt=0)
     """A move implying more than this speed is an implausible GPS jump."""
 
+    # --- driver behaviour (README, "Driver behaviour") -------------------------
+    behaviour_harsh_braking_mps2: float = Field(default=3.5, gt=0)
+    """A deceleration of at least this many m/s² between two readings is harsh braking."""
+    behaviour_harsh_acceleration_mps2: float = Field(default=3.0, gt=0)
+    """An acceleration of at least this many m/s² between two readings is harsh acceleration."""
+    behaviour_max_gap_seconds: float = Field(default=5.0, gt=0)
+    """Readings further apart than this are never compared for harsh braking or acceleration."""
+    behaviour_penalty_harsh_braking: float = Field(default=5.0, ge=0)
+    """Penalty points of one harsh braking episode in the driver scores."""
+    behaviour_penalty_harsh_acceleration: float = Field(default=3.0, ge=0)
+    """Penalty points of one harsh acceleration episode."""
+    behaviour_penalty_overspeed: float = Field(default=5.0, ge=0)
+    """Penalty points of one overspeed episode (global limit or a geofence's)."""
+
     # --- time-series lifecycle (schema/README.md, "Lifecycle") -----------------
     hourly_retention_days: int = Field(default=365, ge=1)
     """Hourly rollups older than this are removed (whole UTC days); at least the raw retention."""

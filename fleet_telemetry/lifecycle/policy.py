@@ -34,6 +34,25 @@ _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 @dataclass(frozen=True)
+class ScoreRules:
+    """How a day is scored (``FLEET_BEHAVIOUR_PENALTY_*``, ``FLEET_ALERT_MAX_GPS_SPEED_KMH``)."""
+
+    penalty_harsh_braking: float = 5.0
+    penalty_harsh_acceleration: float = 3.0
+    penalty_overspeed: float = 5.0
+    max_gps_speed_kmh: float = 300.0
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "ScoreRules":
+        return cls(
+            penalty_harsh_braking=settings.behaviour_penalty_harsh_braking,
+            penalty_harsh_acceleration=settings.behaviour_penalty_harsh_acceleration,
+            penalty_overspeed=settings.behaviour_penalty_overspeed,
+            max_gps_speed_kmh=settings.alert_max_gps_speed_kmh,
+        )
+
+
+@dataclass(frozen=True)
 class LifecyclePolicy:
     """The retention and upkeep rules of a pass, resolved from the settings."""
 
@@ -48,6 +67,8 @@ class LifecyclePolicy:
     lock_patience_seconds: float = LOCK_PATIENCE_SECONDS
     """How long lock-taking steps first retry with 20 ms waits
     (see :func:`fleet_telemetry.lifecycle.locks.in_lock_timeout`)."""
+    scores: ScoreRules = ScoreRules()
+    """How the daily driver scores are computed."""
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "LifecyclePolicy":
@@ -60,6 +81,7 @@ class LifecyclePolicy:
             audit_partitions_ahead_months=settings.audit_partitions_ahead_months,
             stats_refresh_hour=settings.stats_refresh_hour,
             lock_timeout_seconds=settings.maintain_lock_timeout_seconds,
+            scores=ScoreRules.from_settings(settings),
         )
         if policy.hourly_retention_days < policy.raw_retention_days:
             raise UsageError(

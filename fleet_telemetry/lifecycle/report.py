@@ -13,6 +13,27 @@ from fleet_telemetry.lifecycle.rollups import RollupReport
 
 
 @dataclass
+class ScoresReport:
+    """What one :func:`fleet_telemetry.lifecycle.driver_scores.refresh_driver_scores` did."""
+
+    days: int = 0
+    """Days whose rows were recomputed."""
+    hours: int = 0
+    """Hours whose distances were recomputed."""
+    rows_changed: int = 0
+    """Driver-day rows inserted, changed or removed."""
+    days_past_retention: int = 0
+    """Days with marked hours left as they were: their raw readings are gone."""
+    claim_deferred: bool = False
+    """The marks could not be claimed within the lock timeout (retried next time)."""
+    pending_hours: int = 0
+    """Hours still marked or queued when it finished."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class PassReport:
     """What one pass did, or with ``dry_run`` what it would do."""
 
@@ -27,6 +48,7 @@ class PassReport:
     telemetry_partitions_until: datetime | None = None
     """End of the telemetry partitions following on from today without a gap, after the pass."""
     rollups: RollupReport = field(default_factory=RollupReport)
+    driver_scores: ScoresReport = field(default_factory=ScoresReport)
     raw_partitions_dropped: list[str] = field(default_factory=list)
     raw_partitions_kept: dict[str, str] = field(default_factory=dict)
     """Partition past retention -> why it was kept this time."""
@@ -45,7 +67,7 @@ class PassReport:
 
     def lines(self) -> list[str]:
         """One human line per thing done (or planned); the last line sums up."""
-        out = [*self._partition_lines(), *self._rollup_lines(), *self._retention_lines()]
+        out = [*self._partition_lines(), *self._rollup_lines(), *self._score_lines(), *self._retention_lines()]
         if self.stats_refreshed:
             out.extend(f"{self._say('refreshed', 'would refresh')} {view}" for view in REPORT_VIEWS)
         out.extend(self._document_lines())
@@ -77,6 +99,14 @@ class PassReport:
             if r.late_hours:
                 text += f", folded {r.folded_readings} late readings of {r.late_hours} hours past the raw retention"
             return [text]
+        return []
+
+    def _score_lines(self) -> list[str]:
+        s = self.driver_scores
+        if self.dry_run:
+            return [f"would recompute the driver scores of {s.pending_hours} hours"] if s.pending_hours else []
+        if s.days:
+            return [f"recomputed the driver scores of {s.days} days ({s.hours} hours, {s.rows_changed} rows changed)"]
         return []
 
     def _retention_lines(self) -> list[str]:
@@ -119,6 +149,7 @@ class PassReport:
             "partitions_created": len(self.telemetry_partitions_created) + len(self.audit_partitions_created),
             "rows_moved": sum(self.rows_moved.values()),
             "hours_rolled_up": self.rollups.hours,
+            "score_days": self.driver_scores.days,
             "partitions_dropped": len(self.raw_partitions_dropped),
             "rollup_lag_s": round(self.rollups.lag_seconds, 1),
             "deferred": self.deferred,
@@ -139,6 +170,7 @@ def record_pass(metrics: MaintainMetrics, report: PassReport, finished_at: float
     metrics.hours_rolled_up.inc(report.rollups.hours)
     metrics.rollup_lag.set(report.rollups.lag_seconds)
     metrics.rollup_pending.set(report.rollups.pending_hours)
+    metrics.score_days.inc(report.driver_scores.days)
     metrics.deferred.inc(len(report.deferred))
     documents = report.documents
     metrics.document_objects_removed.labels(reason="deleted").inc(documents.deleted_objects_removed)

@@ -8,7 +8,10 @@ A pass (schema/README.md, "Lifecycle: partitions, rollups, retention"), in this 
    (:mod:`fleet_telemetry.lifecycle.partitions`);
 2. creates the telemetry partitions for today and ``partitions_ahead_days`` ahead, and
    the audit partitions for this month and ``audit_partitions_ahead_months`` ahead;
-3. recomputes the rollups of the hours the sink marked dirty (:mod:`fleet_telemetry.lifecycle.rollups`);
+3. recomputes the rollups of the hours the sink marked dirty (:mod:`fleet_telemetry.lifecycle.rollups`),
+   then the daily driver scores of the days whose telemetry, behaviour alerts or
+   assignments changed (:mod:`fleet_telemetry.lifecycle.driver_scores`; before retention,
+   which may drop the raw rows they are computed from);
 4. detaches and drops raw partitions whose whole day is older than the raw retention,
    oldest first, each only once none of its hours waits for a rollup; removes hourly
    rollups past their retention (whole days) and, if configured, daily ones
@@ -44,6 +47,7 @@ from fleet_telemetry.core.metrics import MaintainMetrics
 from fleet_telemetry.core.retry import is_transient
 from fleet_telemetry.lifecycle.context import PassContext
 from fleet_telemetry.lifecycle.documents import check_document_expiry, clean_document_storage
+from fleet_telemetry.lifecycle.driver_scores import score_drivers
 from fleet_telemetry.lifecycle.locks import pass_lock
 from fleet_telemetry.lifecycle.partitions import ensure_ahead, move_default_rows
 from fleet_telemetry.lifecycle.policy import LifecyclePolicy, utc_now
@@ -86,8 +90,8 @@ async def roll_up(ctx: PassContext) -> None:
 
 
 # The steps of a pass, in order; each commits what it did.
-STEPS: tuple[Step, ...] = (move_default_rows, ensure_ahead, roll_up, drop_expired_raw, remove_old_rollups, refresh_stats,
-                           check_document_expiry, clean_document_storage)
+STEPS: tuple[Step, ...] = (move_default_rows, ensure_ahead, roll_up, score_drivers, drop_expired_raw,
+                           remove_old_rollups, refresh_stats, check_document_expiry, clean_document_storage)
 
 
 async def run_pass(

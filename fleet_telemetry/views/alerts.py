@@ -1,5 +1,8 @@
 """Alerts as the rules raised them: listed, shown, and resolved by an operator.
 
+Each vehicle alert names the driver on duty when it happened (``driver_id``, filled by
+the database when the alert is inserted; None without an ACTIVE assignment then).
+
 Resolving by hand sets ``is_resolved`` and ``resolved_at``, merges ``resolved_by``,
 ``resolved_because`` (``"resolved by an operator"``) and the note into ``details``, and
 writes an ``audit_logs`` row (``alert.resolve``, before and after) in the same
@@ -21,18 +24,21 @@ from fleet_telemetry.fleetops.access import requires
 from fleet_telemetry.fleetops.errors import Conflict, NotFound
 
 _SELECT = """
-SELECT a.id, a.entity_id AS vehicle_id, v.license_plate, v.vin, a.type, a.severity, a.geofence_id,
-       g.name AS geofence, a.reading_time, a.raised_at, a.resolved_at, a.is_resolved, a.details
+SELECT a.id, a.entity_id AS vehicle_id, v.license_plate, v.vin, a.driver_id, d.name AS driver, a.type, a.severity,
+       a.geofence_id, g.name AS geofence, a.reading_time, a.raised_at, a.resolved_at, a.is_resolved, a.details
 FROM alerts AS a
 LEFT JOIN vehicles AS v ON v.id = a.entity_id
+LEFT JOIN drivers AS d ON d.id = a.driver_id
 LEFT JOIN geofences AS g ON g.id = a.geofence_id
 """
-# A vehicle's alerts use alerts_entity_idx, open ones the partial alerts_open_by_severity.
+# A vehicle's alerts use alerts_entity_idx, a driver's alerts_driver_idx, open ones the
+# partial alerts_open_by_severity.
 _LIST = _SELECT + """
 WHERE ($1::bool IS NOT TRUE OR NOT a.is_resolved)
   AND ($2::uuid IS NULL OR a.entity_id = $2)
   AND ($3::text IS NULL OR a.type = $3)
   AND ($4::timestamptz IS NULL OR a.raised_at >= $4)
+  AND ($6::uuid IS NULL OR a.driver_id = $6)
 ORDER BY a.raised_at DESC, a.id DESC
 LIMIT $5
 """
@@ -54,9 +60,10 @@ def _alert(row: asyncpg.Record) -> dict[str, Any]:
 
 async def list_alerts(conn: asyncpg.Connection, *, open_only: bool = False, vehicle_id: UUID | None = None,
                       alert_type: str | None = None, since: datetime | None = None,
-                      limit: int = 100) -> list[dict[str, Any]]:
-    """Alerts, newest first: only the open ones, one vehicle's, one type, raised since."""
-    rows = await conn.fetch(_LIST, open_only, vehicle_id, alert_type, since, limit)
+                      driver_id: UUID | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    """Alerts, newest first: only the open ones, one vehicle's, one type, raised since,
+    with one driver on duty."""
+    rows = await conn.fetch(_LIST, open_only, vehicle_id, alert_type, since, limit, driver_id)
     return [_alert(r) for r in rows]
 
 

@@ -192,7 +192,8 @@ def remembered(states: dict[uuid.UUID, VehicleState]) -> dict[uuid.UUID, Any]:
         p = vs.position
         out[vid] = (None if p is None else (p.time, p.lat, p.lon, p.inside), vs.last_time, vs.odometer_km,
                     vs.speeding_since, vs.speeding_max, vs.rest_fuel, vs.rest_time, vs.last_fuel, vs.dtc,
-                    vs.suspect, vs.open, vs.fences)
+                    vs.suspect, vs.open, vs.fences, vs.last_speed, vs.harsh_since, vs.harsh_from_kmh,
+                    vs.harsh_peak_mps2)
     return out
 
 
