@@ -22,13 +22,15 @@ from fleet_telemetry.fleetops.db import Database
 from fleet_telemetry.lifecycle.driver_scores import measure_hour, score_day
 from fleet_telemetry.lifecycle.policy import ScoreRules
 from fleet_telemetry.lifecycle.run import Maintainer
+from tests.users import TEST_ADMIN
+from tests.users import seed as seed_users
 from tests.databases import create_database, drop_database
 from tests.integration.cli import fleet
 from tests.integration.streams import publish, run_worker
 
 pytestmark = pytest.mark.integration
 
-ACTOR = "behaviour-test"
+ACTOR = TEST_ADMIN
 
 
 def rules_settings(settings: Settings, **extra: Any) -> Settings:
@@ -151,7 +153,9 @@ async def own_url(base_settings: Settings) -> AsyncIterator[str]:
     """A migrated database of this test's own: a maintenance pass acts on the whole database."""
     name = f"fleet_test_behaviour_{uuid.uuid4().hex[:10]}"
     try:
-        yield await create_database(base_settings.database_url, name, migrate=True)
+        url = await create_database(base_settings.database_url, name, migrate=True)
+        await seed_users(url)
+        yield url
     finally:
         await drop_database(base_settings.database_url, name)
 
