@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable
 from uuid import UUID
 
 import asyncpg
-from redis.asyncio import Redis
 
+from fleet_telemetry.core.redis_client import RedisClient
 from fleet_telemetry.core.redis_keys import RedisKeys
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.fleetops.tokens import Claims, TokenKeys, Unauthenticated, verify
@@ -28,7 +28,7 @@ async def session_key(conn: asyncpg.Connection, keys: RedisKeys, user_id: UUID) 
     return keys.driver_session(driver_id) if driver_id is not None else keys.user_session(user_id)
 
 
-async def revoke(conn: asyncpg.Connection, redis: Redis, keys: RedisKeys, user_id: UUID, *,
+async def revoke(conn: asyncpg.Connection, redis: RedisClient, keys: RedisKeys, user_id: UUID, *,
                  now: float, keep_seconds: int) -> tuple[str, int]:
     """Revokes every token of ``user_id`` issued up to ``now``; returns the key and the time kept."""
     key = await session_key(conn, keys, user_id)
@@ -37,7 +37,7 @@ async def revoke(conn: asyncpg.Connection, redis: Redis, keys: RedisKeys, user_i
     return key, revoked_at
 
 
-async def authenticate(conn: asyncpg.Connection, redis: Redis, keys: RedisKeys, token_keys: TokenKeys,
+async def authenticate(conn: asyncpg.Connection, redis: RedisClient, keys: RedisKeys, token_keys: TokenKeys,
                        token: object, *, now: float) -> Claims:
     """The claims of a valid, unexpired, unrevoked token; raises Unauthenticated.
 
@@ -55,7 +55,7 @@ Authenticate = Callable[[asyncpg.Connection, "str | None", "str | None"], Awaita
 raises Unauthenticated."""
 
 
-def authenticator(settings: Settings, redis: Redis) -> Authenticate:
+def authenticator(settings: Settings, redis: RedisClient) -> Authenticate:
     """The command consumer's check. A version 2 command (``token``): the token's user,
     once :func:`authenticate` accepts it. A version 1 command (no token): refused, unless
     ``FLEET_COMMANDS_ALLOW_UNSIGNED`` accepts the user its ``actor`` names."""
