@@ -18,11 +18,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import structlog
+from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from fleet_telemetry.consumers.rules import RuleEngine
 from fleet_telemetry.consumers.chain import Abandoned
 from fleet_telemetry.consumers.deadletter import DeadLetters, request_size
+from fleet_telemetry.consumers.events import OutboxPublisher
 from fleet_telemetry.consumers.health import HealthProbe, probe_interval
 from fleet_telemetry.consumers.kafka_loop import KafkaLoop, LoopMetrics, LoopOptions, start_with_retry
 from fleet_telemetry.consumers.pipeline import Outputs, TelemetryPipeline
@@ -35,6 +37,7 @@ from fleet_telemetry.core.redis_client import connect_redis
 from fleet_telemetry.core.retry import Backoff, is_transient
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.ingest.producer import start_producer
+from fleet_telemetry.ingest.topics import ensure_topics
 
 log = structlog.get_logger("fleet.consumer")
 
@@ -67,17 +70,33 @@ async def open_outputs(settings: Settings, metrics: PipelineMetrics,
                                           backoff=Backoff(s.retry_initial_seconds, s.retry_max_seconds),
                                           give_up=give_up, within=within)
         try:
+            await _ensure_events_topic(s)
             yield Outputs(
                 sink=TelemetrySink(pool, VehicleRegistry(s.vehicle_cache_seconds)),
                 dead_letters=DeadLetters(producer, s.dlq_topic, s.dlq_max_message_bytes),
                 status=StatusWriter(redis, pool, s.status_ttl_seconds, s.raw_retention_days * 86_400, s.redis_keys),
                 rules=RuleEngine(pool, redis, s, metrics) if s.rules_enabled else None,
+                events=OutboxPublisher(pool, producer, s.events_topic, metrics, batch=s.events_publish_batch),
             )
         finally:
             await producer.stop()
     finally:
         await redis.aclose()
         await pool.close()
+
+
+async def _ensure_events_topic(settings: Settings) -> None:
+    """Creates ``FLEET_EVENTS_TOPIC`` with ``FLEET_EVENTS_TOPIC_PARTITIONS`` when it is
+    missing. Best effort: a cluster that manages its topics itself may refuse, and then
+    the topic is expected to exist."""
+    try:
+        created = await ensure_topics(settings, [settings.events_topic], partitions=settings.events_topic_partitions)
+    except KafkaError as exc:
+        log.warning("could not make sure the events topic exists", topic=settings.events_topic,
+                    error=type(exc).__name__)
+        return
+    if created:
+        log.info("events topic created", topic=settings.events_topic, partitions=settings.events_topic_partitions)
 
 
 class Worker:
