@@ -31,9 +31,10 @@ EXIT_INTERRUPTED = 130
 def command_modules() -> tuple[ModuleType, ...]:
     """The command groups, in the order ``fleet --help`` lists them."""
     from fleet_telemetry.cli import consume, demo, fleetops, geofences, maintain, migrate, replay, services, simulate
-    from fleet_telemetry.cli import dead_letters, system
+    from fleet_telemetry.cli import dead_letters, notify, system
 
-    return (services, migrate, consume, simulate, demo, replay, maintain, geofences, fleetops, system, dead_letters)
+    return (services, migrate, consume, simulate, demo, replay, maintain, geofences, fleetops, system, dead_letters,
+            notify)
 
 
 def package_version() -> str:

@@ -32,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "deploy": {"schema"},
     "replay": {"ingest", "consumers", "lifecycle"},
     "fleetops": {"ingest", "consumers"},
+    "notify": {"ingest", "consumers"},
     "views": {"schema", "deploy", "ingest", "consumers", "lifecycle", "replay", "fleetops"},
 }
 
