@@ -6,6 +6,8 @@ dead-lettered with the reason; a repeat of a delivered event is not sent again."
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +26,7 @@ from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.ingest.topics import ensure_topics
 from fleet_telemetry.notify.consumer import NotifyConsumer
 from fleet_telemetry.notify.signing import HEADER_EVENT_ID, HEADER_SIGNATURE, verify
-from tests.integration.cli import fleet
+from tests.integration.cli import environment, fleet
 from tests.integration.streams import read_topic
 
 pytestmark = pytest.mark.integration
@@ -173,6 +175,39 @@ async def test_events_the_receiver_keeps_failing_refuses_or_sits_on_are_dead_let
     assert m.value("fleet_notify_retried_total") == 4
     assert m.value("fleet_notify_dead_lettered_total", reason="webhook_failed") == 2
     assert m.value("fleet_notify_dead_lettered_total", reason="webhook_rejected") == 1
+
+
+async def test_sigterm_lets_the_request_under_way_finish_and_the_next_run_sends_the_rest_once(
+    settings, producer, serve
+) -> None:
+    settings = notify_settings(settings)
+    vehicle = uuid.uuid4()
+    events = [event(TRIP_STARTED, vehicle, str(i)) for i in range(4)]
+    receiver = await serve(Receiver(lambda e, attempt: 200, delay=lambda e: 1.0))
+    await put_events(settings, producer, events)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fleet_telemetry.cli", "notify", "--url", receiver.url,
+        env=environment(settings, EVENTS_TOPIC=settings.events_topic, NOTIFY_GROUP=settings.notify_group,
+                        NOTIFY_DLQ_TOPIC=settings.notify_dlq_topic, NOTIFY_METRICS_PORT="0"),
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not receiver.requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert receiver.requests, "fleet notify sent nothing"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()
+    first = [r.headers[HEADER_EVENT_ID] for r in receiver.requests]
+    assert first == [str(e.id) for e in events[:len(first)]] and len(first) < len(events)
+
+    await notify(settings, receiver.url)
+
+    assert sorted(r.headers[HEADER_EVENT_ID] for r in receiver.requests) == sorted(str(e.id) for e in events)
 
 
 @pytest.mark.parametrize("args, message", [
