@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import structlog
-from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from fleet_telemetry.consumers.rules import RuleEngine
@@ -37,7 +36,7 @@ from fleet_telemetry.core.redis_client import connect_redis
 from fleet_telemetry.core.retry import Backoff, is_transient
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.ingest.producer import start_producer
-from fleet_telemetry.ingest.topics import ensure_topics
+from fleet_telemetry.ingest.topics import ensure_topics_if_allowed
 
 log = structlog.get_logger("fleet.consumer")
 
@@ -70,7 +69,7 @@ async def open_outputs(settings: Settings, metrics: PipelineMetrics,
                                           backoff=Backoff(s.retry_initial_seconds, s.retry_max_seconds),
                                           give_up=give_up, within=within)
         try:
-            await _ensure_events_topic(s)
+            await ensure_topics_if_allowed(s, [s.events_topic], partitions=s.events_topic_partitions)
             yield Outputs(
                 sink=TelemetrySink(pool, VehicleRegistry(s.vehicle_cache_seconds)),
                 dead_letters=DeadLetters(producer, s.dlq_topic, s.dlq_max_message_bytes),
@@ -83,20 +82,6 @@ async def open_outputs(settings: Settings, metrics: PipelineMetrics,
     finally:
         await redis.aclose()
         await pool.close()
-
-
-async def _ensure_events_topic(settings: Settings) -> None:
-    """Creates ``FLEET_EVENTS_TOPIC`` with ``FLEET_EVENTS_TOPIC_PARTITIONS`` when it is
-    missing. Best effort: a cluster that manages its topics itself may refuse, and then
-    the topic is expected to exist."""
-    try:
-        created = await ensure_topics(settings, [settings.events_topic], partitions=settings.events_topic_partitions)
-    except KafkaError as exc:
-        log.warning("could not make sure the events topic exists", topic=settings.events_topic,
-                    error=type(exc).__name__)
-        return
-    if created:
-        log.info("events topic created", topic=settings.events_topic, partitions=settings.events_topic_partitions)
 
 
 class Worker:

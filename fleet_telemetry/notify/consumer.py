@@ -31,7 +31,7 @@ from fleet_telemetry.core.redis_client import connect_redis
 from fleet_telemetry.core.retry import Backoff
 from fleet_telemetry.core.settings import Settings, mask_url
 from fleet_telemetry.ingest.producer import start_producer
-from fleet_telemetry.ingest.topics import ensure_topics
+from fleet_telemetry.ingest.topics import ensure_topics_if_allowed
 from fleet_telemetry.notify.delivery import DeliveredIds, Delivery, NotifyDeadLetters, Source, TypeFilter
 from fleet_telemetry.notify.webhook import Webhook
 
@@ -120,8 +120,8 @@ class NotifyConsumer:
                 lambda: start_producer(s, max_request_size=request_size(s.dlq_max_message_bytes)),
                 bootstrap=s.kafka_bootstrap, retries=self.metrics.retries, backoff=self._backoff(),
                 give_up=self._stopping, within=self.stop_when_idle)
-            await ensure_topics(s, [s.events_topic], partitions=s.events_topic_partitions)
-            await ensure_topics(s, [s.notify_dlq_topic], partitions=1)
+            await ensure_topics_if_allowed(s, [s.events_topic], partitions=s.events_topic_partitions)
+            await ensure_topics_if_allowed(s, [s.notify_dlq_topic], partitions=1)
             async with Webhook(self.url, self._secret, s.notify_timeout_seconds) as webhook:
                 delivery = Delivery(
                     webhook, types=self.types,

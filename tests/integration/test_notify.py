@@ -118,7 +118,8 @@ async def test_an_event_failing_twice_is_delivered_once_signed_and_never_again(
     done = await asyncio.to_thread(
         fleet, settings, "notify", "--url", receiver.url, "--type", "alert.*", "--secret-env", "WEBHOOK_SECRET",
         "--stop-when-idle", "2", EVENTS_TOPIC=settings.events_topic, NOTIFY_GROUP=settings.notify_group,
-        NOTIFY_DLQ_TOPIC=settings.notify_dlq_topic, RETRY_INITIAL_SECONDS="0.05", RETRY_MAX_SECONDS="0.2")
+        NOTIFY_DLQ_TOPIC=settings.notify_dlq_topic, NOTIFY_METRICS_PORT="0", RETRY_INITIAL_SECONDS="0.05",
+        RETRY_MAX_SECONDS="0.2")
 
     assert done.returncode == 0, done.stderr
     assert [r.headers[HEADER_EVENT_ID] for r in receiver.requests] == [str(raised.id)] * 3  # the trip is filtered
