@@ -68,16 +68,21 @@ async def open_outputs(settings: Settings, metrics: PipelineMetrics,
                                           retries=metrics.retries,
                                           backoff=Backoff(s.retry_initial_seconds, s.retry_max_seconds),
                                           give_up=give_up, within=within)
+        events: OutboxPublisher | None = None
         try:
             await ensure_topics_if_allowed(s, [s.events_topic], partitions=s.events_topic_partitions)
+            events = OutboxPublisher(pool, producer, s.events_topic, metrics, batch=s.events_publish_batch,
+                                     probe_url=s.database_url)
             yield Outputs(
                 sink=TelemetrySink(pool, VehicleRegistry(s.vehicle_cache_seconds)),
                 dead_letters=DeadLetters(producer, s.dlq_topic, s.dlq_max_message_bytes),
                 status=StatusWriter(redis, pool, s.status_ttl_seconds, s.raw_retention_days * 86_400, s.redis_keys),
                 rules=RuleEngine(pool, redis, s, metrics) if s.rules_enabled else None,
-                events=OutboxPublisher(pool, producer, s.events_topic, metrics, batch=s.events_publish_batch),
+                events=events,
             )
         finally:
+            if events is not None:
+                await events.close()
             await producer.stop()
     finally:
         await redis.aclose()
