@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
+from pydantic import SecretStr
 from aiokafka.structs import TopicPartition
 
 from fleet_telemetry.consumers.chain import Abandoned, Retrier
@@ -94,7 +95,7 @@ class NotifyConsumer:
     webhook. ``run`` returns the exit status: 0 after a clean stop, 1 when a broker or
     Redis failure was still being retried when asked to stop."""
 
-    def __init__(self, settings: Settings, url: str, *, types: Sequence[str] = (), secret: Any = None,
+    def __init__(self, settings: Settings, url: str, *, types: Sequence[str] = (), secret: SecretStr | None = None,
                  stop_when_idle: float | None = None, metrics: NotifyMetrics | None = None) -> None:
         self.settings = settings
         self.url = url
@@ -113,6 +114,8 @@ class NotifyConsumer:
 
     async def run(self) -> int:
         s = self.settings
+        if self._secret is None:
+            log.warning("webhook requests are not signed (no --secret-env)", url=mask_url(self.url))
         redis = connect_redis(s.redis_url)
         producer: AIOKafkaProducer | None = None
         try:
