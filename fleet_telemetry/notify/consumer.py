@@ -3,10 +3,12 @@ delivered (:class:`~fleet_telemetry.notify.delivery.Delivery`) before its offset
 committed.
 
 Order: a vehicle's events are delivered in their topic order, one at a time, so a
-receiver never sees ``alert.resolved`` before its ``alert.raised``. The partitions of one
-fetch are delivered side by side; an event being retried holds its partition (and the
-next fetch) until it is delivered or dead-lettered after ``FLEET_NOTIFY_MAX_ATTEMPTS``:
-order is kept at the price of latency while a receiver is down.
+receiver never sees ``alert.resolved`` before its ``alert.raised``. Partitions are
+delivered side by side, each by a task of its own; an event being retried holds its
+partition until it is delivered or dead-lettered after ``FLEET_NOTIFY_MAX_ATTEMPTS``
+(order is kept at the price of latency while a receiver is down), while the others go on
+until :data:`MAX_WAITING` events wait, when fetching pauses. Offsets are committed as
+events are done, so a long retry never stalls the group membership or the commits.
 
 SIGTERM: the requests under way finish (each within the timeout), nothing more is sent,
 what was done is committed and the consumer leaves the group; an event waiting to be
@@ -16,6 +18,7 @@ retried is left for the next run.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,56 +41,88 @@ from fleet_telemetry.notify.webhook import Webhook
 
 log = structlog.get_logger("fleet.notify")
 
-FETCH_RECORDS = 200
-"""Events fetched at most at once."""
+MAX_WAITING = 200
+"""Events fetched and not yet done, at most; past it the loop pauses fetching."""
 
 
 class NotifyStrategy:
-    """Delivers each fetch, partitions side by side, each partition in order (the Kafka
-    loop's :class:`~fleet_telemetry.consumers.kafka_loop.Strategy`); every event done
-    makes its offset committable."""
+    """Delivers the fetched events (the Kafka loop's
+    :class:`~fleet_telemetry.consumers.kafka_loop.Strategy`): one task per partition takes
+    its events in order, one at a time, and makes each one's offset committable once it is
+    done, so the loop keeps fetching, heartbeating and committing while a slow receiver
+    holds one partition. At most ``max_waiting`` events wait; then fetching pauses."""
 
-    backpressure = False
-    in_flight = 0
-
-    def __init__(self, delivery: Delivery, stopping: asyncio.Event) -> None:
+    def __init__(self, delivery: Delivery, stopping: asyncio.Event, *, max_waiting: int = MAX_WAITING) -> None:
         self.offsets = Committable()
         self._delivery = delivery
         self._stopping = stopping
+        self._max = max_waiting
+        self._waiting: dict[TopicPartition, deque[Any]] = {}
+        self._tasks: dict[TopicPartition, asyncio.Task[None]] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(queue) for queue in self._waiting.values())
+
+    @property
+    def backpressure(self) -> bool:
+        return self.in_flight >= self._max
 
     async def start(self) -> None:
         pass
 
     async def stop(self) -> None:
-        pass
+        tasks, self._tasks = list(self._tasks.values()), {}
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def room(self) -> int:
-        return FETCH_RECORDS
+        return max(1, self._max - self.in_flight)
 
     async def submit(self, records: Records) -> None:
-        await asyncio.gather(*(self._partition(tp, fetched) for tp, fetched in records.items()))
+        self._check()
+        for tp, fetched in records.items():
+            if not fetched:
+                continue
+            self._waiting.setdefault(tp, deque()).extend(fetched)
+            if tp not in self._tasks:
+                self._tasks[tp] = asyncio.create_task(self._deliver(tp), name=f"fleet-notify-{tp.partition}")
 
-    async def _partition(self, tp: TopicPartition, fetched: Sequence[Any]) -> None:
-        for record in fetched:
-            if self._stopping.is_set():
-                return
+    async def _deliver(self, tp: TopicPartition) -> None:
+        waiting = self._waiting[tp]
+        while waiting and not self._stopping.is_set():
+            record = waiting[0]
             done = await self._delivery.deliver(Source(tp.topic, tp.partition, record.offset, record.key,
                                                        record.value or b""))
             if done is None:
-                return
+                return  # stopping: left for the next run
+            waiting.popleft()
             self.offsets.mark({tp: record.offset + 1})
 
+    def _check(self) -> None:
+        """Forgets the partition tasks that ended; raises what ended one (Abandoned, a bug)."""
+        for tp, task in list(self._tasks.items()):
+            if task.done():
+                del self._tasks[tp]
+                task.result()
+
     async def poll(self) -> None:
-        pass
+        self._check()
 
     async def handover(self) -> None:
-        pass  # every fetched event was done (or left for the next run) before the next fetch
+        """Blocks until every fetched event is done (or, once stopping, until the tasks gave up)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
+            self._check()
+        if self._stopping.is_set():
+            self._waiting.clear()  # not done: redelivered to the next run
 
     def abandon(self) -> None:
         self._stopping.set()
 
     async def close(self) -> None:
-        pass
+        self._check()
 
 
 class NotifyConsumer:

@@ -1,14 +1,19 @@
-"""The webhook's pure parts: signatures, what a status means, the type filter."""
+"""The webhook's pure parts (signatures, what a status means, the type filter) and the
+consumer's strategy driven with a fake delivery: no services."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+from dataclasses import dataclass
 
 import pytest
+from aiokafka.structs import TopicPartition
 from pydantic import SecretStr
 
-from fleet_telemetry.notify.delivery import TypeFilter
+from fleet_telemetry.notify.consumer import NotifyStrategy
+from fleet_telemetry.notify.delivery import SENT, Source, TypeFilter
 from fleet_telemetry.notify.signing import HEADER_SIGNATURE, HEADER_TIMESTAMP, signature, verify
 from fleet_telemetry.notify.webhook import Webhook, outcome_of
 
@@ -57,3 +62,70 @@ def test_the_secret_shows_nowhere_but_in_the_signature() -> None:
     assert headers[HEADER_SIGNATURE] == signature(b"s3cret", 1700000000, BODY)
     assert "s3cret" not in repr(hook) and "pw" not in repr(hook) and "abc" not in repr(hook)
     assert HEADER_SIGNATURE not in Webhook("https://example.com/hook", None, timeout=1.0).headers("e1", "x", BODY)
+
+
+# --- the strategy, with a fake delivery ----------------------------------------------------
+
+
+
+SLOW, FAST = TopicPartition("fleet.events.v1", 0), TopicPartition("fleet.events.v1", 1)
+
+
+@dataclass
+class Rec:
+    offset: int
+    value: bytes = b"{}"
+    key: bytes | None = None
+
+
+class FakeDelivery:
+    """Delivers at once, except on the slow partition, which waits for ``release``."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.delivered: list[tuple[int, int]] = []
+
+    async def deliver(self, source: Source) -> str:
+        if source.partition == SLOW.partition:
+            await self.release.wait()
+        self.delivered.append((source.partition, source.offset))
+        return SENT
+
+
+async def settle() -> None:
+    """Lets the partition tasks run until they wait on something."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def committable(strategy: NotifyStrategy) -> dict[TopicPartition, int]:
+    return dict(strategy.offsets.items())
+
+
+async def test_a_slow_partition_holds_only_itself_and_each_partition_keeps_its_order() -> None:
+    delivery = FakeDelivery()
+    strategy = NotifyStrategy(delivery, asyncio.Event(), max_waiting=5)  # type: ignore[arg-type]
+    await strategy.submit({SLOW: [Rec(10), Rec(11)], FAST: [Rec(20), Rec(21)]})
+    await settle()
+    await strategy.poll()
+    assert committable(strategy) == {FAST: 22}
+    assert strategy.in_flight == 2 and not strategy.backpressure and strategy.room() == 3
+    await strategy.submit({FAST: [Rec(22)], SLOW: [Rec(12), Rec(13), Rec(14)]})
+    assert strategy.backpressure  # five waiting on the slow partition: fetching pauses
+    delivery.release.set()
+    await strategy.handover()
+    assert committable(strategy) == {FAST: 23, SLOW: 15}
+    assert [o for p, o in delivery.delivered if p == SLOW.partition] == [10, 11, 12, 13, 14]
+    assert strategy.in_flight == 0
+
+
+async def test_a_stop_leaves_what_waits_uncommitted() -> None:
+    delivery, stopping = FakeDelivery(), asyncio.Event()
+    strategy = NotifyStrategy(delivery, stopping)  # type: ignore[arg-type]
+    await strategy.submit({SLOW: [Rec(10), Rec(11)]})
+    await settle()
+    stopping.set()
+    delivery.release.set()  # the request under way finishes
+    await strategy.handover()
+    assert committable(strategy) == {SLOW: 11}
+    assert strategy.in_flight == 0
