@@ -24,8 +24,8 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from pydantic import SecretStr
 from aiokafka.structs import TopicPartition
+from pydantic import SecretStr
 
 from fleet_telemetry.consumers.chain import Abandoned, Retrier
 from fleet_telemetry.consumers.deadletter import request_size

@@ -25,7 +25,7 @@ from fleet_telemetry.core.events import ALERT_RAISED, GEOFENCE_ENTERED, TRIP_END
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.ingest.topics import ensure_topics
 from fleet_telemetry.notify.consumer import NotifyConsumer
-from fleet_telemetry.notify.signing import HEADER_EVENT_ID, HEADER_SIGNATURE, verify
+from fleet_telemetry.notify.signing import HEADER_EVENT_ID, verify
 from tests.integration.cli import environment, fleet
 from tests.integration.streams import read_topic
 
