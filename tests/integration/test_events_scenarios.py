@@ -49,8 +49,11 @@ async def assign_driver(db: asyncpg.Connection, vid: uuid.UUID, since: datetime)
     return driver
 
 
-def decoded(records: list[Record]) -> list[tuple[bytes | None, dict[str, Any]]]:
-    return [(r.key, orjson.loads(r.value)) for r in records]
+def decoded(records: list[Record], *vehicles: uuid.UUID) -> list[tuple[bytes | None, dict[str, Any]]]:
+    """The events of ``vehicles`` (the session's database is shared, and a worker publishes
+    whatever its outbox holds, other tests' leftovers too)."""
+    keys = {str(v).encode() for v in vehicles}
+    return [(r.key, orjson.loads(r.value)) for r in records if r.key in keys]
 
 
 async def test_alerts_and_geofence_visits_are_published_once_with_stable_ids(
@@ -86,8 +89,9 @@ async def test_alerts_and_geofence_visits_are_published_once_with_stable_ids(
         (ALERT_RESOLVED, resolved_at, alert["id"]),
     ]
 
-    events = decoded(await read_topic(settings, settings.events_topic, expected=len(expected)))
-    assert {key for key, _ in events} == {str(vid).encode()}
+    records = await read_topic(settings, settings.events_topic, expected=len(expected))
+    events = decoded(records, vid)
+    assert all(orjson.loads(r.value)["vehicle_id"] == r.key.decode() for r in records if r.key)
     assert sorted((e["type"], e["time"], e["id"]) for _, e in events) == sorted(
         (kind, status_time(when), str(event_id(kind, vid, when, fact))) for kind, when, fact in expected)
     for _, event in events:
@@ -104,14 +108,15 @@ async def test_alerts_and_geofence_visits_are_published_once_with_stable_ids(
     assert by_type[ALERT_RESOLVED]["data"]["details"]["resolved_reading_time"] == resolved_at.isoformat()
     # In time order within the vehicle's partition.
     assert [e["time"] for _, e in events] == sorted(e["time"] for _, e in events)
-    assert worker.metrics.value("fleet_events_published_total", type=ALERT_RAISED) == 1
-    assert worker.metrics.value("fleet_events_published_total", type=GEOFENCE_EXITED) == 1
+    for kind in (ALERT_RAISED, GEOFENCE_EXITED):
+        on_topic = sum(1 for r in records if orjson.loads(r.value)["type"] == kind)
+        assert worker.metrics.value("fleet_events_published_total", type=kind) == on_topic >= 1
     assert await db.fetchval("SELECT count(*) FROM fleet_events WHERE vehicle_id = $1 AND published_at IS NULL",
                              vid) == 0
 
     # The whole stream again, to a new consumer group: every reading is redelivered.
     await run_worker(settings.model_copy(update={"consumer_group": settings.consumer_group + "-again"}))
-    again = decoded(await read_topic(settings, settings.events_topic, expected=len(expected) + 1, timeout=3.0))
+    again = decoded(await read_topic(settings, settings.events_topic, expected=len(records) + 1, timeout=3.0), vid)
     assert sorted(e["id"] for _, e in again) == sorted(e["id"] for _, e in events)
 
 
@@ -133,7 +138,8 @@ async def test_an_event_left_in_the_outbox_and_an_operators_resolve_are_publishe
 
     worker = await run_worker(settings)
 
-    events = decoded(await read_topic(settings, settings.events_topic, expected=3))
+    records = await read_topic(settings, settings.events_topic, expected=3)
+    events = decoded(records, vid, other)
     assert sorted((key, e["type"], e["id"]) for key, e in events) == sorted([
         (str(vid).encode(), TRIP_ENDED, str(left.id)),
         (str(other).encode(), ALERT_RAISED, str(event_id(ALERT_RAISED, other, when, alert_id))),
@@ -146,7 +152,8 @@ async def test_an_event_left_in_the_outbox_and_an_operators_resolve_are_publishe
     assert resolved["data"]["details"]["resolved_by"] == "ops@example.com"
     assert await db.fetchval("SELECT count(*) FROM fleet_events WHERE vehicle_id = ANY($1) AND published_at IS NULL",
                              [vid, other]) == 0
-    assert worker.metrics.value("fleet_events_published_total", type=TRIP_ENDED) == 1
+    trips = sum(1 for r in records if orjson.loads(r.value)["type"] == TRIP_ENDED)
+    assert worker.metrics.value("fleet_events_published_total", type=TRIP_ENDED) == trips >= 1
 
 
 async def test_sql_event_ids_equal_pythons(db) -> None:
