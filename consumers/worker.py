@@ -23,6 +23,7 @@ from aiokafka.structs import TopicPartition
 from fleet_telemetry.consumers.rules import RuleEngine
 from fleet_telemetry.consumers.chain import Abandoned
 from fleet_telemetry.consumers.deadletter import DeadLetters, request_size
+from fleet_telemetry.consumers.events import OutboxPublisher
 from fleet_telemetry.consumers.health import HealthProbe, probe_interval
 from fleet_telemetry.consumers.kafka_loop import KafkaLoop, LoopMetrics, LoopOptions, start_with_retry
 from fleet_telemetry.consumers.pipeline import Outputs, TelemetryPipeline
@@ -35,6 +36,7 @@ from fleet_telemetry.core.redis_client import connect_redis
 from fleet_telemetry.core.retry import Backoff, is_transient
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.ingest.producer import start_producer
+from fleet_telemetry.ingest.topics import ensure_topics_if_allowed
 
 log = structlog.get_logger("fleet.consumer")
 
@@ -66,14 +68,21 @@ async def open_outputs(settings: Settings, metrics: PipelineMetrics,
                                           retries=metrics.retries,
                                           backoff=Backoff(s.retry_initial_seconds, s.retry_max_seconds),
                                           give_up=give_up, within=within)
+        events: OutboxPublisher | None = None
         try:
+            await ensure_topics_if_allowed(s, [s.events_topic], partitions=s.events_topic_partitions)
+            events = OutboxPublisher(pool, producer, s.events_topic, metrics, batch=s.events_publish_batch,
+                                     probe_url=s.database_url)
             yield Outputs(
                 sink=TelemetrySink(pool, VehicleRegistry(s.vehicle_cache_seconds)),
                 dead_letters=DeadLetters(producer, s.dlq_topic, s.dlq_max_message_bytes),
                 status=StatusWriter(redis, pool, s.status_ttl_seconds, s.raw_retention_days * 86_400, s.redis_keys),
                 rules=RuleEngine(pool, redis, s, metrics) if s.rules_enabled else None,
+                events=events,
             )
         finally:
+            if events is not None:
+                await events.close()
             await producer.stop()
     finally:
         await redis.aclose()

@@ -5,10 +5,13 @@ Production clusters usually manage topics themselves; creating one that exists i
 
 from __future__ import annotations
 
+import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from fleet_telemetry.core.settings import Settings
+
+log = structlog.get_logger("fleet.topics")
 
 
 async def ensure_topics(settings: Settings, names: list[str], partitions: int = 8,
@@ -30,3 +33,17 @@ async def ensure_topics(settings: Settings, names: list[str], partitions: int = 
         return missing
     finally:
         await admin.close()
+
+
+async def ensure_topics_if_allowed(settings: Settings, names: list[str], partitions: int = 8) -> list[str]:
+    """:func:`ensure_topics` for a long-running command: a cluster that manages its topics
+    itself may refuse (or not answer the admin requests); then a warning says so and the
+    topics are expected to exist. Returns the ones created."""
+    try:
+        created = await ensure_topics(settings, names, partitions=partitions)
+    except KafkaError as exc:
+        log.warning("could not make sure the topics exist", topics=names, error=type(exc).__name__)
+        return []
+    if created:
+        log.info("topics created", topics=created, partitions=partitions)
+    return created

@@ -28,7 +28,7 @@ log = structlog.get_logger(__name__)
 # Key of the session-level advisory lock held for a whole run ("fleetmig" in ASCII).
 ADVISORY_LOCK_KEY = 0x666C6565746D6967
 # Extensions the migrations create; checked when a CREATE EXTENSION fails.
-REQUIRED_EXTENSIONS = ("postgis", "btree_gist")
+REQUIRED_EXTENSIONS = ("postgis", "btree_gist", "uuid-ossp")
 CONNECT_TIMEOUT_SECONDS = 10.0
 
 _FILE_NAME = re.compile(r"^(?P<number>\d{4})_[a-z0-9_]+\.sql$")

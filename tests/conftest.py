@@ -66,6 +66,9 @@ def settings(base_settings: Settings, database_url: str) -> Settings:
             "database_url": database_url,
             "telemetry_topic": f"test.telemetry.{tag}",
             "dlq_topic": f"test.dlq.{tag}",
+            "events_topic": f"test.events.{tag}",
+            "notify_dlq_topic": f"test.notify-dlq.{tag}",
+            "notify_group": f"test-notify-{tag}",
             "consumer_group": f"test-group-{tag}",
             "metrics_port": 0,
         }

@@ -94,6 +94,7 @@ async def demo(settings: Settings, *, vehicles: int, rate: float, bad_ratio: flo
     if applied:
         print(f"demo: applied {len(applied)} migrations", file=sys.stderr)
     await ensure_topics(settings, [settings.telemetry_topic, settings.dlq_topic])
+    await ensure_topics(settings, [settings.events_topic], partitions=settings.events_topic_partitions)
 
     stop, hurry = asyncio.Event(), asyncio.Event()
     signals = StopSignals(lambda: hurry.set() if stop.is_set() else stop.set()).install()

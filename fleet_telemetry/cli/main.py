@@ -31,11 +31,10 @@ EXIT_INTERRUPTED = 130
 def command_modules() -> tuple[ModuleType, ...]:
     """The command groups, in the order ``fleet --help`` lists them."""
     from fleet_telemetry.cli import consume, demo, fleetops, geofences, maintain, migrate, replay, services, simulate
-    from fleet_telemetry.cli import dead_letters, documents, system, users
+    from fleet_telemetry.cli import dead_letters, documents, notify, system, users
 
     return (services, migrate, consume, simulate, demo, replay, maintain, geofences, fleetops, documents, users,
-            system,
-            dead_letters)
+            notify, system, dead_letters)
 
 
 def package_version() -> str:

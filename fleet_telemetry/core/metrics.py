@@ -100,11 +100,20 @@ class PipelineMetrics(MetricSet):
         self.messages = self._counter("fleet_messages", "Kafka records consumed.")
         self.committed_batches = self._counter(
             "fleet_batches_committed", "Batches written and whose offsets were committed.")
+        # The outbound events (docs/interface.md, "Outbound events").
+        self.events_published = self._counter(
+            "fleet_events_published", "Outbound events published to the events topic, by type.", "type")
+        self.events_publish_duration = self._histogram(
+            "fleet_events_publish_duration_seconds",
+            "Time to publish one round of outbox rows and mark them (the broker's acks included).",
+            _DURATION_BUCKETS)
+        self.events_backlog = self._gauge(
+            "fleet_events_outbox_backlog", "Outbox events not yet published, as last counted by this worker.")
         # Pre-create the label sets an operator alerts on, so they read 0 rather than
         # being absent before the first event.
         for outcome in ("stored", "duplicate", "dead_lettered"):
             self.readings.labels(outcome=outcome)
-        for dependency in ("postgresql", "kafka", "redis"):
+        for dependency in ("postgresql", "kafka", "redis", "events"):
             self.retries.labels(dependency=dependency)
         for kind in ("enter", "exit"):
             self.geofence_transitions.labels(kind=kind)
@@ -189,6 +198,30 @@ class CommandMetrics(MetricSet):
         self.commands = self._counter("fleet_commands", "Commands by what became of them.", "outcome")
         self.rejections = self._counter("fleet_command_rejections", "Dead-lettered commands, by reason.", "reason")
         self.retries = self._counter("fleet_command_retries", "Retries after transient failures.", "dependency")
+
+
+class NotifyMetrics(MetricSet):
+    """``fleet notify``'s metrics, on a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        self.sent = self._counter("fleet_notify_sent", "Events delivered to the webhook, by type.", "type")
+        self.failed = self._counter(
+            "fleet_notify_failed", "Failed delivery attempts, by reason (status_5xx, status_4xx, timeout, ...).",
+            "reason")
+        self.retried = self._counter("fleet_notify_retried", "Delivery attempts after a failed one.")
+        self.dead_lettered = self._counter(
+            "fleet_notify_dead_lettered", "Events given up and sent to the notify dead-letter topic, by reason.",
+            "reason")
+        self.skipped = self._counter(
+            "fleet_notify_skipped", "Events not sent: filtered out by --type, or delivered before.", "why")
+        self.request_duration = self._histogram(
+            "fleet_notify_request_seconds", "Duration of one webhook request, failed ones included.",
+            _DURATION_BUCKETS)
+        self.retries = self._counter(
+            "fleet_notify_dependency_retries", "Retries after a transient failure of Kafka or Redis.", "dependency")
+        for why in ("filtered", "duplicate"):
+            self.skipped.labels(why=why)
 
 
 DEFAULT_ADDRESS = "0.0.0.0"

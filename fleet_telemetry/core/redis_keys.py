@@ -63,6 +63,10 @@ class RedisKeys:
             return f"{self.prefix}{{dashboard:stats:daily}}"
         return f"{self.prefix}dashboard:stats:daily"
 
+    def notify_delivered(self, group: str, event_id: UUID | str) -> str:
+        """String with a TTL: ``fleet notify`` of consumer group ``group`` delivered this event."""
+        return f"{self.prefix}notify:{group}:delivered:{event_id}"
+
 
 NO_PREFIX = RedisKeys()
 """The key names with an empty prefix (the default)."""

@@ -226,6 +226,29 @@ class Settings(BaseSettings):
     """Penalty points of one harsh acceleration episode."""
     behaviour_penalty_overspeed: float = Field(default=5.0, ge=0)
     """Penalty points of one overspeed episode (global limit or a geofence's)."""
+    # --- outbound events and webhooks (docs/interface.md, "Outbound events") -------
+    events_topic: str = "fleet.events.v1"
+    """Alerts raised and resolved, geofences entered and exited, trips and stops started
+    and ended, keyed by vehicle id."""
+    events_topic_partitions: int = Field(default=8, ge=1)
+    """Partitions the events topic is created with when a worker finds it missing."""
+    events_publish_batch: int = Field(default=500, ge=1)
+    """Outbox rows published per round trip (a round waits for the broker's acks)."""
+    events_drain_seconds: float = Field(default=5.0, gt=0)
+    """How often a worker publishes outbox rows left by others (command-line writers, a
+    worker that died after its commit) and updates the backlog gauge."""
+    notify_group: str = "fleet-notify"
+    """The consumer group of ``fleet notify`` (one per receiving endpoint)."""
+    notify_dlq_topic: str = "fleet.events.notify.dlq.v1"
+    """Events ``fleet notify`` gave up delivering, with the reason in the headers."""
+    notify_max_attempts: int = Field(default=8, ge=1)
+    """Delivery attempts of one event before it is dead-lettered."""
+    notify_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Longest one webhook request may take; a timeout is a failed attempt."""
+    notify_remember_seconds: int = Field(default=7 * 86_400, ge=60)
+    """How long ``fleet notify`` remembers a delivered event id to drop repeats (Redis)."""
+    notify_metrics_port: int = Field(default=9120, ge=0, le=65535)
+    """``fleet notify`` serves its metrics here; ``0`` turns it off."""
 
     # --- time-series lifecycle (schema/README.md, "Lifecycle") -----------------
     hourly_retention_days: int = Field(default=365, ge=1)

@@ -33,6 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "replay": {"ingest", "consumers", "lifecycle"},
     "fleetops": {"ingest", "consumers"},
     "documents": {"fleetops"},
+    "notify": {"ingest", "consumers"},
     "views": {"schema", "deploy", "ingest", "consumers", "lifecycle", "replay", "fleetops"},
 }
 
