@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from typing import Any, Final
 
 import orjson
-import redis.asyncio as aioredis
 import structlog
 from aiokafka import AIOKafkaProducer
 
@@ -28,6 +27,7 @@ from fleet_telemetry.consumers.deadletter import (
 )
 from fleet_telemetry.core.events import EVENT_TYPES
 from fleet_telemetry.core.metrics import NotifyMetrics
+from fleet_telemetry.core.redis_client import RedisClient
 from fleet_telemetry.core.redis_keys import RedisKeys
 from fleet_telemetry.core.retry import Backoff
 from fleet_telemetry.notify.webhook import Attempt, Webhook
@@ -67,7 +67,7 @@ class TypeFilter:
 class DeliveredIds:
     """The ids of the events delivered to this receiver (its consumer group), in Redis."""
 
-    def __init__(self, redis: aioredis.Redis, keys: RedisKeys, group: str, ttl_seconds: int) -> None:
+    def __init__(self, redis: RedisClient, keys: RedisKeys, group: str, ttl_seconds: int) -> None:
         self._redis = redis
         self._keys = keys
         self._group = group
