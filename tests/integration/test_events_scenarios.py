@@ -22,6 +22,7 @@ from fleet_telemetry.core.reading import status_time
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.views.alerts import resolve_alert
 from tests.integration.streams import Record, publish, read_topic, run_worker
+from tests.users import TEST_ADMIN
 
 pytestmark = pytest.mark.integration
 
@@ -133,7 +134,7 @@ async def test_an_event_left_in_the_outbox_and_an_operators_resolve_are_publishe
     alert_id = await db.fetchval(
         "INSERT INTO alerts (entity_id, type, severity, reading_time) VALUES ($1, 'offline', 'warning', $2)"
         " RETURNING id", other, when)
-    await resolve_alert(conn, actor="ops@example.com", alert_id=alert_id, note="parked for the night")
+    await resolve_alert(conn, actor=TEST_ADMIN, alert_id=alert_id, note="parked for the night")
     resolved_at = await db.fetchval("SELECT resolved_at FROM alerts WHERE id = $1", alert_id)
 
     worker = await run_worker(settings)
@@ -149,7 +150,8 @@ async def test_an_event_left_in_the_outbox_and_an_operators_resolve_are_publishe
     assert trip == {"id": str(left.id), "type": TRIP_ENDED, "vehicle_id": str(vid), "driver_id": None,
                     "time": "2026-11-25T08:00:00.250000Z", "data": {"distance_km": 12.5}}
     resolved = next(e for _, e in events if e["type"] == ALERT_RESOLVED)
-    assert resolved["data"]["details"]["resolved_by"] == "ops@example.com"
+    admin = await conn.fetchval("SELECT id FROM users WHERE email = $1", TEST_ADMIN)
+    assert resolved["data"]["details"]["resolved_by"] == str(admin)
     assert await db.fetchval("SELECT count(*) FROM fleet_events WHERE vehicle_id = ANY($1) AND published_at IS NULL",
                              [vid, other]) == 0
     trips = sum(1 for r in records if orjson.loads(r.value)["type"] == TRIP_ENDED)
