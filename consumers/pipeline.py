@@ -3,13 +3,13 @@
 
 ::
 
-    decode -> batching -> [writer task] store -> [publisher task] status -> rules -> commit
+    decode -> batching -> [writer task] store -> [publisher task] status -> rules -> trips -> commit
 
 Each task binds the batch's trace id to the log context while it handles the batch, so
 the log lines of one batch share a ``trace_id``. The writer task takes at most
 ``max_batches_in_flight`` batches waiting; while that
 queue is full the loop pauses its partitions. The publisher task takes one, so one
-batch's Redis and rules work overlaps the next batch's COPY. Only the commit step marks
+batch's Redis, rules and trips work overlaps the next batch's COPY. Only the commit step marks
 offsets committable, in batch order. A timer writes the last-known positions gathered
 by the status step when they are due, also when no batch follows.
 """
@@ -27,7 +27,7 @@ from fleet_telemetry.consumers.deadletter import DeadLetters
 from fleet_telemetry.consumers.kafka_loop import Committable, Records
 from fleet_telemetry.consumers.sink import TelemetrySink
 from fleet_telemetry.consumers.stages import (
-    CommitStep, DecodeStep, RuleEvaluator, RulesStep, StatusStep, Stored, StoreStep,
+    CommitStep, DecodeStep, RuleEvaluator, RulesStep, StatusStep, Stored, StoreStep, TripsStep, TripTracking,
 )
 from fleet_telemetry.consumers.status import StatusWriter
 from fleet_telemetry.core.metrics import PipelineMetrics
@@ -43,6 +43,7 @@ class Outputs:
     dead_letters: DeadLetters
     status: StatusWriter | None
     rules: RuleEvaluator | None
+    trips: TripTracking | None = None
 
 
 def _batch_trace(batch: Batch) -> str:
@@ -65,6 +66,10 @@ class TelemetryPipeline:
         self.offsets = Committable()
         self.retrier = Retrier(metrics.retries, lambda: Backoff(s.retry_initial_seconds, s.retry_max_seconds))
         after_status: Step[Stored] = CommitStep(self.offsets, metrics)
+        self.trips: TripsStep | None = None
+        if outputs.trips is not None:
+            self.trips = TripsStep(after_status, outputs.trips, self.retrier)
+            after_status = self.trips
         self.rules: RulesStep | None = None
         if outputs.rules is not None:
             self.rules = RulesStep(after_status, outputs.rules, self.retrier)
@@ -111,6 +116,8 @@ class TelemetryPipeline:
             await self.rules.stop()
         await self.writer.stop()
         await self.publisher.stop()
+        if self.trips is not None:
+            await self.trips.stop()
 
     async def _write_positions_when_due(self) -> None:
         while True:

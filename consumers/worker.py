@@ -21,6 +21,7 @@ import structlog
 from aiokafka.structs import TopicPartition
 
 from fleet_telemetry.consumers.rules import RuleEngine
+from fleet_telemetry.trips.tracker import TripTracker
 from fleet_telemetry.consumers.chain import Abandoned
 from fleet_telemetry.consumers.deadletter import DeadLetters, request_size
 from fleet_telemetry.consumers.health import HealthProbe, probe_interval
@@ -72,6 +73,7 @@ async def open_outputs(settings: Settings, metrics: PipelineMetrics,
                 dead_letters=DeadLetters(producer, s.dlq_topic, s.dlq_max_message_bytes),
                 status=StatusWriter(redis, pool, s.status_ttl_seconds, s.raw_retention_days * 86_400, s.redis_keys),
                 rules=RuleEngine(pool, redis, s, metrics) if s.rules_enabled else None,
+                trips=TripTracker(pool, s, metrics) if s.trips_enabled else None,
             )
         finally:
             await producer.stop()

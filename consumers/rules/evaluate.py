@@ -18,7 +18,6 @@ from operator import attrgetter
 from uuid import UUID
 
 from fleet_telemetry.consumers.rules.checks import (
-    JUMP_MIN_DEGREES,
     STATIONARY_DEGREES,
     check_engine,
     check_fuel,
@@ -28,6 +27,7 @@ from fleet_telemetry.consumers.rules.checks import (
 from fleet_telemetry.consumers.rules.index import GeofenceIndex
 from fleet_telemetry.consumers.rules.model import GPS_JUMP, OVERHEATING, Evaluation, Thresholds, VehicleState
 from fleet_telemetry.consumers.rules.transitions import Position, advance
+from fleet_telemetry.core.geodesy import JUMP_MIN_DEGREES
 from fleet_telemetry.core.reading import Reading
 
 # Offline alerts raised by another host's clock: look a little wider when resolving.

@@ -27,12 +27,13 @@ ALLOWED: dict[str, set[str]] = {
     "core": set(),
     "schema": set(),
     "ingest": set(),
-    "consumers": {"ingest"},
-    "lifecycle": {"schema"},
+    "trips": set(),
+    "consumers": {"ingest", "trips"},
+    "lifecycle": {"schema", "trips"},
     "deploy": {"schema"},
     "replay": {"ingest", "consumers", "lifecycle"},
     "fleetops": {"ingest", "consumers"},
-    "views": {"schema", "deploy", "ingest", "consumers", "lifecycle", "replay", "fleetops"},
+    "views": {"schema", "deploy", "ingest", "consumers", "lifecycle", "replay", "fleetops", "trips"},
 }
 
 
