@@ -23,9 +23,12 @@ OVERHEATING = "overheating"
 OFFLINE = "offline"
 MAINTENANCE_DUE = "maintenance_due"
 GPS_JUMP = "gps_jump"
+IDLING = "idling"
+"""Raised by the trips stage (:mod:`fleet_telemetry.trips`), listed here with the others."""
 SEVERITY = {
     OVERSPEED: "warning", LOW_FUEL: "warning", FUEL_DROP: "critical", ENGINE_DTC: "warning",
     OVERHEATING: "critical", OFFLINE: "warning", MAINTENANCE_DUE: "info", GPS_JUMP: "warning",
+    IDLING: "info",
 }
 ALERT_TYPES = tuple(SEVERITY)
 

@@ -11,6 +11,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from fleet_telemetry.core.errors import UsageError
+from fleet_telemetry.trips.model import MotionThresholds, thresholds_from_settings
 
 if TYPE_CHECKING:
     from fleet_telemetry.core.settings import Settings
@@ -48,6 +49,8 @@ class LifecyclePolicy:
     lock_patience_seconds: float = LOCK_PATIENCE_SECONDS
     """How long lock-taking steps first retry with 20 ms waits
     (see :func:`fleet_telemetry.lifecycle.locks.in_lock_timeout`)."""
+    motion: MotionThresholds = MotionThresholds()
+    """The trips machine's thresholds, for recomputing what late readings touched."""
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "LifecyclePolicy":
@@ -60,6 +63,7 @@ class LifecyclePolicy:
             audit_partitions_ahead_months=settings.audit_partitions_ahead_months,
             stats_refresh_hour=settings.stats_refresh_hour,
             lock_timeout_seconds=settings.maintain_lock_timeout_seconds,
+            motion=thresholds_from_settings(settings),
         )
         if policy.hourly_retention_days < policy.raw_retention_days:
             raise UsageError(

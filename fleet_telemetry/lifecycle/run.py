@@ -8,7 +8,9 @@ A pass (schema/README.md, "Lifecycle: partitions, rollups, retention"), in this 
    (:mod:`fleet_telemetry.lifecycle.partitions`);
 2. creates the telemetry partitions for today and ``partitions_ahead_days`` ahead, and
    the audit partitions for this month and ``audit_partitions_ahead_months`` ahead;
-3. recomputes the rollups of the hours the sink marked dirty (:mod:`fleet_telemetry.lifecycle.rollups`);
+3. recomputes the rollups of the hours the sink marked dirty (:mod:`fleet_telemetry.lifecycle.rollups`),
+   then the trips, stops and accumulators of the vehicle-hours late readings touched
+   (:mod:`fleet_telemetry.trips.recompute`);
 4. detaches and drops raw partitions whose whole day is older than the raw retention,
    oldest first, each only once none of its hours waits for a rollup; removes hourly
    rollups past their retention (whole days) and, if configured, daily ones
@@ -47,6 +49,7 @@ from fleet_telemetry.lifecycle.report import PassReport, record_pass
 from fleet_telemetry.lifecycle.retention import drop_expired_raw, remove_old_rollups
 from fleet_telemetry.lifecycle.rollups import RollupReport, refresh_dirty_rollups, rollup_backlog
 from fleet_telemetry.lifecycle.stats import refresh_stats
+from fleet_telemetry.trips.recompute import pending_vehicles, recompute_dirty
 
 if TYPE_CHECKING:
     from fleet_telemetry.core.settings import Settings
@@ -81,8 +84,23 @@ async def roll_up(ctx: PassContext) -> None:
         ctx.report.deferred.append("claiming dirty hours")
 
 
+async def recompute_trips(ctx: PassContext) -> None:
+    """Recomputes the trips, stops and accumulators of the vehicles late readings touched
+    (with ``dry_run``: counts them). Runs before the raw partitions are dropped."""
+    if ctx.dry_run:
+        ctx.report.trip_vehicles_pending = await pending_vehicles(ctx.conn)
+        return
+    while True:
+        done = await recompute_dirty(ctx.conn, ctx.policy.motion)
+        if not done:
+            return
+        ctx.report.trip_vehicles_recomputed += len(done)
+        ctx.report.trips_rewritten += sum(r.trips for r in done)
+
+
 # The steps of a pass, in order; each commits what it did.
-STEPS: tuple[Step, ...] = (move_default_rows, ensure_ahead, roll_up, drop_expired_raw, remove_old_rollups, refresh_stats)
+STEPS: tuple[Step, ...] = (move_default_rows, ensure_ahead, roll_up, recompute_trips, drop_expired_raw,
+                           remove_old_rollups, refresh_stats)
 
 
 async def run_pass(

@@ -16,6 +16,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import orjson
 
 from fleet_telemetry.core.events import (
     STOP_ENDED,
@@ -129,6 +130,12 @@ class StateConflict(Exception):
     def __init__(self, vehicles: set[UUID]) -> None:
         super().__init__(f"{len(vehicles)} vehicle motion states changed under us")
         self.vehicles = vehicles
+
+
+async def use_json(conn: asyncpg.Connection) -> None:
+    """jsonb as Python values on ``conn`` (the workers' pool does it in its own way)."""
+    await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=lambda v: orjson.dumps(v).decode(),
+                              decoder=orjson.loads, format="text")
 
 
 # --- the state row ------------------------------------------------------------------------
