@@ -68,7 +68,17 @@ RETURNING vehicle_id
 """
 _POINT = "ST_SetSRID(ST_MakePoint({lon}, {lat}), 4326)"
 # New trips get their driver and start geofence; a trip seen again gets its end and
-# figures (an unchanged row is left alone, so a recomputation touches only what changed).
+# figures. A row that came out the same is left alone, so a recomputation touches only what
+# changed; where only the odometer and engine hours at its start and end moved (a backfill
+# added distance before it), updated_at stays.
+_FIGURES = ("end_time", "end_location", "distance_km", "duration_s", "max_speed_kmh", "fuel_used_percent", "idle_s")
+_ACCUMULATORS = ("end_odometer_km", "start_odometer_km", "start_engine_s")
+
+
+def _row(prefix: str, names: tuple[str, ...]) -> str:
+    return "(" + ", ".join(f"{prefix}.{n}" for n in names) + ")"
+
+
 _UPSERT_TRIPS = f"""
 INSERT INTO trips AS x (id, vehicle_id, driver_id, start_time, start_location, start_geofence_id, end_time,
                         end_location, end_geofence_id, distance_km, duration_s, max_speed_kmh, avg_speed_kmh,
@@ -87,12 +97,10 @@ SET end_time = excluded.end_time, end_location = excluded.end_location, end_geof
     distance_km = excluded.distance_km, duration_s = excluded.duration_s, max_speed_kmh = excluded.max_speed_kmh,
     avg_speed_kmh = excluded.avg_speed_kmh, fuel_used_percent = excluded.fuel_used_percent,
     idle_s = excluded.idle_s, end_odometer_km = excluded.end_odometer_km,
-    start_odometer_km = excluded.start_odometer_km, start_engine_s = excluded.start_engine_s, updated_at = now()
-WHERE (x.end_time, x.end_location, x.distance_km, x.duration_s, x.max_speed_kmh, x.fuel_used_percent, x.idle_s,
-       x.end_odometer_km, x.start_odometer_km, x.start_engine_s)
-      IS DISTINCT FROM (excluded.end_time, excluded.end_location, excluded.distance_km, excluded.duration_s,
-                        excluded.max_speed_kmh, excluded.fuel_used_percent, excluded.idle_s,
-                        excluded.end_odometer_km, excluded.start_odometer_km, excluded.start_engine_s)
+    start_odometer_km = excluded.start_odometer_km, start_engine_s = excluded.start_engine_s,
+    updated_at = CASE WHEN {_row("x", _FIGURES)} IS DISTINCT FROM {_row("excluded", _FIGURES)} THEN now()
+                      ELSE x.updated_at END
+WHERE {_row("x", _FIGURES + _ACCUMULATORS)} IS DISTINCT FROM {_row("excluded", _FIGURES + _ACCUMULATORS)}
 RETURNING x.id, x.driver_id, x.start_geofence_id, x.end_geofence_id
 """
 _UPSERT_STOPS = f"""

@@ -242,6 +242,8 @@ async def test_a_late_backfill_last_week_is_recomputed_by_maintain_and_nothing_e
     assert len(before) == 4
     assert before[1]["distance_km"] == pytest.approx(great_circle_km(tracks[1]), rel=1e-6)
     events_before = await events(db, vid)
+    odometer = "SELECT odometer_km FROM vehicle_motion_state WHERE vehicle_id = $1"
+    odometer_before = await db.fetchval(odometer, vid)
 
     # The hole arrives late (a backfill): a detour 300 m north. The live path only marks it.
     late = [(t, lon, 60.0, {"lat": LAT + 0.0027}) for t, lon, _, _ in hole]
@@ -263,5 +265,8 @@ async def test_a_late_backfill_last_week_is_recomputed_by_maintain_and_nothing_e
     for i in (0, 2, 3):  # untouched: the same rows, not even rewritten
         assert after[i] == before[i]
     assert await db.fetchval("SELECT count(*) FROM trip_dirty_hours WHERE vehicle_id = $1", vid) == 0
+    # The odometer accumulator has the detour too.
+    assert await db.fetchval(odometer, vid) == pytest.approx(
+        odometer_before + after[1]["distance_km"] - before[1]["distance_km"], rel=1e-9)
     # The same facts (a trip's id, start and end did not change): no new event id.
     assert await events(db, vid) == events_before
