@@ -114,6 +114,32 @@ async def test_a_drive_a_stop_and_a_drive_are_two_trips_and_one_stop(topics, pro
     assert worker.metrics.value("fleet_trips_total", kind="trip", action="ended") == 1
     assert worker.metrics.value("fleet_trips_total", kind="stop", action="started") == 1
 
+    # What an operator sees, the vehicle named by its plate.
+    plate = await db.fetchval("SELECT license_plate FROM vehicles WHERE id = $1", vid)
+    window = ("--vehicle", plate, "--from", (start - timedelta(hours=1)).isoformat())
+    listed = json.loads(ok(fleet(settings, "trips", "list", *window, "--json")))
+    assert [(t["id"], t["end_time"] is None) for t in listed] == [(str(one["id"]), False), (str(trips[1]["id"]), True)]
+    assert listed[0]["distance_km"] == round(one["distance_km"], 3)
+    assert [s["id"] for s in json.loads(ok(fleet(settings, "stops", "list", *window, "--json")))] == [
+        str(stops[0]["id"])]
+    shown = json.loads(ok(fleet(settings, "vehicles", "show", plate, "--json")))
+    assert shown["odometer_km"] == round(odometer, 3) and shown["engine_hours"] == 0
+    # A rebuild recomputes the same trips: nothing rewritten, no new event.
+    rebuilt = fleet(settings, "trips", "rebuild", "--since", "1d", "--vehicle", plate, "--json")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert json.loads(rebuilt.stdout)["trips"] == 2 and "[1/1] vehicle" in rebuilt.stderr
+    assert await trip_rows(db, vid) == trips and await stop_rows(db, vid) == stops
+    assert len(await events(db, vid)) == 5
+    bad = fleet(settings, "trips", "list", "--vehicle", plate, "--from", "yesterday")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    unknown = fleet(settings, "trips", "rebuild", "--since", "2h", "--vehicle", "NO-SUCH-PLATE")
+    assert unknown.returncode == 2 and "NO-SUCH-PLATE" in unknown.stderr.strip().splitlines()[-1]
+
+
+def ok(done: Any) -> str:
+    assert done.returncode == 0, done.stderr
+    return str(done.stdout)
+
 
 async def test_idling_at_a_gate_raises_one_alert_resolved_and_counted_on_the_trip(
     topics, producer, db, make_vehicles
