@@ -17,6 +17,8 @@ MEAN_RADIUS_M = (2 * _A + _B) / 3
 JUMP_MIN_DISTANCE_M = 250.0
 JUMP_MIN_DEGREES = JUMP_MIN_DISTANCE_M / 111_320 / 1.5
 """Moves of fewer degrees (latitude plus longitude) are shorter than the distance above."""
+DEGREE_KMH = 111_320 * 3.6
+"""A degree (latitude plus longitude) per second, in km/h: an upper bound of the speed of such a move."""
 
 
 def sphere_distance_m(lon1: float, lat1: float, lon2: float, lat2: float) -> float:
@@ -37,7 +39,7 @@ def plausible_move(t0: datetime, lat0: float, lon0: float, t: datetime, lat: flo
     if degrees <= JUMP_MIN_DEGREES:
         return True  # closer than JUMP_MIN_DISTANCE_M whatever the latitude
     seconds = (t - t0).total_seconds()
-    if seconds > 0 and degrees * 111_320 / seconds * 3.6 <= max_speed_kmh:
+    if seconds > 0 and degrees * DEGREE_KMH / seconds <= max_speed_kmh:
         return True  # an upper bound of the distance is plausible already
     distance = sphere_distance_m(lon0, lat0, lon, lat)
     if distance <= JUMP_MIN_DISTANCE_M:

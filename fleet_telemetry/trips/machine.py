@@ -32,7 +32,7 @@ import math
 from datetime import datetime
 from uuid import UUID
 
-from fleet_telemetry.core.geodesy import MEAN_RADIUS_M, plausible_move
+from fleet_telemetry.core.geodesy import DEGREE_KMH, JUMP_MIN_DEGREES, MEAN_RADIUS_M, plausible_move
 from fleet_telemetry.core.reading import Reading
 from fleet_telemetry.trips.model import (
     Changes,
@@ -93,7 +93,10 @@ def advance(vid: UUID, st: MotionState, readings: list[Reading], th: MotionThres
             dt = (t - last).total_seconds()
             if dt >= gap:
                 _gap(vid, st, t, th, out)
-            if (lat != lat0 or lon != lon0) and plausible_move(last, lat0, lon0, t, lat, lon, max_gps):
+            degrees = abs(lat - lat0) + abs(lon - lon0)
+            # The common move passes the GPS-jump test's first two checks: decided here, without the call.
+            if degrees and (degrees <= JUMP_MIN_DEGREES or (dt > 0 and degrees * DEGREE_KMH / dt <= max_gps)
+                            or plausible_move(last, lat0, lon0, t, lat, lon, max_gps)):
                 # Equirectangular: within a millionth of the great circle for moves between readings.
                 x = (lon - lon0) * math.cos((lat + lat0) * 0.5 * _RADIANS)
                 d_km = math.hypot(x, lat - lat0) * _RADIANS * _KM_PER_RADIAN

@@ -68,6 +68,8 @@ class TripTracker:
         self._versions: dict[UUID, tuple[datetime, int] | None] = {}
         """(last_time, revision) of each cached vehicle's row as last read or written; None: no row."""
         self._dirty: set[UUID] = set()
+        self._unwritten: set[UUID] = set()
+        """The cached vehicles without a row yet."""
         self._flushed = time.monotonic()
         self._lock = asyncio.Lock()
         for action in ("raised", "resolved"):
@@ -78,6 +80,7 @@ class TripTracker:
             self.states.pop(vid, None)
             self._versions.pop(vid, None)
             self._dirty.discard(vid)
+            self._unwritten.discard(vid)
 
     async def after_write(self, readings: list[Reading]) -> None:
         """Runs one batch of stored (and duplicate) readings; see the class."""
@@ -111,9 +114,10 @@ class TripTracker:
         states, th = self.states, self._th
         try:
             for vid, rs in groups.items():
-                caught = extra.get(vid)
-                if caught:
-                    rs = caught + rs
+                if extra:
+                    caught = extra.get(vid)
+                    if caught:
+                        rs = caught + rs
                 if len(rs) > 1:
                     rs = sorted(rs, key=_time_of)
                 advance(vid, states[vid], rs, th, out)
@@ -121,8 +125,10 @@ class TripTracker:
             self._dirty.update(groups)
             if flush:
                 write = set(self._dirty)
-            else:  # a vehicle's first state is written at once: catching up starts from it
-                write = out.urgent | {vid for vid in groups if self._versions.get(vid) is None}
+            elif self._unwritten:  # a vehicle's first state is written at once: catching up starts from it
+                write = out.urgent | (self._unwritten & groups.keys())
+            else:
+                write = out.urgent
             if write or out.late:
                 await self._commit(write, out)
         except BaseException as exc:  # cancelled too: never flush a state its rows did not commit with
@@ -141,11 +147,13 @@ class TripTracker:
             for vid in vehicles:
                 self.states[vid] = MotionState()
                 self._versions[vid] = None
+                self._unwritten.add(vid)
             gaps = []
             for row in rows:
                 vid = row["vehicle_id"]
                 self.states[vid] = state_from_row(row)
                 self._versions[vid] = (row["last_time"], row["revision"])
+                self._unwritten.discard(vid)
                 first = min(r.time for r in groups[vid])
                 if row["last_time"] < first:
                     gaps.append((vid, row["last_time"], first))
@@ -168,6 +176,7 @@ class TripTracker:
             version = self._versions.get(vid)
             assert st.last_time is not None
             self._versions[vid] = (st.last_time, 0 if version is None else version[1])
+        self._unwritten -= write
         self._dirty -= write
         self._count(out, raised, resolved)
 
