@@ -59,6 +59,7 @@ CREATE TABLE stops (
 
 -- `fleet stops list` and the recomputation: a vehicle's stops in time order.
 CREATE UNIQUE INDEX stops_vehicle_start_idx ON stops (vehicle_id, start_time);
+-- At most one open stop per vehicle.
 CREATE UNIQUE INDEX stops_one_open ON stops (vehicle_id) WHERE end_time IS NULL;
 
 -- One row per vehicle: the trips state machine as it stands after the vehicle's newest
