@@ -33,6 +33,8 @@ class PassReport:
     """Vehicles whose trips and stops were recomputed after late readings."""
     trips_rewritten: int = 0
     """Trips those recomputations found (written only where they changed)."""
+    trips_expired: int = 0
+    """Vehicles silent for the gap whose trip (or idling) was ended at their last reading."""
     trip_vehicles_pending: int = 0
     """With ``dry_run``: vehicles waiting for that recomputation."""
     hourly_rows_removed: int = 0
@@ -59,8 +61,11 @@ class PassReport:
         if self.dry_run:
             return ([f"would recompute the trips of {self.trip_vehicles_pending} vehicles touched by late readings"]
                     if self.trip_vehicles_pending else [])
-        return ([f"recomputed the trips of {self.trip_vehicles_recomputed} vehicles touched by late readings"
-                 f" ({self.trips_rewritten} trips)"] if self.trip_vehicles_recomputed else [])
+        out = ([f"recomputed the trips of {self.trip_vehicles_recomputed} vehicles touched by late readings"
+                f" ({self.trips_rewritten} trips)"] if self.trip_vehicles_recomputed else [])
+        if self.trips_expired:
+            out.append(f"ended the trips of {self.trips_expired} vehicles silent for the trip gap")
+        return out
 
     def _say(self, done: str, planned: str) -> str:
         return planned if self.dry_run else done

@@ -9,8 +9,8 @@ A pass (schema/README.md, "Lifecycle: partitions, rollups, retention"), in this 
 2. creates the telemetry partitions for today and ``partitions_ahead_days`` ahead, and
    the audit partitions for this month and ``audit_partitions_ahead_months`` ahead;
 3. recomputes the rollups of the hours the sink marked dirty (:mod:`fleet_telemetry.lifecycle.rollups`),
-   then the trips, stops and accumulators of the vehicle-hours late readings touched
-   (:mod:`fleet_telemetry.trips.recompute`);
+   then the trips, stops and accumulators of the vehicle-hours late readings touched,
+   and the trips of vehicles silent for the gap ended (:mod:`fleet_telemetry.trips.recompute`);
 4. detaches and drops raw partitions whose whole day is older than the raw retention,
    oldest first, each only once none of its hours waits for a rollup; removes hourly
    rollups past their retention (whole days) and, if configured, daily ones
@@ -49,7 +49,7 @@ from fleet_telemetry.lifecycle.report import PassReport, record_pass
 from fleet_telemetry.lifecycle.retention import drop_expired_raw, remove_old_rollups
 from fleet_telemetry.lifecycle.rollups import RollupReport, refresh_dirty_rollups, rollup_backlog
 from fleet_telemetry.lifecycle.stats import refresh_stats
-from fleet_telemetry.trips.recompute import pending_vehicles, recompute_dirty
+from fleet_telemetry.trips.recompute import expire_silent, pending_vehicles, recompute_dirty
 
 if TYPE_CHECKING:
     from fleet_telemetry.core.settings import Settings
@@ -86,16 +86,19 @@ async def roll_up(ctx: PassContext) -> None:
 
 async def recompute_trips(ctx: PassContext) -> None:
     """Recomputes the trips, stops and accumulators of the vehicles late readings touched
-    (with ``dry_run``: counts them). Runs before the raw partitions are dropped."""
+    (with ``dry_run``: counts them), then ends the trips of vehicles silent for
+    ``FLEET_TRIPS_GAP_SECONDS``. Runs before the raw partitions are dropped."""
     if ctx.dry_run:
         ctx.report.trip_vehicles_pending = await pending_vehicles(ctx.conn)
         return
     while True:
-        done = await recompute_dirty(ctx.conn, ctx.policy.motion)
+        done = await recompute_dirty(ctx.conn, ctx.policy.motion, ctx.now)
         if not done:
-            return
+            break
         ctx.report.trip_vehicles_recomputed += len(done)
         ctx.report.trips_rewritten += sum(r.trips for r in done)
+    while expired := await expire_silent(ctx.conn, ctx.policy.motion, ctx.now):
+        ctx.report.trips_expired += expired
 
 
 # The steps of a pass, in order; each commits what it did.

@@ -16,7 +16,8 @@ the same trips.
   (``trip.ended``; a movement that never became a trip is dropped) and starts a stop
   there (``stop.started``) unless one is open.
 - No reading for ``gap_s`` ends the trip at the last reading before the gap (or where
-  it halted), and starts a stop there.
+  it halted), and starts a stop there: at the next reading, or earlier by
+  :func:`expire` (``fleet maintain``) once the vehicle has been silent that long.
 - Distances come from the positions; a move the GPS-jump rule finds implausible
   (:func:`fleet_telemetry.core.geodesy.plausible_move`) adds nothing.
 - **Idling**: ignition on and not moving. Lasting ``idle_min_s`` raises ``idling``
@@ -56,12 +57,12 @@ def ignition_of(engine: dict[str, object] | None, previous: bool | None) -> bool
     say nothing keep the previous value."""
     if not engine:
         return previous
-    ignition = engine.get("ignition")
+    reported = engine.get("ignition")
     rpm = engine.get("rpm")
-    rpm_on = isinstance(rpm, (int, float)) and not isinstance(rpm, bool) and rpm > 0
-    if ignition is None and rpm is None:
+    if reported is None and rpm is None:
         return previous
-    return ignition is True or rpm_on
+    kind = type(rpm)
+    return reported is True or ((kind is int or kind is float) and rpm > 0)
 
 
 def advance(vid: UUID, st: MotionState, readings: list[Reading], th: MotionThresholds, out: Changes,
@@ -100,7 +101,14 @@ def advance(vid: UUID, st: MotionState, readings: list[Reading], th: MotionThres
                 # Equirectangular: within a millionth of the great circle for moves between readings.
                 x = (lon - lon0) * math.cos((lat + lat0) * 0.5 * _RADIANS)
                 d_km = math.hypot(x, lat - lat0) * _RADIANS * _KM_PER_RADIAN
-        now_ignition = ignition_of(r.engine_status, ignition) if r.engine_status else ignition
+        now_ignition = ignition
+        engine = r.engine_status
+        if engine:  # ignition_of, inline
+            reported = engine.get("ignition")
+            rpm = engine.get("rpm")
+            if reported is not None or rpm is not None:
+                kind = type(rpm)
+                now_ignition = reported is True or ((kind is int or kind is float) and rpm > 0)
         if speed is not None:
             moving = speed >= moving_kmh
         else:
@@ -161,6 +169,20 @@ def advance(vid: UUID, st: MotionState, readings: list[Reading], th: MotionThres
         st.ignition = ignition
         last, lat0, lon0 = t, lat, lon
         st.last_time, st.lat, st.lon = t, lat, lon
+
+
+def expire(vid: UUID, st: MotionState, now: datetime, th: MotionThresholds, out: Changes) -> bool:
+    """A vehicle silent for ``gap_s`` at wall-clock ``now``: what its next reading would
+    do about the gap, done now (the trip ends at the last reading, a stop starts there, an
+    idling ends); returns whether anything changed. The next reading then finds nothing
+    left to end."""
+    last = st.last_time
+    if last is None or (now - last).total_seconds() < th.gap_s:
+        return False
+    if st.trip is None and st.stop is not None and st.idle_since is None:
+        return False
+    _gap(vid, st, now, th, out)
+    return True
 
 
 def _confirm(vid: UUID, st: MotionState, trip: TripDraft, out: Changes) -> None:

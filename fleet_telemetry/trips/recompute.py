@@ -27,7 +27,7 @@ from uuid import UUID
 
 import asyncpg
 
-from fleet_telemetry.trips.machine import advance, ignition_of, open_rows
+from fleet_telemetry.trips.machine import advance, expire, ignition_of, open_rows
 from fleet_telemetry.trips.model import Changes, MotionState, MotionThresholds, StopDraft
 from fleet_telemetry.trips.store import memory_of, readings_of, state_from_row, use_json, write_changes
 
@@ -79,10 +79,13 @@ class Recomputed:
     events: int = 0
 
 
-async def recompute_vehicle(conn: asyncpg.Connection, vid: UUID, since: datetime, th: MotionThresholds) -> Recomputed:
+async def recompute_vehicle(conn: asyncpg.Connection, vid: UUID, since: datetime, th: MotionThresholds,
+                            now: datetime) -> Recomputed:
     """Recomputes one vehicle's trips, stops and accumulators from its latest trip that
-    started at or before ``since`` (see the module). Runs in its own transaction (a
-    savepoint inside the caller's); raises asyncpg errors, having changed nothing."""
+    started at or before ``since`` (see the module); a vehicle silent for the gap at
+    wall-clock ``now`` has its trip ended as :func:`expire_silent` does. Runs in its own
+    transaction (a savepoint inside the caller's); raises asyncpg errors, having changed
+    nothing."""
     async with conn.transaction():
         live_row = await conn.fetchrow(_LOCK_STATE, vid)
         if live_row is None:
@@ -106,6 +109,8 @@ async def recompute_vehicle(conn: asyncpg.Connection, vid: UUID, since: datetime
         rows = await conn.fetch(_READINGS, vid, start, live_row["last_time"])
         out = Changes()
         advance(vid, st, readings_of(rows), th, out, live=False)
+        st.idle_alert = live.idle_alert  # alerts are the live runs' own
+        expire(vid, st, now, th, out)
         trip, stop_row = open_rows(vid, st)
         if trip is not None:
             out.trips.append(trip)
@@ -113,7 +118,6 @@ async def recompute_vehicle(conn: asyncpg.Connection, vid: UUID, since: datetime
             out.stops.append(stop_row)
         if anchor is None:  # accumulators summed from the first stored reading: keep the live totals
             _shift(out, st, live.odometer_km - st.odometer_km, live.engine_s - st.engine_s)
-        st.idle_alert = live.idle_alert  # alerts are the live runs' own
         trip_ids = list({r.id for r in out.trips})
         stop_ids = list({r.id for r in out.stops})
         deleted = _count(await conn.execute(_DELETE_TRIPS, vid, start, trip_ids))
@@ -143,7 +147,7 @@ def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def recompute_dirty(conn: asyncpg.Connection, th: MotionThresholds, *, vehicles: int = 100
+async def recompute_dirty(conn: asyncpg.Connection, th: MotionThresholds, now: datetime, *, vehicles: int = 100
                           ) -> list[Recomputed]:
     """Recomputes up to ``vehicles`` vehicles whose hours late readings touched
     (``trip_dirty_hours``), oldest mark first: each vehicle's marks are claimed in the
@@ -157,7 +161,7 @@ async def recompute_dirty(conn: asyncpg.Connection, th: MotionThresholds, *, veh
             hours: Sequence[asyncpg.Record] = await conn.fetch(_CLAIM, vid)
             if not hours:
                 continue
-            done.append(await recompute_vehicle(conn, vid, min(h["hour"] for h in hours), th))
+            done.append(await recompute_vehicle(conn, vid, min(h["hour"] for h in hours), th, now))
     return done
 
 
@@ -177,7 +181,42 @@ async def vehicles_to_rebuild(conn: asyncpg.Connection, since: datetime, vehicle
     return [r["vehicle_id"] for r in await conn.fetch(_VEHICLES_SINCE, vehicle_id, since)]
 
 
-async def rebuild(conn: asyncpg.Connection, vid: UUID, since: datetime, th: MotionThresholds) -> Recomputed:
+async def rebuild(conn: asyncpg.Connection, vid: UUID, since: datetime, th: MotionThresholds,
+                  now: datetime) -> Recomputed:
     """``fleet trips rebuild`` for one vehicle: :func:`recompute_vehicle` from ``since``."""
     await use_json(conn)
-    return await recompute_vehicle(conn, vid, since, th)
+    return await recompute_vehicle(conn, vid, since, th, now)
+
+
+# Silent for the gap, with a trip, idling or no stop open: what the next reading would end.
+_SILENT = """
+SELECT vehicle_id, last_time, revision, odometer_km, engine_s, memory FROM vehicle_motion_state
+WHERE last_time < $1::timestamptz - make_interval(secs => $2::float8)
+  AND (memory->'trip' <> 'null'::jsonb OR memory->'stop' = 'null'::jsonb OR memory->>'idle_since' IS NOT NULL)
+ORDER BY vehicle_id
+LIMIT $3
+FOR UPDATE SKIP LOCKED
+"""
+_SAVE_EXPIRED = """
+UPDATE vehicle_motion_state SET revision = revision + 1, memory = $2, updated_at = now() WHERE vehicle_id = $1
+"""
+
+
+async def expire_silent(conn: asyncpg.Connection, th: MotionThresholds, now: datetime, *, vehicles: int = 500) -> int:
+    """Ends the trips (and idling) of vehicles silent for ``gap_s`` at ``now``, at their
+    last reading, and opens their stops there (:func:`~fleet_telemetry.trips.machine.expire`),
+    up to ``vehicles`` in one transaction; returns how many changed. The state rows get
+    ``revision + 1``, so a worker holding an older copy reads them back."""
+    await use_json(conn)
+    changed = 0
+    async with conn.transaction():
+        for row in await conn.fetch(_SILENT, now, th.gap_s, vehicles):
+            vid = row["vehicle_id"]
+            st = state_from_row(row)
+            out = Changes()
+            if not expire(vid, st, now, th, out):
+                continue
+            await write_changes(conn, out, mark_late=False)
+            await conn.execute(_SAVE_EXPIRED, vid, memory_of(st))
+            changed += 1
+    return changed

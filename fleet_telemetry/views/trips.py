@@ -8,7 +8,7 @@ A trip or stop belongs to the period when it overlaps it (an open one runs until
 from __future__ import annotations
 
 import sys
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
 
@@ -66,7 +66,7 @@ async def rebuild_trips(db: Database, *, settings: Settings, since: datetime,
     async with db.write() as conn:
         vehicles = await vehicles_to_rebuild(conn, since, vehicle_id)
         for i, vid in enumerate(vehicles, 1):
-            done = await rebuild(conn, vid, since, th)
+            done = await rebuild(conn, vid, since, th, datetime.now(timezone.utc))
             print(f"[{i}/{len(vehicles)}] vehicle {vid}: {done.readings} readings, {done.trips} trips,"
                   f" {done.stops} stops, {done.deleted} removed, {done.events} new events", file=sys.stderr)
             totals["vehicles"] += 1

@@ -84,7 +84,7 @@ async def test_a_drive_a_stop_and_a_drive_are_two_trips_and_one_stop(topics, pro
     depot = await db.fetchval(
         "INSERT INTO geofences (name, kind, center, radius_m) VALUES ($1, 'circle', ST_SetSRID(ST_MakePoint($2, $3),"
         " 4326), 100) RETURNING id", f"depot-{vid.hex[:8]}", 12.5, LAT)
-    start = at(datetime.now(timezone.utc)) - timedelta(hours=2)
+    start = at(datetime.now(timezone.utc)) - timedelta(minutes=45)  # still within the gap at the end
     first = drive(start, 600, 12.5)
     parked = halt(first[-1][0], 600, first[-1][1])
     second = drive(parked[-1][0] + timedelta(seconds=STEP), 600, first[-1][1])
@@ -231,7 +231,7 @@ async def test_a_worker_that_died_with_unwritten_states_is_caught_up_to_the_same
 async def test_a_replay_adds_no_trip_and_no_event_id_even_after_maintain(topics, producer, db, make_vehicles) -> None:
     settings = trips_settings(topics)
     (vid,) = await make_vehicles(1)
-    start = at(datetime.now(timezone.utc)) - timedelta(hours=3)
+    start = at(datetime.now(timezone.utc)) - timedelta(minutes=45)  # still within the gap at the end
     first = drive(start, 600, 12.5)
     parked = halt(first[-1][0], 600, first[-1][1])
     second = drive(parked[-1][0] + timedelta(seconds=STEP), 600, first[-1][1])
@@ -296,3 +296,23 @@ async def test_a_late_backfill_last_week_is_recomputed_by_maintain_and_nothing_e
         odometer_before + after[1]["distance_km"] - before[1]["distance_km"], rel=1e-9)
     # The same facts (a trip's id, start and end did not change): no new event id.
     assert await events(db, vid) == events_before
+
+
+async def test_maintain_ends_the_trip_of_a_vehicle_silent_for_the_gap(topics, producer, db, make_vehicles) -> None:
+    settings = trips_settings(topics)
+    (vid,) = await make_vehicles(1)
+    track = drive(at(datetime.now(timezone.utc)) - timedelta(hours=2), 600, 12.5)
+    await publish(producer, settings.telemetry_topic, messages(vid, track))
+    await run_worker(settings)
+    assert [t["end_time"] for t in await trip_rows(db, vid)] == [None]
+
+    done = fleet(settings, "maintain")
+    assert done.returncode == 0, done.stderr
+    (trip,) = await trip_rows(db, vid)
+    assert (trip["end_time"], trip["end_lon"]) == (track[-1][0], track[-1][1])
+    assert [(s["start_time"], s["end_time"]) for s in await stop_rows(db, vid)] == [(track[-1][0], None)]
+    assert [kind for kind, _, _ in await events(db, vid)] == ["trip.started", "stop.started", "trip.ended"]
+    # The next reading finds nothing left to end.
+    await publish(producer, settings.telemetry_topic, messages(vid, halt(at(datetime.now(timezone.utc)), 20, 12.6)))
+    await run_worker(settings)
+    assert len(await trip_rows(db, vid)) == 1 and len(await stop_rows(db, vid)) == 1

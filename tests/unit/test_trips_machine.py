@@ -12,7 +12,7 @@ import pytest
 
 from fleet_telemetry.core.geodesy import sphere_distance_m
 from fleet_telemetry.core.reading import Reading, Source
-from fleet_telemetry.trips.machine import advance, ignition_of
+from fleet_telemetry.trips.machine import advance, expire, ignition_of
 from fleet_telemetry.trips.model import Changes, MotionState, MotionThresholds, trip_id
 from fleet_telemetry.trips.store import memory_of, state_from_row
 
@@ -157,3 +157,16 @@ def test_a_run_split_through_its_stored_state_gives_the_same_rows(cut: int) -> N
     assert first.trips + rest.trips == whole.trips
     assert first.stops + rest.stops == whole.stops
     assert first.idle + rest.idle == whole.idle
+
+
+def test_a_silent_vehicle_s_trip_is_ended_by_expire_and_the_next_reading_adds_nothing() -> None:
+    track = drive(0, 600, 12.5)
+    st, _ = run(track)
+    out = Changes()
+    assert not expire(VID, st, track[-1].time + timedelta(seconds=3599), TH, out)
+    assert expire(VID, st, track[-1].time + timedelta(hours=2), TH, out)
+    assert [(r.end, r.end_lon) for r in out.trips] == [(track[-1].time, track[-1].lon)]
+    assert [(s.start, s.end) for s in out.stops] == [(track[-1].time, None)]
+    assert not expire(VID, st, track[-1].time + timedelta(hours=3), TH, Changes())
+    _, later = run([reading(3 * 3600, track[-1].lon, 0.0)], st=st)
+    assert later.trips == [] and later.stops == []
