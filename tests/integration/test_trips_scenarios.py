@@ -5,6 +5,7 @@ late readings changed them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -17,10 +18,11 @@ from fleet_telemetry.core.metrics import PipelineMetrics
 from fleet_telemetry.consumers.sink import TelemetrySink, create_pool
 from fleet_telemetry.core.geodesy import sphere_distance_m
 from fleet_telemetry.core.reading import Reading, Source
+from fleet_telemetry.consumers.worker import Worker
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.trips.tracker import TripTracker
 from tests.integration.cli import fleet
-from tests.integration.streams import publish, run_worker
+from tests.integration.streams import publish, run_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -316,3 +318,30 @@ async def test_maintain_ends_the_trip_of_a_vehicle_silent_for_the_gap(topics, pr
     await publish(producer, settings.telemetry_topic, messages(vid, halt(at(datetime.now(timezone.utc)), 20, 12.6)))
     await run_worker(settings)
     assert len(await trip_rows(db, vid)) == 1 and len(await stop_rows(db, vid)) == 1
+
+
+async def test_maintenance_falls_due_by_the_odometer_summed_from_positions(topics, producer, db, make_vehicles) -> None:
+    settings = trips_settings(topics)
+    (vid,) = await make_vehicles(1)
+    oil = await db.fetchval("INSERT INTO maintenance_schedules (name, vehicle_type, interval_km)"
+                            " VALUES ($1, 'truck', 5) RETURNING id", f"oil-{vid.hex[:8]}")
+    await db.execute("INSERT INTO maintenance_triggers (vehicle_id, schedule_id, next_due_km) VALUES ($1, $2, 5)",
+                     vid, oil)
+    track = drive(at(datetime.now(timezone.utc)) - timedelta(minutes=30), 600, 12.5)  # about 10 km, no odometer
+    track += halt(track[-1][0], 400, track[-1][1])
+    await publish(producer, settings.telemetry_topic, messages(vid, track))
+
+    async def due() -> bool:
+        return bool(await db.fetchval("SELECT count(*) FROM alerts WHERE entity_id = $1 AND type = 'maintenance_due'"
+                                      " AND NOT is_resolved", vid))
+
+    worker = Worker(settings, stop_when_idle=None)
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_for(due, timeout=60, what="maintenance due by the accumulated odometer")
+    finally:
+        worker.stop()
+        assert await asyncio.wait_for(running, timeout=60) == 0
+    details = json.loads(await db.fetchval("SELECT details FROM alerts WHERE entity_id = $1 AND type = 'maintenance_due'",
+                                           vid))
+    assert details["odometer_km"] == pytest.approx(great_circle_km(track), rel=0.02)
