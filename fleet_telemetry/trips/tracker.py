@@ -46,7 +46,7 @@ from fleet_telemetry.trips.store import (
 
 log = structlog.get_logger("fleet.trips")
 
-STATE_FLUSH_SECONDS = 15.0
+STATE_FLUSH_SECONDS = 60.0
 """States without rows or alerts to write are written at most this often."""
 _ATTEMPTS = 10
 _time_of = attrgetter("time")
@@ -108,11 +108,11 @@ class TripTracker:
             self._metrics.trip_duration.observe(time.perf_counter() - started)
 
     async def _run(self, groups: dict[UUID, list[Reading]]) -> None:
-        missing = [vid for vid in groups if vid not in self.states]
-        extra = await self._load(missing, groups) if missing else {}
         out = Changes()
         states, th = self.states, self._th
         try:
+            missing = [vid for vid in groups if vid not in states]
+            extra = await self._load(missing, groups) if missing else {}
             for vid, rs in groups.items():
                 if extra:
                     caught = extra.get(vid)
@@ -132,7 +132,7 @@ class TripTracker:
             if write or out.late:
                 await self._commit(write, out)
         except BaseException as exc:  # cancelled too: never flush a state its rows did not commit with
-            self.forget(list(groups))  # advanced in memory: read back next time
+            self.forget(list(groups))  # loaded or advanced in memory: read back (and caught up) next time
             if isinstance(exc, StateConflict):
                 self.forget(exc.vehicles)
             raise
