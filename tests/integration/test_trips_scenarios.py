@@ -20,6 +20,8 @@ from fleet_telemetry.core.geodesy import sphere_distance_m
 from fleet_telemetry.core.reading import Reading, Source
 from fleet_telemetry.consumers.worker import Worker
 from fleet_telemetry.core.settings import Settings
+from fleet_telemetry.trips.model import thresholds_from_settings
+from fleet_telemetry.trips.recompute import rebuild
 from fleet_telemetry.trips.tracker import TripTracker
 from tests.integration.cli import fleet
 from tests.integration.streams import publish, run_worker, wait_for
@@ -345,3 +347,33 @@ async def test_maintenance_falls_due_by_the_odometer_summed_from_positions(topic
     details = json.loads(await db.fetchval("SELECT details FROM alerts WHERE entity_id = $1 AND type = 'maintenance_due'",
                                            vid))
     assert details["odometer_km"] == pytest.approx(great_circle_km(track), rel=0.02)
+
+
+async def test_a_worker_holding_a_copy_older_than_a_recomputation_reads_it_back(
+    settings: Settings, db: asyncpg.Connection, make_vehicles
+) -> None:
+    (vid,) = await make_vehicles(1)
+    start = at(datetime.now(timezone.utc)) - timedelta(minutes=50)
+    track = drive(start, 1200, 12.5)
+    track += halt(track[-1][0], 400, track[-1][1])
+    pool = await create_pool(settings.database_url)
+    try:
+        sink = TelemetrySink(pool)
+        worker = TripTracker(pool, settings, PipelineMetrics())
+        for part in (track[0:10], track[10:40]):
+            await worker.after_write((await sink.write(readings(vid, part))).stored)
+        maintainer = await asyncpg.connect(settings.database_url)  # as fleet maintain's own connection
+        try:
+            await rebuild(maintainer, vid, start - timedelta(hours=1), thresholds_from_settings(settings),
+                          datetime.now(timezone.utc))
+        finally:
+            await maintainer.close()
+        assert await db.fetchval("SELECT revision FROM vehicle_motion_state WHERE vehicle_id = $1", vid) == 1
+        # Its next write (the trip's end) is refused; it reads the row back, catches up, and writes again.
+        await worker.after_write((await sink.write(readings(vid, track[40:]))).stored)
+    finally:
+        await pool.close()
+    trips = await trip_rows(db, vid)
+    assert [(t["start_time"], t["end_time"]) for t in trips] == [(start, track[121][0])]
+    assert trips[0]["distance_km"] == pytest.approx(great_circle_km(track[:121]), rel=1e-6)
+    assert [kind for kind, _, _ in await events(db, vid)] == ["trip.started", "stop.started", "trip.ended"]
