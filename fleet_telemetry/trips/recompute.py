@@ -62,6 +62,7 @@ WHERE vehicle_id = $1
 _CLAIM = "DELETE FROM trip_dirty_hours WHERE vehicle_id = $1 RETURNING hour"
 _DIRTY_VEHICLES = "SELECT vehicle_id, min(hour) AS since FROM trip_dirty_hours GROUP BY vehicle_id ORDER BY 2 LIMIT $1"
 _PENDING = "SELECT count(DISTINCT vehicle_id) FROM trip_dirty_hours"
+_CHUNK = 5000
 _FAR_PAST = datetime.fromisoformat("0001-01-01T00:00:00+00:00")
 
 
@@ -106,9 +107,17 @@ async def recompute_vehicle(conn: asyncpg.Connection, vid: UUID, since: datetime
             stop = await conn.fetchrow(_STOP_ENDED_AT, vid, start)
             if stop is not None:
                 st.stop = StopDraft(stop["start_time"], stop["lat"], stop["lon"], stop["idle_s"])
-        rows = await conn.fetch(_READINGS, vid, start, live_row["last_time"])
         out = Changes()
-        advance(vid, st, readings_of(rows), th, out, live=False)
+        count = 0
+        chunk: list[asyncpg.Record] = []
+        async for row in conn.cursor(_READINGS, vid, start, live_row["last_time"], prefetch=_CHUNK):
+            chunk.append(row)
+            if len(chunk) == _CHUNK:  # the machine streams: a month of readings never sits in memory
+                advance(vid, st, readings_of(chunk), th, out, live=False)
+                count += len(chunk)
+                chunk = []
+        advance(vid, st, readings_of(chunk), th, out, live=False)
+        count += len(chunk)
         st.idle_alert = live.idle_alert  # alerts are the live runs' own
         expire(vid, st, now, th, out)
         trip, stop_row = open_rows(vid, st)
@@ -125,7 +134,7 @@ async def recompute_vehicle(conn: asyncpg.Connection, vid: UUID, since: datetime
         events, _ = await write_changes(conn, out, mark_late=False)
         await conn.execute(_SAVE_STATE, vid, st.last_time or live.last_time, st.odometer_km, st.engine_s,
                            memory_of(st))
-    return Recomputed(vid, None if anchor is None else start, len(rows), len(trip_ids), len(stop_ids), deleted,
+    return Recomputed(vid, None if anchor is None else start, count, len(trip_ids), len(stop_ids), deleted,
                       len(events))
 
 
