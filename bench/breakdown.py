@@ -35,6 +35,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("dead letters", ("consumers/deadletter.py",)),
     ("status", ("consumers/status.py", "StatusStep")),
     ("rules", ("consumers/rules/", "RulesStep")),
+    ("trips", ("fleet_telemetry/trips/", "TripsStep")),
     ("commit", ("CommitStep", "KafkaLoop.commit", "KafkaLoop._commit")),
     ("fetch", ("aiokafka/consumer/fetcher.py", "getmany")),
     ("batching", ("consumers/batch.py",)),
@@ -51,7 +52,7 @@ _STARTUP = ("<frozen importlib._bootstrap",)
 EVENT_LOOP = "event loop"
 OTHER = "other"
 STARTUP = "start-up"
-ORDER: tuple[str, ...] = ("fetch", "batching", "decode", "sink", "dead letters", "status", "rules", "commit",
+ORDER: tuple[str, ...] = ("fetch", "batching", "decode", "sink", "dead letters", "status", "rules", "trips", "commit",
                           EVENT_LOOP, OTHER)
 """The stages in the order a reading meets them, as the report lists them (start-up is not among them)."""
 

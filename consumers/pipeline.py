@@ -3,14 +3,14 @@
 
 ::
 
-    decode -> batching -> [writer task] store -> [publisher task] status -> rules -> events -> commit
+    decode -> batching -> [writer task] store -> [publisher task] status -> rules -> trips -> events -> commit
 
 Each task binds the batch's trace id to the log context while it handles the batch, so
 the log lines of one batch share a ``trace_id``. The writer task takes at most
 ``max_batches_in_flight`` batches waiting; while that
 queue is full the loop pauses its partitions. The publisher task takes one, so one
-batch's Redis and rules work overlaps the next batch's COPY. Only the commit step marks
-offsets committable, in batch order; the events step just before it publishes the
+batch's Redis, rules and trips work overlaps the next batch's COPY. Only the commit step
+marks offsets committable, in batch order; the events step just before it publishes the
 outbound events the batch (or anyone) recorded. A timer writes the last-known positions
 gathered by the status step when they are due, also when no batch follows; another
 publishes the outbox rows no batch picks up (:mod:`~fleet_telemetry.consumers.events`).
@@ -32,7 +32,7 @@ from fleet_telemetry.consumers.events import EventsStep, OutboxPublisher
 from fleet_telemetry.consumers.kafka_loop import Committable, Records
 from fleet_telemetry.consumers.sink import TelemetrySink
 from fleet_telemetry.consumers.stages import (
-    CommitStep, DecodeStep, RuleEvaluator, RulesStep, StatusStep, Stored, StoreStep,
+    CommitStep, DecodeStep, RuleEvaluator, RulesStep, StatusStep, Stored, StoreStep, TripsStep, TripTracking,
 )
 from fleet_telemetry.consumers.status import StatusWriter
 from fleet_telemetry.core.metrics import PipelineMetrics
@@ -52,6 +52,8 @@ class Outputs:
     rules: RuleEvaluator | None
     events: OutboxPublisher | None = None
     """Publishes the outbound events; None: nothing is published."""
+    trips: TripTracking | None = None
+    """Trips, stops, idling and the accumulators; None: not tracked."""
 
 
 def _batch_trace(batch: Batch) -> str:
@@ -80,6 +82,10 @@ class TelemetryPipeline:
             self.events = EventsStep(after_status, outputs.events, self.retrier)
             after_status = self.events
         self._events_interval = s.events_drain_seconds
+        self.trips: TripsStep | None = None
+        if outputs.trips is not None:
+            self.trips = TripsStep(after_status, outputs.trips, self.retrier)
+            after_status = self.trips
         self.rules: RulesStep | None = None
         if outputs.rules is not None:
             self.rules = RulesStep(after_status, outputs.rules, self.retrier)
@@ -131,6 +137,8 @@ class TelemetryPipeline:
             await self.rules.stop()
         await self.writer.stop()
         await self.publisher.stop()
+        if self.trips is not None:
+            await self.trips.stop()
 
     async def _write_positions_when_due(self) -> None:
         while True:

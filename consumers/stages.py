@@ -1,6 +1,6 @@
 """The telemetry pipeline's steps, in the order a reading goes through them.
 
-``DecodeStep -> BatchingStep -> StoreStep -> StatusStep -> RulesStep -> CommitStep``
+``DecodeStep -> BatchingStep -> StoreStep -> StatusStep -> RulesStep -> TripsStep -> CommitStep``
 
 Each is a small class with a named next step (:class:`~fleet_telemetry.consumers.chain.Step`),
 so a test drives any one of them with a fake next step. The Kafka loop hands fetched
@@ -10,6 +10,7 @@ for the loop once PostgreSQL, the dead-letter topic, Redis and the rules have it
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -233,6 +234,43 @@ class RulesStep:
             # before this step). The engine skips whatever is not newer than a vehicle's
             # last evaluated reading, so evaluating one twice changes nothing.
             await self._retry("postgresql", lambda: self.engine.after_write(live))
+        await self.next_step.submit(item)
+
+
+class TripTracking(Protocol):
+    """What the trips step needs of the trips tracker (``TripTracker``)."""
+
+    async def after_write(self, readings: list[Reading]) -> None: ...
+    async def flush(self) -> None: ...
+
+
+class TripsStep:
+    """Trips, stops, idling and the accumulators over the batch's stored and duplicate
+    readings (the trips tracker, :mod:`fleet_telemetry.trips`).
+
+    Blocks until the batch's trip and stop rows, alerts, events and the states that go
+    with them are committed; transient failures are retried by ``retrier`` (the tracker
+    forgets the batch's vehicles after a failure and reads them back, so a retry is safe).
+    """
+
+    def __init__(self, next_step: Step[Stored], tracker: TripTracking, retrier: Retrier) -> None:
+        self.next_step = next_step
+        self.tracker = tracker
+        self._retry = retrier
+
+    async def stop(self) -> None:
+        """Writes the states not written yet: best effort, 10 s at most (what is not
+        written is caught up from ``vehicle_telemetry`` by the next owner)."""
+        try:
+            await asyncio.wait_for(self.tracker.flush(), timeout=10)
+        except Exception as exc:  # noqa: BLE001 - never mask why the worker stops
+            log.warning("motion states not flushed at stop; the next owner catches up", error=type(exc).__name__)
+
+    async def submit(self, item: Stored) -> None:
+        live = item.live
+        if live:
+            # As for the rules: readings not newer than a vehicle's newest processed one change nothing.
+            await self._retry("postgresql", lambda: self.tracker.after_write(live))
         await self.next_step.submit(item)
 
 

@@ -37,6 +37,7 @@ from fleet_telemetry.core.retry import Backoff, is_transient
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.ingest.producer import start_producer
 from fleet_telemetry.ingest.topics import ensure_topics_if_allowed
+from fleet_telemetry.trips.tracker import TripTracker
 
 log = structlog.get_logger("fleet.consumer")
 
@@ -79,6 +80,7 @@ async def open_outputs(settings: Settings, metrics: PipelineMetrics,
                 status=StatusWriter(redis, pool, s.status_ttl_seconds, s.raw_retention_days * 86_400, s.redis_keys),
                 rules=RuleEngine(pool, redis, s, metrics) if s.rules_enabled else None,
                 events=events,
+                trips=TripTracker(pool, s, metrics) if s.trips_enabled else None,
             )
         finally:
             if events is not None:

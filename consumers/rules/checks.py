@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from fleet_telemetry.consumers.rules.geometry import sphere_distance_m
 from fleet_telemetry.consumers.rules.index import GeofenceIndex
 from fleet_telemetry.consumers.rules.model import (
     ENGINE_DTC,
@@ -32,12 +31,9 @@ from fleet_telemetry.consumers.rules.model import (
     VehicleState,
 )
 from fleet_telemetry.consumers.rules.transitions import FenceState, Position
+from fleet_telemetry.core.geodesy import plausible_move, sphere_distance_m
 from fleet_telemetry.core.reading import Reading
 
-# A move shorter than this is never a GPS jump, whatever the time between the readings.
-JUMP_MIN_DISTANCE_M = 250.0
-JUMP_MIN_DEGREES = JUMP_MIN_DISTANCE_M / 111_320 / 1.5
-"""Moves of fewer degrees (latitude plus longitude) are shorter than the distance above."""
 # Speed unknown and moved less than this since the previous reading: stationary.
 STATIONARY_DISTANCE_M = 30.0
 STATIONARY_DEGREES = STATIONARY_DISTANCE_M / 111_320
@@ -58,9 +54,10 @@ def check_jump(
     suspect point it confirms); raises and resolves ``gps_jump``. Returns (accepted,
     the position to measure crossings from)."""
     t = r.time
-    accepted = _plausible(previous.time, previous.lat, previous.lon, r, th)
+    top = th.max_gps_speed_kmh
+    accepted = plausible_move(previous.time, previous.lat, previous.lon, t, r.lat, r.lon, top)
     start: Position | None = previous
-    if not accepted and vs.suspect is not None and _plausible(*vs.suspect, r, th):
+    if not accepted and vs.suspect is not None and plausible_move(*vs.suspect, t, r.lat, r.lon, top):
         accepted, start = True, None  # consistent with the suspect point: it really moved
     if accepted:
         vs.suspect = None
@@ -79,19 +76,6 @@ def check_jump(
             "implied_speed_kmh": None if seconds <= 0 else round(distance / seconds * 3.6, 1),
         }))
     return False, previous
-
-
-def _plausible(t0: datetime, lat0: float, lon0: float, r: Reading, th: Thresholds) -> bool:
-    degrees = abs(r.lat - lat0) + abs(r.lon - lon0)
-    if degrees <= JUMP_MIN_DEGREES:
-        return True  # closer than JUMP_MIN_DISTANCE_M whatever the latitude
-    seconds = (r.time - t0).total_seconds()
-    if seconds > 0 and degrees * 111_320 / seconds * 3.6 <= th.max_gps_speed_kmh:
-        return True  # an upper bound of the distance is plausible already
-    distance = sphere_distance_m(lon0, lat0, r.lon, r.lat)
-    if distance <= JUMP_MIN_DISTANCE_M:
-        return True
-    return seconds > 0 and distance / seconds * 3.6 <= th.max_gps_speed_kmh
 
 
 # --- overspeed ---------------------------------------------------------------------

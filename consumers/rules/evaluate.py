@@ -19,7 +19,6 @@ from uuid import UUID
 
 from fleet_telemetry.consumers.rules.checks import (
     HARSH_MIN_DELTA_KMH,
-    JUMP_MIN_DEGREES,
     STATIONARY_DEGREES,
     check_engine,
     check_fuel,
@@ -30,6 +29,7 @@ from fleet_telemetry.consumers.rules.checks import (
 from fleet_telemetry.consumers.rules.index import GeofenceIndex
 from fleet_telemetry.consumers.rules.model import GPS_JUMP, OVERHEATING, Evaluation, Thresholds, VehicleState
 from fleet_telemetry.consumers.rules.transitions import Position, advance
+from fleet_telemetry.core.geodesy import JUMP_MIN_DEGREES
 from fleet_telemetry.core.reading import Reading
 
 # Offline alerts raised by another host's clock: look a little wider when resolving.

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+from fleet_telemetry.core.geodesy import sphere_distance_m
+
 # WGS 84, as PostGIS uses for SRID 4326 geography.
 _A = 6378137.0
 _F = 1 / 298.257223563
@@ -104,15 +106,6 @@ def polygons_cover(polygons: Sequence[Sequence[Ring]], x: float, y: float) -> bo
 
 
 # --- distances -------------------------------------------------------------------
-
-
-def sphere_distance_m(lon1: float, lat1: float, lon2: float, lat2: float) -> float:
-    """Great-circle distance on the mean-radius sphere (haversine), in metres."""
-    p1, p2 = math.radians(lat1), math.radians(lat2)
-    dp = p2 - p1
-    dl = math.radians(lon2 - lon1)
-    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
-    return 2 * _MEAN_RADIUS * math.asin(min(1.0, math.sqrt(h)))
 
 
 def spheroid_distance_m(lon1: float, lat1: float, lon2: float, lat2: float) -> float:

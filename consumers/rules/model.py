@@ -25,10 +25,12 @@ MAINTENANCE_DUE = "maintenance_due"
 GPS_JUMP = "gps_jump"
 HARSH_BRAKING = "harsh_braking"
 HARSH_ACCELERATION = "harsh_acceleration"
+IDLING = "idling"
+"""Raised by the trips stage (:mod:`fleet_telemetry.trips`), listed here with the others."""
 SEVERITY = {
     OVERSPEED: "warning", LOW_FUEL: "warning", FUEL_DROP: "critical", ENGINE_DTC: "warning",
     OVERHEATING: "critical", OFFLINE: "warning", MAINTENANCE_DUE: "info", GPS_JUMP: "warning",
-    HARSH_BRAKING: "warning", HARSH_ACCELERATION: "warning",
+    HARSH_BRAKING: "warning", HARSH_ACCELERATION: "warning", IDLING: "info",
 }
 ALERT_TYPES = tuple(SEVERITY)
 

@@ -45,7 +45,7 @@ WHERE a.type = 'offline' AND NOT a.is_resolved AND s.vehicle_id = a.entity_id
 RETURNING a.type
 """
 _DUE = """
-SELECT t.vehicle_id, max(s.last_time) AS last_time, max(s.odometer_km) AS odometer_km,
+SELECT t.vehicle_id, max(s.last_time) AS last_time, max(coalesce(ms.odometer_km, s.odometer_km)) AS odometer_km,
        jsonb_agg(jsonb_build_object('schedule_id', t.schedule_id, 'schedule', m.name,
                                     'next_due_km', t.next_due_km, 'next_due_date', t.next_due_date)
                  ORDER BY m.name) AS due
@@ -53,8 +53,12 @@ FROM maintenance_triggers AS t
 JOIN maintenance_schedules AS m ON m.id = t.schedule_id
 JOIN vehicles AS v ON v.id = t.vehicle_id AND v.deleted_at IS NULL
 LEFT JOIN vehicle_rule_state AS s ON s.vehicle_id = t.vehicle_id
+-- The odometer accumulator (the device's, else summed from the positions); the rules' last
+-- reported odometer where the trips stage does not run.
+LEFT JOIN vehicle_motion_state AS ms ON ms.vehicle_id = t.vehicle_id
 WHERE t.is_active
-  AND (t.next_due_date <= current_date OR (t.next_due_km IS NOT NULL AND s.odometer_km >= t.next_due_km))
+  AND (t.next_due_date <= current_date
+       OR (t.next_due_km IS NOT NULL AND coalesce(ms.odometer_km, s.odometer_km) >= t.next_due_km))
 GROUP BY t.vehicle_id
 """
 _RAISE_DUE = f"""
@@ -115,7 +119,8 @@ async def check_offline(pool: asyncpg.Pool, offline_seconds: float, metrics: Pip
 
 
 async def check_maintenance(pool: asyncpg.Pool, metrics: PipelineMetrics) -> None:
-    """Raises ``maintenance_due`` by date or odometer; resolves it once nothing is due."""
+    """Raises ``maintenance_due`` by date or odometer (the vehicle's odometer accumulator,
+    ``vehicle_motion_state``); resolves it once nothing is due."""
     async with pool.acquire() as conn:
         raised = await conn.fetch(_RAISE_DUE, SEVERITY[MAINTENANCE_DUE])
         resolved = await conn.fetch(_RESOLVE_DUE)

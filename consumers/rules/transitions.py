@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from fleet_telemetry.consumers.rules.geometry import M_PER_DEGREE, Geofence, sphere_distance_m
+from fleet_telemetry.consumers.rules.geometry import M_PER_DEGREE, Geofence
 from fleet_telemetry.consumers.rules.index import NOWHERE, GeofenceIndex
+from fleet_telemetry.core.geodesy import sphere_distance_m
 
 # Two readings closer than this are never tested for a crossing: GPS jitter, not travel.
 CROSSING_MIN_SEGMENT_M = 50.0

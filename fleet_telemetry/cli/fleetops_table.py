@@ -32,6 +32,7 @@ from fleet_telemetry.fleetops.errors import InvalidInput
 from fleet_telemetry.fleetops.validation import DRIVER_STATUSES, JOB_STATUSES, VEHICLE_STATUSES
 from fleet_telemetry.fleetops.values import parse_date, parse_month, parse_number, parse_point, parse_time
 from fleet_telemetry.views import alerts, driver_scores
+from fleet_telemetry.views import trips as trip_views
 from fleet_telemetry.views.vehicle_status import vehicle_status
 
 # --- argument types: one readable line on bad input ---------------------------------------------
@@ -276,7 +277,7 @@ VEHICLES = Entity(
     list_help="live vehicles, newest first",
     delete_help="soft-delete a vehicle (refused while it has open bookings)",
     register=vehicles.register_vehicle, update=vehicles.update_vehicle, delete=vehicles.delete_vehicle,
-    get=vehicles.get_vehicle, listing=vehicles.list_vehicles,
+    get=trip_views.show_vehicle, listing=vehicles.list_vehicles,
 )
 
 async def vehicle_status_view(db: Database, *, settings: Settings, vehicle_id: UUID) -> dict[str, Any]:
@@ -573,6 +574,39 @@ ALERTS = (
            " its condition has cleared and come back."),
 )
 
+WINDOW = (
+    vehicle_option(required=True),
+    Option("--from", dest="start", type=time_arg, required=True, help="start (RFC 3339 or 'now')"),
+    Option("--to", dest="end", type=time_arg, help="end, exclusive (default: open-ended)"),
+    LIMIT,
+)
+
+TRIPS = (
+    Action("list", "a vehicle's trips overlapping [--from, --to), oldest first", trip_views.list_trips, WINDOW,
+           columns=("id", "start_time", "end_time", "distance_km", "duration_s", "max_speed_kmh", "idle_s",
+                    "start_geofence_id", "end_geofence_id", "driver_id"),
+           description="A vehicle's trips (by id, VIN or plate) that overlap the period; an open trip has no"
+           " end_time yet. Distances in km from the positions (GPS jumps left out), durations in seconds."),
+    Action("rebuild", "recompute trips, stops, odometer and engine hours from the stored readings",
+           trip_views.rebuild_trips, (
+               Option("--since", type=since_arg, required=True, metavar="TIME",
+                      help="recompute from each vehicle's last trip started at or before TIME:"
+                      " RFC 3339, or a time ago (30m, 2h, 7d)"),
+               vehicle_option(),
+           ), with_settings=True,
+           description="Recompute trips, stops and the odometer and engine-hours accumulators from"
+           " vehicle_telemetry, for every vehicle (or --vehicle), from its last trip that started at or before"
+           " --since, with the FLEET_TRIPS_* settings. Prints a progress line per vehicle on stderr. Idempotent:"
+           " unchanged trips keep their rows and publish no new event ids."),
+)
+
+STOPS = (
+    Action("list", "a vehicle's stops overlapping [--from, --to), oldest first", trip_views.list_stops, WINDOW,
+           columns=("id", "start_time", "end_time", "duration_s", "lat", "lon", "geofence_id", "idle_s"),
+           description="A vehicle's stops (by id, VIN or plate) that overlap the period; an open stop has no"
+           " end_time yet."),
+)
+
 GROUPS = (
     Group("vehicles", "register, change and find vehicles",
           (*entity_actions(VEHICLES), VEHICLES_AVAILABLE, VEHICLE_STATUS)),
@@ -583,4 +617,6 @@ GROUPS = (
     Group("jobs", "transport jobs with their route and cargo", JOBS),
     Group("maintenance", "service records, schedules, due dates, profitability", MAINTENANCE),
     Group("alerts", "the alerts the rules raised: list, show, resolve", ALERTS),
+    Group("trips", "trips the workers detected: list, rebuild", TRIPS),
+    Group("stops", "stops between trips: list", STOPS),
 )

@@ -80,6 +80,11 @@ class PipelineMetrics(MetricSet):
             "fleet_late_readings",
             "Readings the rules skipped: not newer than the vehicle's newest evaluated one (late data, repeats).")
         self.geofences_active = self._gauge("fleet_geofences_active", "Active geofences in this worker's index.")
+        # The trips stage.
+        self.trips = self._counter("fleet_trips", "Trips and stops started and ended.", "kind", "action")
+        self.trip_duration = self._histogram(
+            "fleet_trip_stage_seconds", "Time to run one batch through the trips stage, its writes included.",
+            _DURATION_BUCKETS)
         # How the worker spends its time, and what holds it back.
         self.copy_duration = self._histogram(
             "fleet_copy_duration_seconds", "Time to write one batch into PostgreSQL (COPY and commit).",
@@ -117,6 +122,9 @@ class PipelineMetrics(MetricSet):
             self.retries.labels(dependency=dependency)
         for kind in ("enter", "exit"):
             self.geofence_transitions.labels(kind=kind)
+        for kind in ("trip", "stop"):
+            for action in ("started", "ended"):
+                self.trips.labels(kind=kind, action=action)
 
 
 def observe_many(histogram: Histogram, values: list[float]) -> None:

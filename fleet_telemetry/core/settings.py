@@ -249,6 +249,22 @@ class Settings(BaseSettings):
     """How long ``fleet notify`` remembers a delivered event id to drop repeats (Redis)."""
     notify_metrics_port: int = Field(default=9120, ge=0, le=65535)
     """``fleet notify`` serves its metrics here; ``0`` turns it off."""
+    # --- trips, stops and idling (schema/README.md, "Trips and stops") ---------
+    trips_enabled: bool = True
+    """Detect trips, stops and idling, and keep the odometer and engine hours, in the workers."""
+    trips_moving_kmh: float = Field(default=5.0, ge=0)
+    """At or above this speed a vehicle is moving; below it, halted."""
+    trips_min_duration_seconds: float = Field(default=300.0, ge=0)
+    """A movement shorter than this and than ``trips_min_distance_km`` is not a trip."""
+    trips_min_distance_km: float = Field(default=0.5, ge=0)
+    trips_min_stop_seconds: float = Field(default=300.0, ge=0)
+    """Halted this long ends the trip (at the halt) and starts a stop."""
+    trips_gap_seconds: float = Field(default=3600.0, gt=0)
+    """No reading for this long ends the trip at the last reading before the gap."""
+    trips_use_ignition: bool = False
+    """Trips run while the ignition is on (readings without ignition fall back to speed)."""
+    trips_idle_min_seconds: float = Field(default=180.0, ge=0)
+    """Ignition on and halted this long raises ``idling``."""
 
     # --- time-series lifecycle (schema/README.md, "Lifecycle") -----------------
     hourly_retention_days: int = Field(default=365, ge=1)

@@ -11,6 +11,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from fleet_telemetry.core.errors import UsageError
+from fleet_telemetry.trips.model import MotionThresholds, thresholds_from_settings
 
 if TYPE_CHECKING:
     from fleet_telemetry.core.settings import Settings
@@ -69,6 +70,8 @@ class LifecyclePolicy:
     (see :func:`fleet_telemetry.lifecycle.locks.in_lock_timeout`)."""
     scores: ScoreRules = ScoreRules()
     """How the daily driver scores are computed."""
+    motion: MotionThresholds = MotionThresholds()
+    """The trips machine's thresholds, for recomputing what late readings touched."""
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "LifecyclePolicy":
@@ -82,6 +85,7 @@ class LifecyclePolicy:
             stats_refresh_hour=settings.stats_refresh_hour,
             lock_timeout_seconds=settings.maintain_lock_timeout_seconds,
             scores=ScoreRules.from_settings(settings),
+            motion=thresholds_from_settings(settings),
         )
         if policy.hourly_retention_days < policy.raw_retention_days:
             raise UsageError(

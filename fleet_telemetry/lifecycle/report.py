@@ -52,6 +52,14 @@ class PassReport:
     raw_partitions_dropped: list[str] = field(default_factory=list)
     raw_partitions_kept: dict[str, str] = field(default_factory=dict)
     """Partition past retention -> why it was kept this time."""
+    trip_vehicles_recomputed: int = 0
+    """Vehicles whose trips and stops were recomputed after late readings."""
+    trips_rewritten: int = 0
+    """Trips those recomputations found (written only where they changed)."""
+    trips_expired: int = 0
+    """Vehicles silent for the gap whose trip (or idling) was ended at their last reading."""
+    trip_vehicles_pending: int = 0
+    """With ``dry_run``: vehicles waiting for that recomputation."""
     hourly_rows_removed: int = 0
     daily_rows_removed: int = 0
     stats_refreshed: bool = False
@@ -67,12 +75,23 @@ class PassReport:
 
     def lines(self) -> list[str]:
         """One human line per thing done (or planned); the last line sums up."""
-        out = [*self._partition_lines(), *self._rollup_lines(), *self._score_lines(), *self._retention_lines()]
+        out = [*self._partition_lines(), *self._rollup_lines(), *self._trip_lines(), *self._score_lines(),
+               *self._retention_lines()]
         if self.stats_refreshed:
             out.extend(f"{self._say('refreshed', 'would refresh')} {view}" for view in REPORT_VIEWS)
         out.extend(self._document_lines())
         out.extend(f"deferred {step}: its lock stayed busy; the next pass retries" for step in self.deferred)
         out.append(self._summary())
+        return out
+
+    def _trip_lines(self) -> list[str]:
+        if self.dry_run:
+            return ([f"would recompute the trips of {self.trip_vehicles_pending} vehicles touched by late readings"]
+                    if self.trip_vehicles_pending else [])
+        out = ([f"recomputed the trips of {self.trip_vehicles_recomputed} vehicles touched by late readings"
+                f" ({self.trips_rewritten} trips)"] if self.trip_vehicles_recomputed else [])
+        if self.trips_expired:
+            out.append(f"ended the trips of {self.trips_expired} vehicles silent for the trip gap")
         return out
 
     def _say(self, done: str, planned: str) -> str:

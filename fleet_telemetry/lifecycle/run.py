@@ -9,6 +9,8 @@ A pass (schema/README.md, "Lifecycle: partitions, rollups, retention"), in this 
 2. creates the telemetry partitions for today and ``partitions_ahead_days`` ahead, and
    the audit partitions for this month and ``audit_partitions_ahead_months`` ahead;
 3. recomputes the rollups of the hours the sink marked dirty (:mod:`fleet_telemetry.lifecycle.rollups`),
+   then the trips, stops and accumulators of the vehicle-hours late readings touched,
+   and the trips of vehicles silent for the gap ended (:mod:`fleet_telemetry.trips.recompute`);
    then the daily driver scores of the days whose telemetry, behaviour alerts or
    assignments changed (:mod:`fleet_telemetry.lifecycle.driver_scores`; before retention,
    which may drop the raw rows they are computed from);
@@ -55,6 +57,7 @@ from fleet_telemetry.lifecycle.report import PassReport, record_pass
 from fleet_telemetry.lifecycle.retention import drop_expired_raw, remove_old_rollups
 from fleet_telemetry.lifecycle.rollups import RollupReport, refresh_dirty_rollups, rollup_backlog
 from fleet_telemetry.lifecycle.stats import refresh_stats
+from fleet_telemetry.trips.recompute import expire_silent, pending_vehicles, recompute_dirty
 
 if TYPE_CHECKING:
     from fleet_telemetry.core.settings import Settings
@@ -89,8 +92,25 @@ async def roll_up(ctx: PassContext) -> None:
         ctx.report.deferred.append("claiming dirty hours")
 
 
+async def recompute_trips(ctx: PassContext) -> None:
+    """Recomputes the trips, stops and accumulators of the vehicles late readings touched
+    (with ``dry_run``: counts them), then ends the trips of vehicles silent for
+    ``FLEET_TRIPS_GAP_SECONDS``. Runs before the raw partitions are dropped."""
+    if ctx.dry_run:
+        ctx.report.trip_vehicles_pending = await pending_vehicles(ctx.conn)
+        return
+    while True:
+        done = await recompute_dirty(ctx.conn, ctx.policy.motion, ctx.now)
+        if not done:
+            break
+        ctx.report.trip_vehicles_recomputed += len(done)
+        ctx.report.trips_rewritten += sum(r.trips for r in done)
+    while expired := await expire_silent(ctx.conn, ctx.policy.motion, ctx.now):
+        ctx.report.trips_expired += expired
+
+
 # The steps of a pass, in order; each commits what it did.
-STEPS: tuple[Step, ...] = (move_default_rows, ensure_ahead, roll_up, score_drivers, drop_expired_raw,
+STEPS: tuple[Step, ...] = (move_default_rows, ensure_ahead, roll_up, recompute_trips, score_drivers, drop_expired_raw,
                            remove_old_rollups, refresh_stats, check_document_expiry, clean_document_storage)
 
 

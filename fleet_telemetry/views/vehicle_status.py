@@ -36,7 +36,11 @@ ORDER BY a.start_time DESC LIMIT 1
 _LAST_READING = """
 SELECT time, odometer_km FROM vehicle_telemetry WHERE vehicle_id = $1 ORDER BY time DESC LIMIT 1
 """
-_RULE_STATE = "SELECT last_time, odometer_km FROM vehicle_rule_state WHERE vehicle_id = $1"
+# The odometer accumulator (trips stage), else the rules' last reported odometer.
+_RULE_STATE = """
+SELECT coalesce((SELECT m.odometer_km FROM vehicle_motion_state AS m WHERE m.vehicle_id = $1),
+                (SELECT r.odometer_km FROM vehicle_rule_state AS r WHERE r.vehicle_id = $1)) AS odometer_km
+"""
 _NUMBERS = ("lat", "lon", "speed", "fuel_level", "heading")
 
 
@@ -72,6 +76,8 @@ async def vehicle_status(conn: asyncpg.Connection, redis: RedisClient, keys: Red
     rules = await conn.fetchrow(_RULE_STATE, vehicle_id)
     odometer = last["odometer_km"] if last is not None and last["odometer_km"] is not None else (
         rules["odometer_km"] if rules is not None else None)
+    if odometer is not None:
+        odometer = round(odometer, 3)
     return {
         "vehicle": vehicle,
         "live": live,

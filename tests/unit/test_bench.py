@@ -228,6 +228,10 @@ _STORE = ("DecodeStep.submit (fleet_telemetry/consumers/stages.py:84);"
     (_STORE + ";StatusStep.submit (fleet_telemetry/consumers/stages.py:150);"
      "RulesStep.submit (fleet_telemetry/consumers/stages.py:226);Retrier.__call__ (fleet_telemetry/consumers/chain.py:64);"
      "GeofenceIndex.near_segment (fleet_telemetry/consumers/rules/index.py:116)", "rules"),
+    (_STORE + ";StatusStep.submit (fleet_telemetry/consumers/stages.py:150);"
+     "RulesStep.submit (fleet_telemetry/consumers/stages.py:226);TripsStep.submit (fleet_telemetry/consumers/stages.py:280);"
+     "TripTracker.after_write (fleet_telemetry/trips/tracker.py:90);advance (fleet_telemetry/trips/machine.py:80);"
+     "plausible_move (fleet_telemetry/core/geodesy.py:40)", "trips"),
     (_STORE + ";CommitStep.submit (fleet_telemetry/consumers/stages.py:240)", "commit"),
     ("KafkaLoop.commit.<locals>.send (fleet_telemetry/consumers/kafka_loop.py:344);"
      "AIOKafkaConsumer.commit (aiokafka/consumer/consumer.py:560)", "commit"),

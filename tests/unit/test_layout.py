@@ -27,14 +27,15 @@ ALLOWED: dict[str, set[str]] = {
     "core": set(),
     "schema": set(),
     "ingest": set(),
-    "consumers": {"ingest"},
-    "lifecycle": {"schema", "documents"},
+    "trips": set(),
+    "consumers": {"ingest", "trips"},
+    "lifecycle": {"schema", "trips", "documents"},
     "deploy": {"schema"},
     "replay": {"ingest", "consumers", "lifecycle"},
     "fleetops": {"ingest", "consumers"},
     "documents": {"fleetops"},
     "notify": {"ingest", "consumers"},
-    "views": {"schema", "deploy", "ingest", "consumers", "lifecycle", "replay", "fleetops"},
+    "views": {"schema", "deploy", "ingest", "consumers", "lifecycle", "replay", "fleetops", "trips"},
 }
 
 
