@@ -61,8 +61,7 @@ def ignition_of(engine: dict[str, object] | None, previous: bool | None) -> bool
     rpm = engine.get("rpm")
     if reported is None and rpm is None:
         return previous
-    kind = type(rpm)
-    return reported is True or ((kind is int or kind is float) and rpm > 0)
+    return reported is True or (type(rpm) in (int, float) and float(rpm) > 0)  # type: ignore[arg-type]
 
 
 def advance(vid: UUID, st: MotionState, readings: list[Reading], th: MotionThresholds, out: Changes,
@@ -108,7 +107,7 @@ def advance(vid: UUID, st: MotionState, readings: list[Reading], th: MotionThres
             rpm = engine.get("rpm")
             if reported is not None or rpm is not None:
                 kind = type(rpm)
-                now_ignition = reported is True or ((kind is int or kind is float) and rpm > 0)
+                now_ignition = reported is True or ((kind is int or kind is float) and rpm > 0)  # type: ignore[operator]
         if speed is not None:
             moving = speed >= moving_kmh
         else:
