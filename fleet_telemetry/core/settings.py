@@ -237,6 +237,9 @@ class Settings(BaseSettings):
     events_drain_seconds: float = Field(default=5.0, gt=0)
     """How often a worker publishes outbox rows left by others (command-line writers, a
     worker that died after its commit) and updates the backlog gauge."""
+    events_retention_days: int = Field(default=90, ge=0)
+    """Published events older than this leave the ``fleet_events`` outbox at the next
+    ``fleet maintain`` pass (``0`` keeps them); unpublished ones always stay."""
     notify_group: str = "fleet-notify"
     """The consumer group of ``fleet notify`` (one per receiving endpoint)."""
     notify_dlq_topic: str = "fleet.events.notify.dlq.v1"

@@ -61,6 +61,8 @@ class LifecyclePolicy:
     hourly_retention_days: int = 365
     daily_retention_days: int = 0
     """0 keeps daily rollups forever."""
+    events_retention_days: int = 90
+    """Published outbound events older than this are removed; 0 keeps them."""
     partitions_ahead_days: int = 7
     audit_partitions_ahead_months: int = 2
     stats_refresh_hour: int = 3
@@ -80,6 +82,7 @@ class LifecyclePolicy:
             raw_retention_days=settings.raw_retention_days,
             hourly_retention_days=settings.hourly_retention_days,
             daily_retention_days=settings.daily_retention_days,
+            events_retention_days=settings.events_retention_days,
             partitions_ahead_days=settings.partitions_ahead_days,
             audit_partitions_ahead_months=settings.audit_partitions_ahead_months,
             stats_refresh_hour=settings.stats_refresh_hour,

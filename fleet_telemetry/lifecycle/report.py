@@ -62,6 +62,8 @@ class PassReport:
     """With ``dry_run``: vehicles waiting for that recomputation."""
     hourly_rows_removed: int = 0
     daily_rows_removed: int = 0
+    events_removed: int = 0
+    """Published outbound events past ``FLEET_EVENTS_RETENTION_DAYS`` removed from the outbox."""
     stats_refreshed: bool = False
     """The reporting views (:data:`REPORT_VIEWS`) were refreshed."""
     deferred: list[str] = field(default_factory=list)
@@ -138,6 +140,8 @@ class PassReport:
             out.append(f"{say('removed', 'would remove')} {self.hourly_rows_removed} hourly rollup rows past retention")
         if self.daily_rows_removed:
             out.append(f"{say('removed', 'would remove')} {self.daily_rows_removed} daily rollup rows past retention")
+        if self.events_removed:
+            out.append(f"{say('removed', 'would remove')} {self.events_removed} published events past retention")
         return out
 
     def _document_lines(self) -> list[str]:

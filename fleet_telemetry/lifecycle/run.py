@@ -17,7 +17,8 @@ A pass (schema/README.md, "Lifecycle: partitions, rollups, retention"), in this 
 4. detaches and drops raw partitions whose whole day is older than the raw retention,
    oldest first, each only once none of its hours waits for a rollup; removes hourly
    rollups past their retention (whole days) and, if configured, daily ones
-   (:mod:`fleet_telemetry.lifecycle.retention`);
+   (:mod:`fleet_telemetry.lifecycle.retention`); removes published outbound events past
+   ``events_retention_days`` (:mod:`fleet_telemetry.lifecycle.events`);
 5. refreshes ``monthly_vehicle_stats`` and ``monthly_vehicle_revenue`` concurrently when
    their nightly run is due (:mod:`fleet_telemetry.lifecycle.stats`);
 6. raises and resolves ``document_expiring`` alerts, removes the objects of documents
@@ -50,6 +51,7 @@ from fleet_telemetry.core.retry import is_transient
 from fleet_telemetry.lifecycle.context import PassContext
 from fleet_telemetry.lifecycle.documents import check_document_expiry, clean_document_storage
 from fleet_telemetry.lifecycle.driver_scores import score_drivers
+from fleet_telemetry.lifecycle.events import remove_old_events
 from fleet_telemetry.lifecycle.locks import pass_lock
 from fleet_telemetry.lifecycle.partitions import ensure_ahead, move_default_rows
 from fleet_telemetry.lifecycle.policy import LifecyclePolicy, utc_now
@@ -111,7 +113,8 @@ async def recompute_trips(ctx: PassContext) -> None:
 
 # The steps of a pass, in order; each commits what it did.
 STEPS: tuple[Step, ...] = (move_default_rows, ensure_ahead, roll_up, recompute_trips, score_drivers, drop_expired_raw,
-                           remove_old_rollups, refresh_stats, check_document_expiry, clean_document_storage)
+                           remove_old_rollups, remove_old_events, refresh_stats, check_document_expiry,
+                           clean_document_storage)
 
 
 async def run_pass(

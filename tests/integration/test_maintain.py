@@ -669,3 +669,40 @@ async def test_every_serves_metrics_only_on_fleet_metrics_address(own_url: str) 
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 0, err.decode()
+
+
+# --- the outbound events' retention ---------------------------------------------------------
+
+
+async def test_published_events_past_retention_go_and_unpublished_ones_stay(conn: asyncpg.Connection) -> None:
+    now = datetime(2026, 6, 10, 12, tzinfo=timezone.utc)
+    vehicle = uuid.uuid4()
+    rows = {  # name: (published_at, created_at)
+        "old_published": (now - timedelta(days=91), now - timedelta(days=91)),
+        "recent_published": (now - timedelta(days=89), now - timedelta(days=89)),
+        "old_unpublished": (None, now - timedelta(days=200)),
+    }
+    ids = {name: uuid.uuid4() for name in rows}
+    for name, (published, created) in rows.items():
+        await conn.execute(
+            "INSERT INTO fleet_events (id, type, vehicle_id, time, data, created_at, published_at)"
+            " VALUES ($1, 'trip.started', $2, $3, '{}', $3, $4)", ids[name], vehicle, created, published)
+
+    planned = await pass_at(conn, now, dry_run=True)
+    assert planned.events_removed == 1
+    assert "would remove 1 published events past retention" in planned.lines()
+    assert await conn.fetchval("SELECT count(*) FROM fleet_events WHERE vehicle_id = $1", vehicle) == 3
+
+    done = await pass_at(conn, now)
+    assert done.events_removed == 1
+    assert "removed 1 published events past retention" in done.lines()
+    left = {r["id"] for r in await conn.fetch("SELECT id FROM fleet_events WHERE vehicle_id = $1", vehicle)}
+    assert left == {ids["recent_published"], ids["old_unpublished"]}
+
+    again = await pass_at(conn, now)
+    assert again.events_removed == 0
+
+    keep_all = await run_pass(conn, LifecyclePolicy(events_retention_days=0, lock_timeout_seconds=0.3,
+                                                    lock_patience_seconds=0.2), now=now + timedelta(days=365))
+    assert keep_all.events_removed == 0
+    assert await conn.fetchval("SELECT count(*) FROM fleet_events WHERE vehicle_id = $1", vehicle) == 2

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from fleet_telemetry.consumers.rules.checks import JUMP_MIN_DISTANCE_M as RULES_JUMP_M
+from fleet_telemetry.core.geodesy import JUMP_MIN_DISTANCE_M as RULES_JUMP_M
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.lifecycle.driver_scores import JUMP_MIN_DISTANCE_M, score_of
 from fleet_telemetry.lifecycle.policy import LifecyclePolicy, ScoreRules
