@@ -22,7 +22,9 @@ import time
 from typing import Any
 
 import asyncpg
+import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError
 
 from fleet_telemetry.consumers.chain import Retrier, Step
 from fleet_telemetry.consumers.stages import Stored
@@ -30,19 +32,34 @@ from fleet_telemetry.core.events import FleetEvent
 from fleet_telemetry.core.metrics import PipelineMetrics
 from fleet_telemetry.core.retry import CONNECT_TIMEOUT_SECONDS
 
+log = structlog.get_logger("fleet.events")
+
 _ANY_PENDING = "SELECT EXISTS (SELECT 1 FROM fleet_events WHERE published_at IS NULL)"
 # FOR UPDATE, not SKIP LOCKED: a publisher that meets rows another one is sending waits
 # for it and then skips them (published), so a vehicle's events never overtake each other.
 # Every publisher locks in the same order, so two never deadlock.
+# Facts of one instant in one transaction (a trip ending where a stop starts) go out with
+# the ending first, so a subscriber never sees a vehicle in two states at once.
 _CLAIM = """
 SELECT id, type, vehicle_id, driver_id, time, data FROM fleet_events
 WHERE published_at IS NULL
-ORDER BY created_at, time, id
+ORDER BY created_at, time,
+         CASE WHEN type IN ('alert.resolved', 'geofence.exited', 'trip.ended', 'stop.ended') THEN 0 ELSE 1 END, id
 LIMIT $1
 FOR UPDATE
 """
 _MARK = "UPDATE fleet_events SET published_at = now() WHERE id = ANY($1::uuid[])"
 _BACKLOG = "SELECT count(*) FROM fleet_events WHERE published_at IS NULL"
+
+
+def reduced_value(event: FleetEvent, size: int) -> bytes:
+    """The event with only the small scalar fields of its ``data`` (numbers, booleans, text
+    of at most 200 characters) and ``data_omitted`` giving the size of the whole: same id,
+    type, vehicle, driver and time, so subscribers still see the fact once."""
+    small = {k: v for k, v in event.data.items()
+             if v is None or isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= 200)}
+    small["data_omitted"] = f"the event was {size} bytes, more than the broker accepts"
+    return FleetEvent(event.id, event.type, event.vehicle_id, event.time, small, event.driver_id).to_json()
 
 
 def event_of(row: Any) -> FleetEvent:
@@ -115,14 +132,33 @@ class OutboxPublisher:
             if not rows:
                 return 0
             events = [event_of(row) for row in rows]
-            futures = [await self._producer.send(self.topic, value=e.to_json(), key=e.key()) for e in events]
-            await asyncio.gather(*futures)
+            futures = [await self._send(e) for e in events]
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            for e, outcome in zip(events, outcomes):
+                if isinstance(outcome, MessageSizeTooLargeError):  # the broker's own limit is lower
+                    await (await self._send(e, reduced=True))
+                elif isinstance(outcome, BaseException):
+                    raise outcome
             await conn.execute(_MARK, [e.id for e in events])
         m = self._metrics
         m.events_publish_duration.observe(time.perf_counter() - started)
         for e in events:
             m.events_published.labels(type=e.type).inc()
         return len(events)
+
+    async def _send(self, event: FleetEvent, *, reduced: bool = False) -> asyncio.Future[Any]:
+        """Queues one event; returns the future of its acknowledgement. An event larger than
+        the producer may send goes out reduced (:func:`reduced_value`) instead of blocking
+        every event behind it."""
+        value = event.to_json()
+        if not reduced:
+            try:
+                return await self._producer.send(self.topic, value=value, key=event.key())
+            except MessageSizeTooLargeError:
+                pass
+        log.warning("event too large for the broker, published without its large fields", event_id=str(event.id),
+                    type=event.type, size=len(value))
+        return await self._producer.send(self.topic, value=reduced_value(event, len(value)), key=event.key())
 
     async def count_backlog(self) -> int:
         """Counts the unpublished events into the backlog gauge; returns the count."""

@@ -117,7 +117,7 @@ RETURNING x.id, x.geofence_id
 _RAISE_IDLING = """
 INSERT INTO alerts (entity_id, type, severity, reading_time, details)
 VALUES ($1, 'idling', $2, $3, $4)
-ON CONFLICT (entity_id, type, coalesce(geofence_id, 0)) WHERE NOT is_resolved DO NOTHING
+ON CONFLICT (entity_id, type, coalesce(geofence_id, 0)) WHERE NOT is_resolved AND type <> 'document_expiring' DO NOTHING
 RETURNING id
 """
 _RESOLVE_IDLING = """

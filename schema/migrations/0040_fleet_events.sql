@@ -28,12 +28,15 @@ CREATE INDEX fleet_events_unpublished_idx ON fleet_events (created_at) WHERE pub
 -- A vehicle's events in time order.
 CREATE INDEX fleet_events_vehicle_idx ON fleet_events (vehicle_id, time);
 
--- The driver of the vehicle's ACTIVE assignment covering moment t ([start, end)), or NULL.
--- Served by the assignments' GiST exclusion index; STABLE so one statement calls it freely.
+-- The driver of the vehicle's assignment covering moment t ([start, end)), or NULL: an
+-- ACTIVE one, or one COMPLETED since (`fleet assignments end` completes a booking, and a
+-- fact recorded later for a moment inside it, a late reading or a lagging consumer's,
+-- still belongs to its driver); CANCELLED bookings never happened. Served by
+-- vehicle_assignments_vehicle_idx; STABLE so one statement calls it freely.
 CREATE FUNCTION fleet_driver_at(vehicle uuid, t timestamptz) RETURNS uuid
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT a.driver_id FROM vehicle_assignments AS a
-    WHERE a.vehicle_id = vehicle AND a.status = 'ACTIVE'
+    WHERE a.vehicle_id = vehicle AND a.status IN ('ACTIVE', 'COMPLETED')
       AND a.start_time <= t AND (a.end_time IS NULL OR a.end_time > t)
     ORDER BY a.start_time DESC
     LIMIT 1

@@ -15,8 +15,8 @@ import orjson
 import pytest
 
 from fleet_telemetry.core.events import (
-    ALERT_RAISED, ALERT_RESOLVED, GEOFENCE_ENTERED, GEOFENCE_EXITED, TRIP_ENDED, FleetEvent, event_id,
-    record_events,
+    ALERT_RAISED, ALERT_RESOLVED, GEOFENCE_ENTERED, GEOFENCE_EXITED, STOP_ENDED, TRIP_ENDED, TRIP_STARTED, FleetEvent,
+    event_id, record_events,
 )
 from fleet_telemetry.core.reading import status_time
 from fleet_telemetry.core.settings import Settings
@@ -88,6 +88,7 @@ async def test_alerts_and_geofence_visits_are_published_once_with_stable_ids(
         (GEOFENCE_EXITED, crossings[1]["time"], fence),
         (ALERT_RAISED, alert["reading_time"], alert["id"]),
         (ALERT_RESOLVED, resolved_at, alert["id"]),
+        (TRIP_STARTED, t[0], t[0]),  # moving from the first reading: a trip once it went 0.5 km
     ]
 
     records = await read_topic(settings, settings.events_topic, expected=len(expected))
@@ -107,8 +108,10 @@ async def test_alerts_and_geofence_visits_are_published_once_with_stable_ids(
     assert (raised["alert_id"], raised["alert_type"], raised["severity"], raised["geofence_id"]) == (
         alert["id"], "overspeed", "warning", None)
     assert by_type[ALERT_RESOLVED]["data"]["details"]["resolved_reading_time"] == resolved_at.isoformat()
-    # In time order within the vehicle's partition.
-    assert [e["time"] for _, e in events] == sorted(e["time"] for _, e in events)
+    # The alerts and visits in time order within the vehicle's partition (the trip's start is
+    # dated at its first reading but known only once it went far enough).
+    times = [e["time"] for _, e in events if not e["type"].startswith("trip.")]
+    assert times == sorted(times)
     for kind in (ALERT_RAISED, GEOFENCE_EXITED):
         on_topic = sum(1 for r in records if orjson.loads(r.value)["type"] == kind)
         assert worker.metrics.value("fleet_events_published_total", type=kind) == on_topic >= 1
@@ -176,3 +179,28 @@ async def test_an_alert_about_something_else_than_a_vehicle_has_no_event(db) -> 
     await db.execute("INSERT INTO alerts (entity_type, entity_id, type, severity) VALUES ('driver', $1,"
                      " 'document_expiring', 'info')", driver)
     assert await db.fetchval("SELECT count(*) FROM fleet_events WHERE vehicle_id = $1", driver) == 0
+
+
+async def test_facts_of_one_instant_end_before_they_start_and_an_oversized_event_goes_out_reduced(
+    topics, conn, make_vehicles
+) -> None:
+    settings = events_settings(topics)
+    vid, other = await make_vehicles(2)
+    when = datetime(2026, 11, 25, 9, 0, tzinfo=timezone.utc)
+    started = FleetEvent.of(TRIP_STARTED, vid, when, {"trip_id": "t-2"}, "t-2")
+    stop_ended = FleetEvent.of(STOP_ENDED, vid, when, {"stop_id": "s-1"}, "s-1")
+    huge = FleetEvent.of(ALERT_RAISED, other, when, {"alert_type": "engine_dtc", "codes": ["P0300"] * 300_000},
+                         "huge")
+    async with conn.transaction():  # recorded in this order: the trip's start first
+        await record_events(conn, [started, stop_ended, huge])
+
+    await run_worker(settings)
+
+    events = decoded(await read_topic(settings, settings.events_topic, expected=3), vid, other)
+    assert [e["type"] for key, e in events if key == str(vid).encode()] == [STOP_ENDED, TRIP_STARTED]
+    (big,) = [e for key, e in events if key == str(other).encode()]
+    assert big["id"] == str(huge.id) and big["type"] == ALERT_RAISED and big["time"] == status_time(when)
+    assert big["data"]["alert_type"] == "engine_dtc" and "codes" not in big["data"]
+    assert "more than the broker accepts" in big["data"]["data_omitted"]
+    assert await conn.fetchval("SELECT count(*) FROM fleet_events WHERE id = ANY($1) AND published_at IS NULL",
+                               [started.id, stop_ended.id, huge.id]) == 0
