@@ -3,7 +3,8 @@ readings touched (``fleet maintain``) or on demand (``fleet trips rebuild``).
 
 A vehicle is recomputed from an anchor: the start of its latest trip that began at or
 before the window (its accumulators there are in the trip row, and the stop that ended
-there is opened again), or, with no such trip, from its first stored reading. The same
+there is opened again), or, with no such trip (or one older than the raw rows kept), from
+its first stored reading; trips before that, past the raw retention, stay as they are. The same
 machine (:func:`~fleet_telemetry.trips.machine.advance`) runs over every raw reading
 from the anchor to the vehicle's newest processed one; then, in one transaction with the
 vehicle's state row locked:
@@ -43,6 +44,7 @@ _STOP_ENDED_AT = """
 SELECT start_time, ST_Y(location) AS lat, ST_X(location) AS lon, idle_s FROM stops
 WHERE vehicle_id = $1 AND end_time = $2
 """
+_FIRST = "SELECT min(time) FROM vehicle_telemetry WHERE vehicle_id = $1"
 _BEFORE = """
 SELECT time, ST_Y(location) AS lat, ST_X(location) AS lon, engine_status FROM vehicle_telemetry
 WHERE vehicle_id = $1 AND time < $2 ORDER BY time DESC LIMIT 1
@@ -63,7 +65,6 @@ _CLAIM = "DELETE FROM trip_dirty_hours WHERE vehicle_id = $1 RETURNING hour"
 _DIRTY_VEHICLES = "SELECT vehicle_id, min(hour) AS since FROM trip_dirty_hours GROUP BY vehicle_id ORDER BY 2 LIMIT $1"
 _PENDING = "SELECT count(DISTINCT vehicle_id) FROM trip_dirty_hours"
 _CHUNK = 5000
-_FAR_PAST = datetime.fromisoformat("0001-01-01T00:00:00+00:00")
 
 
 @dataclass
@@ -92,9 +93,16 @@ async def recompute_vehicle(conn: asyncpg.Connection, vid: UUID, since: datetime
         if live_row is None:
             return Recomputed(vid, None)  # never processed: the workers will
         live = state_from_row(live_row)
+        # The raw rows kept begin here: trips before it (past the raw retention) cannot be
+        # recomputed and stay as they are, never deleted for want of their readings.
+        first = await conn.fetchval(_FIRST, vid)
+        if first is None:
+            return Recomputed(vid, None)
         anchor = await conn.fetchrow(_ANCHOR, vid, since)
+        if anchor is not None and anchor["start_time"] < first:
+            anchor = None
         st = MotionState()
-        start = _FAR_PAST
+        start = first
         if anchor is not None:
             start = anchor["start_time"]
             st.odometer_km = anchor["start_odometer_km"] or 0.0
@@ -162,6 +170,7 @@ async def recompute_dirty(conn: asyncpg.Connection, th: MotionThresholds, now: d
     (``trip_dirty_hours``), oldest mark first: each vehicle's marks are claimed in the
     transaction that recomputes it, so a failure leaves them for the next pass."""
     await use_json(conn)
+    now = await activity_clock(conn, now)
     done = []
     for row in await conn.fetch(_DIRTY_VEHICLES, vehicles):
         vid = row["vehicle_id"]
@@ -194,7 +203,7 @@ async def rebuild(conn: asyncpg.Connection, vid: UUID, since: datetime, th: Moti
                   now: datetime) -> Recomputed:
     """``fleet trips rebuild`` for one vehicle: :func:`recompute_vehicle` from ``since``."""
     await use_json(conn)
-    return await recompute_vehicle(conn, vid, since, th, now)
+    return await recompute_vehicle(conn, vid, since, th, await activity_clock(conn, now))
 
 
 # Silent for the gap, with a trip, idling or no stop open: what the next reading would end.
@@ -211,12 +220,26 @@ UPDATE vehicle_motion_state SET revision = revision + 1, memory = $2, updated_at
 """
 
 
+_NEWEST = "SELECT max(last_time) FROM vehicle_motion_state"
+
+
+async def activity_clock(conn: asyncpg.Connection, now: datetime) -> datetime:
+    """The moment silence is measured against: ``now``, or the newest reading the workers
+    have processed when that is older. While the consumers lag (an outage, a backlog),
+    vehicles are not silent, their readings are waiting: measuring against the wall clock
+    would end trips that are still going."""
+    newest = await conn.fetchval(_NEWEST)
+    return now if newest is None else min(now, newest)
+
+
 async def expire_silent(conn: asyncpg.Connection, th: MotionThresholds, now: datetime, *, vehicles: int = 500) -> int:
-    """Ends the trips (and idling) of vehicles silent for ``gap_s`` at ``now``, at their
-    last reading, and opens their stops there (:func:`~fleet_telemetry.trips.machine.expire`),
-    up to ``vehicles`` in one transaction; returns how many changed. The state rows get
-    ``revision + 1``, so a worker holding an older copy reads them back."""
+    """Ends the trips (and idling) of vehicles silent for ``gap_s`` (measured against
+    :func:`activity_clock`), at their last reading, and opens their stops there
+    (:func:`~fleet_telemetry.trips.machine.expire`), up to ``vehicles`` in one transaction;
+    returns how many changed. The state rows get ``revision + 1``, so a worker holding an
+    older copy reads them back."""
     await use_json(conn)
+    now = await activity_clock(conn, now)
     changed = 0
     async with conn.transaction():
         for row in await conn.fetch(_SILENT, now, th.gap_s, vehicles):
