@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaProducer
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.documents import transfer
 from fleet_telemetry.documents.rules import MiB
+from fleet_telemetry.documents.records import NewDocument
 from fleet_telemetry.documents.storage import Storage
 from fleet_telemetry.fleetops import assignments, customers, drivers, jobs
 from fleet_telemetry.fleetops.commands import command_value
@@ -49,10 +50,9 @@ def pdf(size: int) -> bytes:
     return PDF_HEAD + os.urandom(size - len(PDF_HEAD))
 
 
-async def make_user(conn: asyncpg.Connection) -> str:
-    email = f"clerk-{uuid.uuid4().hex[:8]}@example.com"
-    await conn.execute("INSERT INTO users (email, password_hash, role) VALUES ($1, 'not-a-login', 'fleet_manager')",
-                     email)
+async def make_user(conn: asyncpg.Connection, role: str = "fleet_manager") -> str:
+    email = f"{role}-{uuid.uuid4().hex[:8]}@example.com"
+    await conn.execute("INSERT INTO users (email, password_hash, role) VALUES ($1, 'not-a-login', $2)", email, role)
     return email
 
 
@@ -130,6 +130,72 @@ async def test_a_download_whose_bytes_do_not_match_fails_and_leaves_no_file(
     assert list(tmp_path.iterdir()) == [tmp_path / "r.pdf"]
 
 
+async def test_a_download_keeps_existing_files_writes_a_safe_name_and_stops_past_the_recorded_size(
+    doc_settings: Settings, conn: asyncpg.Connection, make_vehicles: Callable[[int], Awaitable[list[uuid.UUID]]],
+    tmp_path: Path,
+) -> None:
+    (vehicle,) = await make_vehicles(1)
+    actor = await make_user(conn)
+    content = pdf(10_000)
+    (tmp_path / "r.pdf").write_bytes(content)
+    up = fleet(doc_settings, "documents", "upload", str(tmp_path / "r.pdf"), "--owner", f"vehicle:{vehicle}",
+               "--kind", "receipt", "--name", ".bashrc", "--actor", actor, "--json")
+    assert up.returncode == 0, up.stderr
+    document = json.loads(up.stdout)
+    assert document["file_name"] == ".bashrc"
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    # A folder: the stored name, made safe (no hidden file).
+    fetched = fleet(doc_settings, "documents", "download", document["id"], "-o", str(out_dir), "--json")
+    assert fetched.returncode == 0, fetched.stderr
+    assert [p.name for p in out_dir.iterdir()] == ["_bashrc"]
+    assert (out_dir / "_bashrc").read_bytes() == content
+
+    # An existing file is kept unless --force.
+    (out_dir / "_bashrc").write_bytes(b"mine")
+    kept = fleet(doc_settings, "documents", "download", document["id"], "-o", str(out_dir))
+    assert kept.returncode == 2 and "exists already; give --force" in one_line(kept.stderr)
+    assert (out_dir / "_bashrc").read_bytes() == b"mine"
+    forced = fleet(doc_settings, "documents", "download", document["id"], "-o", str(out_dir), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (out_dir / "_bashrc").read_bytes() == content and len(list(out_dir.iterdir())) == 1
+
+    # More bytes than recorded: the download stops, nothing is left.
+    async with Storage.open(doc_settings) as storage:
+        await storage.client.put_object(Bucket=storage.bucket, Key=document["object_key"], Body=content + b"x" * 5)
+    longer = fleet(doc_settings, "documents", "download", document["id"], "-o", str(tmp_path / "long.pdf"))
+    assert longer.returncode == 1 and "more than 10,000 bytes" in one_line(longer.stderr)
+    assert not (tmp_path / "long.pdf").exists() and not list(tmp_path.glob(".long.pdf.*"))
+
+    # Reading needs documents:read.
+    nobody = await make_user(conn, "driver")
+    for action in (["download", document["id"], "-o", str(tmp_path / "d.pdf")], ["show", document["id"]],
+                   ["list"]):
+        refused = fleet(doc_settings, "documents", *action, "--actor", nobody)
+        assert refused.returncode == 2 and "may not documents:read" in one_line(refused.stderr), action
+    assert not (tmp_path / "d.pdf").exists()
+
+
+async def test_a_duplicate_registration_of_the_very_key_a_row_refers_to_keeps_its_object(
+    doc_settings: Settings, conn: asyncpg.Connection, make_vehicles: Callable[[int], Awaitable[list[uuid.UUID]]],
+    tmp_path: Path,
+) -> None:
+    (vehicle,) = await make_vehicles(1)
+    actor = await make_user(conn)
+    (tmp_path / "r.pdf").write_bytes(pdf(3000))
+    async with Storage.open(doc_settings) as storage:
+        document, created = await transfer.upload_file(conn, storage, tmp_path / "r.pdf",
+                                                        transfer.Upload("vehicle", vehicle, "receipt", "r.pdf"),
+                                                        actor=actor)
+        assert created
+        # A second registration of the same key and bytes (two attaches of one object racing).
+        again = NewDocument("vehicle", vehicle, "receipt", document["object_key"], document["sha256"],
+                            document["size_bytes"], document["content_type"], "r.pdf",
+                            uuid.UUID(str(document["uploaded_by"])))
+        existing, created = await transfer._register(conn, storage, again, actor=actor, action="document.attach")
+        assert not created and existing["id"] == document["id"]
+        assert await storage.head(document["object_key"]) is not None
 async def test_a_refused_content_type_stores_nothing(
     doc_settings: Settings, conn: asyncpg.Connection, make_vehicles: Callable[[int], Awaitable[list[uuid.UUID]]],
     tmp_path: Path,
