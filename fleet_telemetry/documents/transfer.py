@@ -1,6 +1,11 @@
 """Moving documents' bytes: uploading a file, downloading one, attaching an object a
 client put through a presigned URL.
 
+A presigned PUT goes to an ``incoming/`` key; attaching checks that object's bytes and
+copies exactly the version it checked (by ETag) to a fresh ``documents/`` key no client
+knows, so a URL still valid after the attach cannot change a stored document. An object
+a row refers to is never removed here.
+
 The order makes an interruption harmless: the object is stored first under a fresh key,
 then its row is inserted. Stopped in between, the object is one no row refers to, which
 ``fleet maintain`` removes after ``FLEET_DOCUMENT_ORPHAN_GRACE_HOURS``; a multipart upload
