@@ -2,7 +2,7 @@
 whose role grants the documents permission (:func:`fleet_telemetry.fleetops.access.authorize`).
 
 Uploading, deleting and attaching need ``documents:write``, except a proof of delivery of
-a shipment (it marks the shipment delivered): attaching one, and asking for its presigned
+a shipment (it marks the shipment delivered): uploading or attaching one, asking for its presigned
 PUT, needs ``shipments:deliver``. Reading (a download, a listing, a URL to GET) needs
 ``documents:read``. An unknown, disabled or not permitted actor is refused with
 :class:`~fleet_telemetry.fleetops.access.Forbidden` (exit status 2, or a dead letter with

@@ -80,7 +80,7 @@ async def upload_file(conn: asyncpg.Connection, storage: Storage, path: Path, up
     more is kept). Everything that can be refused (actor, owner, kind, expiry, size,
     content type) is refused before a byte is sent: :class:`InvalidInput`, :class:`NotFound`."""
     check_expiry(upload.kind, upload.expires_on)
-    uploaded_by = await uploader(conn, actor)
+    uploaded_by = await uploader(conn, actor, write_permission(upload.owner_type, upload.kind))
     await records.check_owner(conn, upload.owner_type, upload.owner_id)
     try:
         source = path.open("rb")

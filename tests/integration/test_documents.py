@@ -288,6 +288,7 @@ async def in_transit_shipment(conn: asyncpg.Connection, vehicle: uuid.UUID) -> t
 
 async def test_a_presigned_put_then_document_attach_delivers_the_shipment(
     doc_settings: Settings, conn: asyncpg.Connection, make_vehicles: Callable[[int], Awaitable[list[uuid.UUID]]],
+    tmp_path: Path,
 ) -> None:
     tag = uuid.uuid4().hex[:10]
     s = doc_settings.model_copy(update={"commands_topic": f"test.commands.{tag}",
@@ -308,6 +309,12 @@ async def test_a_presigned_put_then_document_attach_delivers_the_shipment(
     refused = fleet(s, "documents", "url", "--put", "--owner", f"shipment:{shipment}", "--kind", "receipt",
                     "--actor", driver_user)
     assert refused.returncode == 2 and "may not documents:write" in one_line(refused.stderr)
+    photo_file = tmp_path / "pod.jpg"
+    photo_file.write_bytes(JPEG_HEAD + os.urandom(1000))
+    refused = fleet(s, "documents", "upload", str(photo_file), "--owner", f"shipment:{shipment}", "--kind",
+                    "proof_of_delivery", "--actor", clerk)
+    assert refused.returncode == 2 and "may not shipments:deliver" in one_line(refused.stderr)
+    assert await conn.fetchval("SELECT status FROM shipments WHERE id = $1", shipment) != "delivered"
 
     out = fleet(s, "documents", "url", "--put", "--owner", f"shipment:{shipment}", "--kind", "proof_of_delivery",
                 "--actor", driver_user, "--json")
