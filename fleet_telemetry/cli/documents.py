@@ -1,7 +1,8 @@
 """``fleet documents upload|download|list|show|delete|url``: documents in object storage.
 
-Writes (``upload``, ``delete``) and URLs take ``--actor``, an active user's e-mail or id
-(``documents:write``, ``documents:read``). Bad input (an unknown owner or actor, a kind
+Every action takes ``--actor``, an active user's e-mail or id (default ``FLEET_ACTOR``):
+writes need ``documents:write`` (a shipment's proof of delivery ``shipments:deliver``),
+``download``, ``list``, ``show`` and a GET URL ``documents:read``. Bad input (an unknown owner or actor, a kind
 that refuses the file's content type, a file too large) ends with one line and exit
 status 2, nothing stored; a storage or database that does not answer, or a download
 whose bytes do not match their SHA-256, with exit status 1.
@@ -73,6 +74,8 @@ def register(sub: Any) -> None:
                            " folder); exit status 1 and no file when the bytes do not match the recorded SHA-256.")
     p.add_argument("id", type=uuid_arg, help="the document id")
     p.add_argument("--output", "-o", type=Path, default=Path("."), help="a file or folder to write to")
+    p.add_argument("--force", action="store_true", help="overwrite the target file if it exists")
+    _actor(p, "who reads")
     _json(p)
     p.set_defaults(handler=_download)
 
@@ -82,6 +85,7 @@ def register(sub: Any) -> None:
     p.add_argument("--kind", type=kind_arg, help="only this kind")
     p.add_argument("--all", action="store_true", help="include deleted documents")
     p.add_argument("--limit", type=count_arg, default=100, help="at most this many (default 100)")
+    _actor(p, "who reads")
     _json(p)
     p.set_defaults(handler=_list)
 
@@ -89,6 +93,7 @@ def register(sub: Any) -> None:
                            description="One document: owner, kind, object key, SHA-256, size, content type,"
                            " uploader, expiry, deletion.")
     p.add_argument("id", type=uuid_arg, help="the document id")
+    _actor(p, "who reads")
     _json(p)
     p.set_defaults(handler=_show)
 
@@ -101,12 +106,15 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=_delete)
 
     p = actions.add_parser("url", help="a presigned URL: GET a document, or --put a new one",
-                           description="A presigned GET of document ID, or with --put a fresh key and a presigned"
-                           " PUT a client uploads to itself; then send the command document.attach with that key."
-                           " Valid for FLEET_DOCUMENT_URL_SECONDS.")
+                           description="A presigned GET of document ID (served with its detected content type,"
+                           " as an attachment), or with --put a fresh incoming key and a presigned PUT a client"
+                           " uploads to itself; then send the command document.attach with that key (the checked"
+                           " object is copied to a key of its own). Valid for FLEET_DOCUMENT_URL_SECONDS.")
     p.add_argument("id", type=uuid_arg, nargs="?", help="the document to GET (not with --put)")
     p.add_argument("--put", action="store_true", help="a URL to upload a new document to")
     p.add_argument("--owner", type=owner_arg, help=f"with --put: {OWNER_HELP}")
+    p.add_argument("--kind", type=kind_arg, help="with --put: the kind to attach (a shipment's proof_of_delivery"
+                   " needs shipments:deliver, the others documents:write)")
     _actor(p, "who asks")
     _json(p)
     p.set_defaults(handler=_url)
@@ -147,14 +155,16 @@ async def _upload(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _download(args: argparse.Namespace, settings: Settings) -> int:
     async with Database.from_settings(settings, max_size=1) as database, database.write() as conn:
+        await uploader(conn, args.actor or settings.actor or "", READ)
         async with Storage.open(settings) as storage:
-            document = await transfer.download_file(conn, storage, args.id, args.output)
+            document = await transfer.download_file(conn, storage, args.id, args.output, force=args.force)
     _print(document, args.json)
     return 0
 
 
 async def _list(args: argparse.Namespace, settings: Settings) -> int:
     async with Database.from_settings(settings, max_size=1) as database, database.read() as conn:
+        await uploader(conn, args.actor or settings.actor or "", READ)
         owner_id = (await _owner(conn, args.owner))[1] if args.owner else None
         found = await records.find(conn, owner_id=owner_id, kind=args.kind, include_deleted=args.all,
                                    limit=args.limit)
@@ -171,6 +181,7 @@ async def _list(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
     async with Database.from_settings(settings, max_size=1) as database, database.read() as conn:
+        await uploader(conn, args.actor or settings.actor or "", READ)
         document = await records.get(conn, args.id, include_deleted=True)
     _print(document, args.json)
     return 0
@@ -189,19 +200,20 @@ async def _url(args: argparse.Namespace, settings: Settings) -> int:
     args.actor = args.actor or settings.actor or ""
     if args.put == (args.id is not None):
         raise InvalidInput("give a document ID for a GET URL, or --put --owner TYPE:ID for an upload URL")
-    if args.put and args.owner is None:
-        raise InvalidInput("--put needs --owner TYPE:ID")
+    if args.put and (args.owner is None or args.kind is None):
+        raise InvalidInput("--put needs --owner TYPE:ID and --kind KIND")
     seconds = settings.document_url_seconds
     async with Database.from_settings(settings, max_size=1) as database, database.write() as conn:
         async with Storage.open(settings) as storage:
             if args.put:
                 owner_type, owner_id = await _owner(conn, args.owner)
-                result = await transfer.presign_put(conn, storage, owner_type, owner_id, actor=args.actor,
-                                                    seconds=seconds)
+                result = await transfer.presign_put(conn, storage, owner_type, owner_id, kind=args.kind,
+                                                    actor=args.actor, seconds=seconds)
             else:
                 await uploader(conn, args.actor, READ)
                 document = await records.get(conn, args.id)
-                url = await storage.url_to_get(document["object_key"], seconds, document["file_name"])
+                url = await storage.url_to_get(document["object_key"], seconds, document["file_name"],
+                                               document["content_type"])
                 result = {"id": document["id"], "url": url, "method": "GET", "expires_in_seconds": seconds}
     _print(result, args.json)
     return 0

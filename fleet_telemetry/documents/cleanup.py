@@ -2,10 +2,12 @@
 
 - the object of a document deleted more than ``FLEET_DOCUMENT_DELETED_GRACE_DAYS`` ago
   (the row stays, with ``object_removed_at`` set);
-- objects under ``documents/`` that no row refers to, once older than
-  ``FLEET_DOCUMENT_ORPHAN_GRACE_HOURS`` (an upload stopped between the object and the row,
-  a presigned PUT never attached, a duplicate whose removal failed); younger ones may be
-  an upload in progress or a PUT awaiting ``document.attach`` and are kept;
+- objects under ``documents/`` that no row refers to, and every object under ``incoming/``
+  (where presigned PUTs go; ``document.attach`` copies a checked one out and removes it),
+  once older than ``FLEET_DOCUMENT_ORPHAN_GRACE_HOURS`` (an upload stopped between the
+  object and the row, a presigned PUT never attached or put again after its attach, a
+  duplicate whose removal failed); younger ones may be an upload in progress or a PUT
+  awaiting ``document.attach`` and are kept;
 - multipart uploads begun more than ``FLEET_DOCUMENT_ORPHAN_GRACE_HOURS`` ago (aborted).
 
 Every removal is idempotent, so a pass stopped half-way is finished by the next one.
@@ -18,6 +20,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
+from fleet_telemetry.documents.rules import DOCUMENTS_PREFIX, INCOMING_PREFIX
 from fleet_telemetry.documents.storage import Storage, StoredObject
 
 PAGE = 1000
@@ -72,14 +75,15 @@ async def _remove_deleted(conn: asyncpg.Connection, storage: Storage, report: Cl
 
 async def _remove_orphans(conn: asyncpg.Connection, storage: Storage, report: CleanupReport,
                           cutoff: datetime, dry_run: bool) -> None:
-    page: list[StoredObject] = []
-    async for stored in storage.objects():
-        page.append(stored)
-        if len(page) >= PAGE:
+    for prefix in (DOCUMENTS_PREFIX, INCOMING_PREFIX):
+        page: list[StoredObject] = []
+        async for stored in storage.objects(f"{prefix}/"):
+            page.append(stored)
+            if len(page) >= PAGE:
+                await _judge(conn, storage, report, page, cutoff, dry_run)
+                page = []
+        if page:
             await _judge(conn, storage, report, page, cutoff, dry_run)
-            page = []
-    if page:
-        await _judge(conn, storage, report, page, cutoff, dry_run)
 
 
 async def _judge(conn: asyncpg.Connection, storage: Storage, report: CleanupReport, page: list[StoredObject],

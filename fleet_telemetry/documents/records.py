@@ -125,7 +125,7 @@ async def deliver_shipment(conn: asyncpg.Connection, shipment_id: UUID, *, actor
     pending = await conn.fetchval(
         "SELECT count(*) FROM shipments WHERE job_id = $1 AND status <> 'delivered'", before["job_id"])
     if pending == 0 and job["status"] == "in_transit":
-        # The delivery was authorized (documents:write); the job's status follows from it,
+        # The delivery was authorized (shipments:deliver); the job's status follows from it,
         # so the job writer runs without its own jobs:write check.
         await jobs.set_job_status.__wrapped__(  # type: ignore[attr-defined]
             conn, actor=actor, job_id=before["job_id"], status="delivered")

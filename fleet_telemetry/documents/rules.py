@@ -110,18 +110,41 @@ def check_size(document_kind: str, size: int) -> None:
         raise InvalidInput("the file is empty")
 
 
+DOCUMENTS_PREFIX = "documents"
+"""Keys of stored documents' objects: only the server writes under it."""
+INCOMING_PREFIX = "incoming"
+"""Keys a presigned PUT uploads to; ``document.attach`` copies a checked object out of it."""
+
+
 def object_key(owner: str, owner_id: UUID, document_id: UUID | None = None) -> str:
     """A fresh key ``documents/<owner_type>/<owner_id>/<uuid>``: never reused, so an
-    upload never overwrites an object a row refers to."""
-    return f"documents/{owner}/{owner_id}/{document_id or uuid4()}"
+    upload never overwrites an object a row refers to; never handed to a client."""
+    return f"{DOCUMENTS_PREFIX}/{owner}/{owner_id}/{document_id or uuid4()}"
 
 
-def key_owner(key: str) -> tuple[str, UUID] | None:
-    """The owner a key of :func:`object_key`'s shape names, or None for any other key."""
+def incoming_key(owner: str, owner_id: UUID) -> str:
+    """A fresh key ``incoming/<owner_type>/<owner_id>/<uuid>`` for a presigned PUT."""
+    return f"{INCOMING_PREFIX}/{owner}/{owner_id}/{uuid4()}"
+
+
+def key_owner(key: str, prefix: str = INCOMING_PREFIX) -> tuple[str, UUID] | None:
+    """The owner a key of :func:`incoming_key`'s shape names (:func:`object_key`'s with
+    ``prefix="documents"``), or None for any other key."""
     parts = key.split("/")
-    if len(parts) != 4 or parts[0] != "documents" or parts[1] not in OWNER_COLUMNS:
+    if len(parts) != 4 or parts[0] != prefix or parts[1] not in OWNER_COLUMNS:
         return None
     try:
+        UUID(parts[3])
         return parts[1], UUID(parts[2])
     except ValueError:
         return None
+
+
+def safe_file_name(name: str, fallback: str) -> str:
+    """A stored file name made safe to write again: its last path component, leading dots
+    replaced (no hidden file, no ``..``); ``fallback`` when nothing is left."""
+    last = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    stripped = last.lstrip(".")
+    if not stripped or any(not c.isprintable() for c in stripped):
+        return fallback
+    return ("_" if stripped != last else "") + stripped

@@ -24,9 +24,11 @@ from fleet_telemetry.core.errors import FleetError, unavailable
 from fleet_telemetry.core.s3_client import connect_s3, error_code, is_not_found, is_s3_transient
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.documents.rules import PART_BYTES
+from fleet_telemetry.fleetops.errors import Conflict
 
 STORAGE = "Object storage"
 READ_CHUNK_BYTES = 1024 * 1024
+PRECONDITION_FAILED = frozenset({"412", "PreconditionFailed"})
 
 Observer = Callable[[bytes | memoryview], None]
 """Sees the bytes of an upload once each, in order."""
@@ -37,6 +39,13 @@ class StoredObject:
     key: str
     size: int
     last_modified: datetime
+    etag: str = ""
+    """The entity tag (as the server quotes it); empty in listings."""
+
+
+class ObjectChanged(Conflict):
+    """The object was replaced between two requests made under its entity tag (a client
+    PUT again while it was checked): nothing is registered; the client attaches again."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,17 @@ class Storage:
                 await self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             raise
 
+    async def copy(self, source: str, target: str, *, if_match: str) -> None:
+        """Copies ``source`` to ``target`` inside the bucket, server-side, only if ``source``
+        still has the entity tag ``if_match``; raises :class:`ObjectChanged` otherwise."""
+        try:
+            await self.client.copy_object(Bucket=self.bucket, Key=target, CopySourceIfMatch=if_match,
+                                          CopySource={"Bucket": self.bucket, "Key": source})
+        except Exception as exc:
+            if error_code(exc) in PRECONDITION_FAILED:
+                raise ObjectChanged(f"object {source} changed while it was being attached") from None
+            raise
+
     async def delete(self, key: str) -> None:
         """Removes ``key``; nothing happens when it is already gone."""
         await self.client.delete_object(Bucket=self.bucket, Key=key)
@@ -192,11 +212,19 @@ class Storage:
             if is_not_found(exc):
                 return None
             raise
-        return StoredObject(key, int(answer["ContentLength"]), answer["LastModified"])
+        return StoredObject(key, int(answer["ContentLength"]), answer["LastModified"], str(answer.get("ETag", "")))
 
-    async def chunks(self, key: str, chunk_bytes: int = READ_CHUNK_BYTES) -> AsyncIterator[bytes]:
-        """The object's bytes in chunks of at most ``chunk_bytes``, as they arrive."""
-        answer = await self.client.get_object(Bucket=self.bucket, Key=key)
+    async def chunks(self, key: str, chunk_bytes: int = READ_CHUNK_BYTES, *,
+                     if_match: str | None = None) -> AsyncIterator[bytes]:
+        """The object's bytes in chunks of at most ``chunk_bytes``, as they arrive; with
+        ``if_match`` only the version of that entity tag (:class:`ObjectChanged` otherwise)."""
+        try:
+            answer = await self.client.get_object(Bucket=self.bucket, Key=key,
+                                                  **({"IfMatch": if_match} if if_match else {}))
+        except Exception as exc:
+            if error_code(exc) in PRECONDITION_FAILED:
+                raise ObjectChanged(f"object {key} changed while it was being read") from None
+            raise
         async with answer["Body"] as body:
             while True:
                 chunk = await body.read(chunk_bytes)
@@ -204,7 +232,7 @@ class Storage:
                     return
                 yield chunk
 
-    async def objects(self, prefix: str = "documents/") -> AsyncIterator[StoredObject]:
+    async def objects(self, prefix: str) -> AsyncIterator[StoredObject]:
         """Every object under ``prefix``, page by page."""
         paginator = self.client.get_paginator("list_objects_v2")
         async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
@@ -222,8 +250,14 @@ class Storage:
 
     # --- presigned URLs ----------------------------------------------------------------------
 
-    async def url_to_get(self, key: str, seconds: int, file_name: str | None = None) -> str:
+    async def url_to_get(self, key: str, seconds: int, file_name: str | None = None,
+                         content_type: str | None = None) -> str:
+        """A presigned GET; the response is served as ``content_type`` (the type detected
+        at upload, not whatever the object was stored with) and, with ``file_name``, as an
+        attachment of that name."""
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if content_type:
+            params["ResponseContentType"] = content_type
         if file_name:
             params["ResponseContentDisposition"] = f"attachment; filename=\"{file_name.replace(chr(34), '')}\""
         return str(await self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=seconds))

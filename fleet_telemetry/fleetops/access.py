@@ -38,6 +38,7 @@ WRITES: dict[str, str] = {
     "alerts:resolve": "resolve alerts by hand",
     "geofences:write": "add, import, update, remove geofences",
     "documents:write": "attach and change documents",
+    "shipments:deliver": "attach a shipment's proof of delivery, which marks it (and its job) delivered",
     "users:write": "add, disable, delete users; set roles and passwords; issue and revoke tokens",
 }
 """Every write permission a writer checks, with what it allows (README, "Roles")."""

@@ -27,9 +27,11 @@ from aiokafka import AIOKafkaProducer
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.documents import transfer
 from fleet_telemetry.documents.rules import MiB
+from fleet_telemetry.documents.records import NewDocument
 from fleet_telemetry.documents.storage import Storage
 from fleet_telemetry.fleetops import assignments, customers, drivers, jobs
 from fleet_telemetry.fleetops.commands import command_value
+from fleet_telemetry.fleetops.errors import Conflict
 from fleet_telemetry.fleetops.tokens import TokenKeys, issue
 from fleet_telemetry.ingest.topics import ensure_topics
 from fleet_telemetry.lifecycle.context import PassContext
@@ -49,10 +51,9 @@ def pdf(size: int) -> bytes:
     return PDF_HEAD + os.urandom(size - len(PDF_HEAD))
 
 
-async def make_user(conn: asyncpg.Connection) -> str:
-    email = f"clerk-{uuid.uuid4().hex[:8]}@example.com"
-    await conn.execute("INSERT INTO users (email, password_hash, role) VALUES ($1, 'not-a-login', 'fleet_manager')",
-                     email)
+async def make_user(conn: asyncpg.Connection, role: str = "fleet_manager") -> str:
+    email = f"{role}-{uuid.uuid4().hex[:8]}@example.com"
+    await conn.execute("INSERT INTO users (email, password_hash, role) VALUES ($1, 'not-a-login', $2)", email, role)
     return email
 
 
@@ -130,6 +131,72 @@ async def test_a_download_whose_bytes_do_not_match_fails_and_leaves_no_file(
     assert list(tmp_path.iterdir()) == [tmp_path / "r.pdf"]
 
 
+async def test_a_download_keeps_existing_files_writes_a_safe_name_and_stops_past_the_recorded_size(
+    doc_settings: Settings, conn: asyncpg.Connection, make_vehicles: Callable[[int], Awaitable[list[uuid.UUID]]],
+    tmp_path: Path,
+) -> None:
+    (vehicle,) = await make_vehicles(1)
+    actor = await make_user(conn)
+    content = pdf(10_000)
+    (tmp_path / "r.pdf").write_bytes(content)
+    up = fleet(doc_settings, "documents", "upload", str(tmp_path / "r.pdf"), "--owner", f"vehicle:{vehicle}",
+               "--kind", "receipt", "--name", ".bashrc", "--actor", actor, "--json")
+    assert up.returncode == 0, up.stderr
+    document = json.loads(up.stdout)
+    assert document["file_name"] == ".bashrc"
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    # A folder: the stored name, made safe (no hidden file).
+    fetched = fleet(doc_settings, "documents", "download", document["id"], "-o", str(out_dir), "--json")
+    assert fetched.returncode == 0, fetched.stderr
+    assert [p.name for p in out_dir.iterdir()] == ["_bashrc"]
+    assert (out_dir / "_bashrc").read_bytes() == content
+
+    # An existing file is kept unless --force.
+    (out_dir / "_bashrc").write_bytes(b"mine")
+    kept = fleet(doc_settings, "documents", "download", document["id"], "-o", str(out_dir))
+    assert kept.returncode == 2 and "exists already; give --force" in one_line(kept.stderr)
+    assert (out_dir / "_bashrc").read_bytes() == b"mine"
+    forced = fleet(doc_settings, "documents", "download", document["id"], "-o", str(out_dir), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (out_dir / "_bashrc").read_bytes() == content and len(list(out_dir.iterdir())) == 1
+
+    # More bytes than recorded: the download stops, nothing is left.
+    async with Storage.open(doc_settings) as storage:
+        await storage.client.put_object(Bucket=storage.bucket, Key=document["object_key"], Body=content + b"x" * 5)
+    longer = fleet(doc_settings, "documents", "download", document["id"], "-o", str(tmp_path / "long.pdf"))
+    assert longer.returncode == 1 and "more than 10,000 bytes" in one_line(longer.stderr)
+    assert not (tmp_path / "long.pdf").exists() and not list(tmp_path.glob(".long.pdf.*"))
+
+    # Reading needs documents:read.
+    nobody = await make_user(conn, "driver")
+    for action in (["download", document["id"], "-o", str(tmp_path / "d.pdf")], ["show", document["id"]],
+                   ["list"]):
+        refused = fleet(doc_settings, "documents", *action, "--actor", nobody)
+        assert refused.returncode == 2 and "may not documents:read" in one_line(refused.stderr), action
+    assert not (tmp_path / "d.pdf").exists()
+
+
+async def test_a_duplicate_registration_of_the_very_key_a_row_refers_to_keeps_its_object(
+    doc_settings: Settings, conn: asyncpg.Connection, make_vehicles: Callable[[int], Awaitable[list[uuid.UUID]]],
+    tmp_path: Path,
+) -> None:
+    (vehicle,) = await make_vehicles(1)
+    actor = await make_user(conn)
+    (tmp_path / "r.pdf").write_bytes(pdf(3000))
+    async with Storage.open(doc_settings) as storage:
+        document, created = await transfer.upload_file(conn, storage, tmp_path / "r.pdf",
+                                                        transfer.Upload("vehicle", vehicle, "receipt", "r.pdf"),
+                                                        actor=actor)
+        assert created
+        # A second registration of the same key and bytes (two attaches of one object racing).
+        again = NewDocument("vehicle", vehicle, "receipt", document["object_key"], document["sha256"],
+                            document["size_bytes"], document["content_type"], "r.pdf",
+                            uuid.UUID(str(document["uploaded_by"])))
+        existing, created = await transfer._register(conn, storage, again, actor=actor, action="document.attach")
+        assert not created and existing["id"] == document["id"]
+        assert await storage.head(document["object_key"]) is not None
 async def test_a_refused_content_type_stores_nothing(
     doc_settings: Settings, conn: asyncpg.Connection, make_vehicles: Callable[[int], Awaitable[list[uuid.UUID]]],
     tmp_path: Path,
@@ -221,6 +288,7 @@ async def in_transit_shipment(conn: asyncpg.Connection, vehicle: uuid.UUID) -> t
 
 async def test_a_presigned_put_then_document_attach_delivers_the_shipment(
     doc_settings: Settings, conn: asyncpg.Connection, make_vehicles: Callable[[int], Awaitable[list[uuid.UUID]]],
+    tmp_path: Path,
 ) -> None:
     tag = uuid.uuid4().hex[:10]
     s = doc_settings.model_copy(update={"commands_topic": f"test.commands.{tag}",
@@ -228,20 +296,41 @@ async def test_a_presigned_put_then_document_attach_delivers_the_shipment(
                                         "commands_group": f"test-commands-{tag}"})
     await ensure_topics(s, [s.commands_topic, s.commands_dlq_topic], partitions=1)
     (vehicle,) = await make_vehicles(1)
-    driver_user = await make_user(conn)
+    driver_user = await make_user(conn, "driver")
     job_id, shipment = await in_transit_shipment(conn, vehicle)
     env = {"COMMANDS_TOPIC": s.commands_topic, "COMMANDS_DLQ_TOPIC": s.commands_dlq_topic,
            "COMMANDS_GROUP": s.commands_group}
 
-    out = fleet(s, "documents", "url", "--put", "--owner", f"shipment:{shipment}", "--actor", driver_user, "--json")
+    # A clerk may write documents but not deliver shipments; a driver may not write other documents.
+    clerk = await make_user(conn)
+    refused = fleet(s, "documents", "url", "--put", "--owner", f"shipment:{shipment}", "--kind", "proof_of_delivery",
+                    "--actor", clerk)
+    assert refused.returncode == 2 and "may not shipments:deliver" in one_line(refused.stderr)
+    refused = fleet(s, "documents", "url", "--put", "--owner", f"shipment:{shipment}", "--kind", "receipt",
+                    "--actor", driver_user)
+    assert refused.returncode == 2 and "may not documents:write" in one_line(refused.stderr)
+    photo_file = tmp_path / "pod.jpg"
+    photo_file.write_bytes(JPEG_HEAD + os.urandom(1000))
+    refused = fleet(s, "documents", "upload", str(photo_file), "--owner", f"shipment:{shipment}", "--kind",
+                    "proof_of_delivery", "--actor", clerk)
+    assert refused.returncode == 2 and "may not shipments:deliver" in one_line(refused.stderr)
+    assert await conn.fetchval("SELECT status FROM shipments WHERE id = $1", shipment) != "delivered"
+
+    out = fleet(s, "documents", "url", "--put", "--owner", f"shipment:{shipment}", "--kind", "proof_of_delivery",
+                "--actor", driver_user, "--json")
     assert out.returncode == 0, out.stderr
     handed = json.loads(out.stdout)
+    assert handed["key"].startswith(f"incoming/shipment/{shipment}/")
     photo = JPEG_HEAD + os.urandom(50_000)
-    request = urllib.request.Request(handed["url"], data=photo, method="PUT")
-    with urllib.request.urlopen(request, timeout=30) as answer:  # the driver's phone uploads itself
-        assert answer.status == 200
 
-    good, wrong_hash, never_put, elsewhere = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    def put(body: bytes) -> None:  # the driver's phone uploads itself
+        request = urllib.request.Request(handed["url"], data=body, method="PUT")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+
+    put(photo)
+
+    good, wrong_hash, never_put, elsewhere, not_theirs = (uuid.uuid4() for _ in range(5))
     data = {"key": handed["key"], "owner_type": "shipment", "owner_id": str(shipment),
             "kind": "proof_of_delivery", "file_name": "delivered.jpg",
             "sha256": hashlib.sha256(photo).hexdigest(), "size": len(photo)}
@@ -254,11 +343,13 @@ async def test_a_presigned_put_then_document_attach_delivers_the_shipment(
         await producer.send_and_wait(s.commands_topic, command_value(
             "document.attach", {**data, "sha256": "0" * 64}, command_id=wrong_hash, token=token))
         await producer.send_and_wait(s.commands_topic, command_value(
-            "document.attach", {**data, "key": f"documents/shipment/{shipment}/{uuid.uuid4()}"},
+            "document.attach", {**data, "key": f"incoming/shipment/{shipment}/{uuid.uuid4()}"},
             command_id=never_put, token=token))
         await producer.send_and_wait(s.commands_topic, command_value(
             "document.attach", {**data, "owner_id": str(job_id), "owner_type": "transport_job"},
             command_id=elsewhere, token=token))
+        await producer.send_and_wait(s.commands_topic, command_value(
+            "document.attach", {**data, "kind": "receipt"}, command_id=not_theirs, token=token))
         await producer.send_and_wait(s.commands_topic, command_value(
             "document.attach", data, command_id=good, token=token))
     finally:
@@ -267,9 +358,11 @@ async def test_a_presigned_put_then_document_attach_delivers_the_shipment(
     consumed = await asyncio.to_thread(fleet, s, "commands", "consume", "--stop-when-idle", "3", **env)
     assert consumed.returncode == 0, consumed.stderr
 
-    document = await conn.fetchrow("SELECT * FROM documents WHERE object_key = $1", handed["key"])
+    document = await conn.fetchrow("SELECT * FROM documents WHERE shipment_id = $1", shipment)
+    assert document["object_key"].startswith(f"documents/shipment/{shipment}/")
     assert document["owner_type"] == "shipment" and document["kind"] == "proof_of_delivery"
     assert document["content_type"] == "image/jpeg" and document["size_bytes"] == len(photo)
+    assert await objects_under(s, f"incoming/shipment/{shipment}/") == []  # copied out, then removed
     row = await conn.fetchrow("SELECT status, delivered_at FROM shipments WHERE id = $1", shipment)
     assert row["status"] == "delivered" and row["delivered_at"] is not None
     assert await conn.fetchval("SELECT status FROM transport_jobs WHERE id = $1", job_id) == "delivered"
@@ -279,13 +372,56 @@ async def test_a_presigned_put_then_document_attach_delivers_the_shipment(
                                                           ("shipment.deliver", str(user_id))]
     rejected = {r["command_id"]: (r["reason"], r["detail"]) for r in await conn.fetch(
         "SELECT command_id, reason, detail FROM processed_commands WHERE outcome = 'rejected'"
-        " AND command_id = ANY($1::uuid[])", [wrong_hash, never_put, elsewhere])}
+        " AND command_id = ANY($1::uuid[])", [wrong_hash, never_put, elsewhere, not_theirs])}
     assert rejected[wrong_hash][0] == "invalid_input" and "SHA-256" in rejected[wrong_hash][1]
     assert rejected[never_put][0] == "not_found" and "no object" in rejected[never_put][1]
     assert rejected[elsewhere][0] == "invalid_input" and "is not a key handed out for" in rejected[elsewhere][1]
-    dead = await read_topic(s, s.commands_dlq_topic, 3)
-    assert sorted(dict(d.headers)["fleet.error.reason"] for d in dead) == ["invalid_input", "invalid_input",
-                                                                          "not_found"]
+    assert rejected[not_theirs][0] == "forbidden" and "may not documents:write" in rejected[not_theirs][1]
+    dead = await read_topic(s, s.commands_dlq_topic, 4)
+    assert sorted(dict(d.headers)["fleet.error.reason"] for d in dead) == ["forbidden", "invalid_input",
+                                                                          "invalid_input", "not_found"]
+
+    # The URL is still valid: other bytes put to it change nothing stored, and only make an
+    # incoming orphan that maintenance removes after the grace period.
+    put(JPEG_HEAD + os.urandom(1000))
+    shown = fleet(s, "documents", "url", str(document["id"]), "--actor", driver_user, "--json")
+    assert shown.returncode == 2 and "may not documents:read" in one_line(shown.stderr)  # a clerk may
+    shown = fleet(s, "documents", "url", str(document["id"]), "--actor", clerk, "--json")
+    assert shown.returncode == 0, shown.stderr
+    with urllib.request.urlopen(json.loads(shown.stdout)["url"], timeout=30) as answer:
+        assert answer.read() == photo
+        assert answer.headers["Content-Type"] == "image/jpeg"
+        assert answer.headers["Content-Disposition"] == 'attachment; filename="delivered.jpg"'
+    assert await objects_under(s, f"incoming/shipment/{shipment}/") == [handed["key"]]
+    ctx = pass_at(conn, s, datetime.now(timezone.utc) + timedelta(hours=25))
+    await clean_document_storage(ctx)
+    assert await objects_under(s, f"incoming/shipment/{shipment}/") == []
+    assert await objects_under(s, f"documents/shipment/{shipment}/") == [document["object_key"]]
+
+
+async def test_an_object_put_again_while_it_is_checked_is_not_attached(
+    doc_settings: Settings, conn: asyncpg.Connection, make_vehicles: Callable[[int], Awaitable[list[uuid.UUID]]],
+) -> None:
+    (vehicle,) = await make_vehicles(1)
+    actor = await make_user(conn)
+    first, second = pdf(5000), pdf(5000)
+    async with Storage.open(doc_settings) as storage:
+        handed = await transfer.presign_put(conn, storage, "vehicle", vehicle, kind="receipt", actor=actor, seconds=60)
+        await storage.client.put_object(Bucket=storage.bucket, Key=handed["key"], Body=first)
+        chunks = storage.chunks
+
+        async def replaced_meanwhile(key: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+            await storage.client.put_object(Bucket=storage.bucket, Key=key, Body=second)
+            async for chunk in chunks(key, *args, **kwargs):  # type: ignore[arg-type]
+                yield chunk
+
+        storage.chunks = replaced_meanwhile  # type: ignore[method-assign]
+        with pytest.raises(Conflict, match="changed while it was being read"):
+            await transfer.attach_object(conn, storage, transfer.Upload("vehicle", vehicle, "receipt", "r.pdf"),
+                                         handed["key"], sha256=hashlib.sha256(first).hexdigest(), size=5000,
+                                         actor=actor)
+    assert await conn.fetchval("SELECT count(*) FROM documents WHERE vehicle_id = $1", vehicle) == 0
+    assert await objects_under(doc_settings, f"documents/vehicle/{vehicle}/") == []
 
 
 # --- maintenance: orphans, deleted documents, stale multipart uploads --------------------------------

@@ -209,6 +209,8 @@ async def test_the_readme_roles_table_is_the_seeded_roles(db: asyncpg.Connection
     assert {"admin", "dispatcher", "mechanic", "driver", "viewer"} <= set(seeded)
     assert set(seeded["mechanic"]) == {"vehicles:read", "maintenance:read", "maintenance:write",
                                        "documents:read", "documents:write"}
+    assert [name for name, permissions in seeded.items() if "shipments:deliver" in permissions] == [
+        "dispatcher", "driver"]  # and admin through "*"
 
 
 # --- the command topic -------------------------------------------------------------------------------

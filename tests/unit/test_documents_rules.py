@@ -8,7 +8,9 @@ from datetime import date
 import pytest
 
 from fleet_telemetry.documents import rules
+from fleet_telemetry.documents.actors import write_permission
 from fleet_telemetry.documents.command import parse_attach
+from fleet_telemetry.fleetops.access import WRITES
 from fleet_telemetry.fleetops.errors import InvalidInput
 
 PDF = b"%PDF-1.7\n" + bytes(100)
@@ -71,14 +73,41 @@ def test_keys_are_fresh_and_name_their_owner() -> None:
     owner = uuid.uuid4()
     first, second = rules.object_key("shipment", owner), rules.object_key("shipment", owner)
     assert first != second and first.startswith(f"documents/shipment/{owner}/")
-    assert rules.key_owner(first) == ("shipment", owner)
-    assert rules.key_owner("documents/shipment/not-a-uuid/x") is None
-    assert rules.key_owner(f"elsewhere/shipment/{owner}/x") is None
+    assert rules.key_owner(first, "documents") == ("shipment", owner)
+    assert rules.key_owner("documents/shipment/not-a-uuid/x", "documents") is None
+    assert rules.key_owner(f"elsewhere/shipment/{owner}/x", "documents") is None
+
+
+def test_a_presigned_put_goes_to_an_incoming_key_never_to_a_documents_key() -> None:
+    owner = uuid.uuid4()
+    incoming = rules.incoming_key("shipment", owner)
+    assert incoming.startswith(f"incoming/shipment/{owner}/") and incoming != rules.incoming_key("shipment", owner)
+    assert rules.key_owner(incoming) == ("shipment", owner)
+    assert rules.key_owner(rules.object_key("shipment", owner)) is None  # attach takes incoming keys only
+    assert rules.key_owner(f"incoming/shipment/{owner}/not-a-uuid") is None
+
+
+@pytest.mark.parametrize(("stored", "written"), [
+    ("scan.pdf", "scan.pdf"), ("../../etc/passwd", "passwd"), (".bashrc", "_bashrc"), ("..", "fallback"),
+    ("a\\..\\.profile", "_profile"), ("...", "fallback"), ("x\x00y", "fallback"),
+])
+def test_a_stored_file_name_is_made_safe_again_before_it_is_written(stored: str, written: str) -> None:
+    assert rules.safe_file_name(stored, "fallback") == written
+
+
+@pytest.mark.parametrize(("owner_type", "kind", "permission"), [
+    ("shipment", "proof_of_delivery", "shipments:deliver"), ("transport_job", "proof_of_delivery", "documents:write"),
+    ("shipment", "receipt", "documents:write"), ("vehicle", "licence", "documents:write"),
+])
+def test_a_proof_of_delivery_of_a_shipment_needs_shipments_deliver(owner_type: str, kind: str,
+                                                                    permission: str) -> None:
+    assert write_permission(owner_type, kind) == permission
+    assert permission in WRITES
 
 
 def test_a_document_attach_command_is_checked_field_by_field() -> None:
     owner = uuid.uuid4()
-    data = {"key": f"documents/vehicle/{owner}/k", "owner_type": "vehicle", "owner_id": str(owner),
+    data = {"key": f"incoming/vehicle/{owner}/k", "owner_type": "vehicle", "owner_id": str(owner),
             "kind": "receipt", "file_name": "r.pdf", "sha256": "A" * 64, "size": 10}
     upload, key, sha256, size = parse_attach(data)
     assert (upload.owner_type, upload.owner_id, upload.kind, key, sha256, size) == (
