@@ -38,6 +38,7 @@ from fleet_telemetry.core.retry import Backoff, is_transient, retry
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.replay.results import DIRECT, VIA_KAFKA, ChunkResult, Counts, reject_line
 from fleet_telemetry.replay.sources import Lines, Records, messages
+from fleet_telemetry.trips.store import mark_for_recompute
 
 log = structlog.get_logger("fleet.replay")
 T = TypeVar("T")
@@ -181,6 +182,13 @@ class DirectProcessor(ChunkProcessor):
             counts.stored += len(written.stored)
             counts.duplicates += len(written.duplicates)
             rejections.extend(unknown_vehicle(r) for r in written.unknown)
+            if not dry_run:
+                # The trips stage never sees these: their hours are recomputed by `fleet
+                # maintain`. Duplicates too: after a crash between the write and the mark, the
+                # resumed chunk finds its readings stored already (a recomputation that
+                # changes nothing only costs time).
+                touched = written.stored + written.duplicates
+                await self._retry(lambda: self._mark_trips(touched))
         if old:
             known = await self._retry(lambda: self._known(old, rejections))
             if dry_run:
@@ -189,6 +197,10 @@ class DirectProcessor(ChunkProcessor):
                 folded = await self._retry(lambda: self._fold(known))
                 counts.folded += folded
                 counts.duplicates += len(known) - folded
+
+    async def _mark_trips(self, readings: list[Reading]) -> None:
+        async with self._pool.acquire() as conn:
+            await mark_for_recompute(conn, readings)
 
     async def _fold(self, readings: list[Reading]) -> int:
         """Merges readings older than the raw retention into the rollups (commits per day)."""

@@ -132,6 +132,15 @@ ON CONFLICT DO NOTHING
 """
 
 
+async def mark_for_recompute(conn: asyncpg.Connection, readings: Sequence[Reading]) -> None:
+    """Marks the vehicle-hours of ``readings`` for ``fleet maintain`` to recompute their
+    trips, stops and accumulators: what a backfill written around the workers (``fleet
+    replay --direct``) needs, as the trips stage never sees those readings. A vehicle the
+    workers never processed has nothing to recompute; marking it costs one row."""
+    if readings:
+        await conn.execute(_MARK_LATE, [r.vehicle_id for r in readings], [r.time for r in readings])
+
+
 class StateConflict(Exception):
     """Another writer changed these vehicles' motion state rows since they were read."""
 

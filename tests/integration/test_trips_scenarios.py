@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 
 from fleet_telemetry.core.metrics import PipelineMetrics
@@ -300,6 +301,41 @@ async def test_a_late_backfill_last_week_is_recomputed_by_maintain_and_nothing_e
         odometer_before + after[1]["distance_km"] - before[1]["distance_km"], rel=1e-9)
     # The same facts (a trip's id, start and end did not change): no new event id.
     assert await events(db, vid) == events_before
+
+
+async def test_a_backfill_written_by_replay_direct_is_recomputed_by_maintain(
+    topics, producer, db, make_vehicles, tmp_path
+) -> None:
+    settings = trips_settings(topics)
+    (vid,) = await make_vehicles(1)
+    week = at(datetime.now(timezone.utc)).replace(minute=0, second=0) - timedelta(days=7)
+    track = drive(week, 600, 12.5)
+    hole = track[20:40]
+    track = track[:20] + track[40:]
+    today = drive(at(datetime.now(timezone.utc)) - timedelta(hours=1), 600, 12.5)
+    await publish(producer, settings.telemetry_topic,
+                  messages(vid, track + halt(track[-1][0], 400, track[-1][1]) + today))
+    await run_worker(settings)
+    before = await trip_rows(db, vid)
+    assert len(before) == 2
+
+    # The hole comes back from an archive, written around the workers: a detour 300 m north.
+    late = [(t, lon, 60.0, {"lat": LAT + 0.0027}) for t, lon, _, _ in hole]
+    archive = tmp_path / "archive.ndjson"
+    archive.write_bytes(b"".join(orjson.dumps(value) + b"\n" for _, value in messages(vid, late)))
+    replayed = fleet(settings, "replay", str(archive), "--direct", "--workers", "1",
+                     "--rejects", str(tmp_path / "rejects.ndjson"))
+    assert replayed.returncode == 0, replayed.stderr
+    assert await trip_rows(db, vid) == before  # nothing live: only marked
+    assert await db.fetchval("SELECT count(*) FROM trip_dirty_hours WHERE vehicle_id = $1", vid) == 1
+
+    done = fleet(settings, "maintain")
+    assert done.returncode == 0, done.stderr
+    after = await trip_rows(db, vid)
+    assert [a["id"] for a in after] == [b["id"] for b in before]
+    assert after[0]["distance_km"] > before[0]["distance_km"] + 0.3
+    assert after[1] == before[1]
+    assert await db.fetchval("SELECT count(*) FROM trip_dirty_hours WHERE vehicle_id = $1", vid) == 0
 
 
 async def test_maintain_ends_the_trip_of_a_vehicle_silent_for_the_gap(topics, producer, db, make_vehicles) -> None:

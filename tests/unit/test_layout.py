@@ -31,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "consumers": {"ingest", "trips"},
     "lifecycle": {"schema", "trips", "documents"},
     "deploy": {"schema"},
-    "replay": {"ingest", "consumers", "lifecycle"},
+    "replay": {"ingest", "consumers", "lifecycle", "trips"},
     "fleetops": {"ingest", "consumers"},
     "documents": {"fleetops"},
     "notify": {"ingest", "consumers"},
