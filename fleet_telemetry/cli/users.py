@@ -119,13 +119,14 @@ async def _revoke(conn: Any, args: argparse.Namespace, settings: Settings, actor
     _, user = await users.self_or_admin(conn, actor, args.user)
     redis = connect_redis(settings.redis_url)
     try:
-        key, revoked_at = await sessions.revoke(conn, redis, settings.redis_keys, UUID(user["id"]), now=time.time(),
-                                                keep_seconds=settings.jwt_max_ttl_seconds)
+        keys, revoked_at = await sessions.revoke(conn, redis, settings.redis_keys, UUID(user["id"]),
+                                                 now=time.time(), keep_seconds=settings.jwt_max_ttl_seconds)
     finally:
         await redis.aclose()
-    data = {"user": user["id"], "key": key, "revoked_at": revoked_at, "kept_seconds": settings.jwt_max_ttl_seconds}
+    data = {"user": user["id"], "key": keys[0], "keys": keys, "revoked_at": revoked_at,
+            "kept_seconds": settings.jwt_max_ttl_seconds}
     return data, (f"tokens of {user['email']} issued up to {revoked_at} (epoch seconds) revoked"
-                  f" ({key}, kept {settings.jwt_max_ttl_seconds} s)")
+                  f" ({', '.join(keys)}, kept {settings.jwt_max_ttl_seconds} s)")
 
 
 async def _roles(conn: Any, args: argparse.Namespace, settings: Settings, actor: str) -> tuple[Any, str]:
@@ -191,7 +192,8 @@ def register(sub: Any) -> None:
     p.add_argument("--ttl", type=int, metavar="SECONDS",
                    help="lifetime (default 3600, at most FLEET_JWT_MAX_TTL_SECONDS)")
     _common(_action(actions, "revoke", "revoke every token issued to a user until now",
-                               "Write the user's session key in Redis: tokens issued until now are"
-                               " refused for FLEET_JWT_MAX_TTL_SECONDS, the longest they could live."))
+                               "Write the user's session key in Redis (and, for a user linked to a driver"
+                               " profile, the driver's): tokens issued until now are refused for"
+                               " FLEET_JWT_MAX_TTL_SECONDS, the longest they could live."))
     p = _action(actions, "roles", "the roles and which writes each may do (a Markdown table)")
     p.add_argument("--json", action="store_true", help="print the roles and their permissions as JSON")

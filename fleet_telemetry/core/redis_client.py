@@ -31,6 +31,13 @@ def is_cluster_url(url: str) -> bool:
     return url.partition("://")[0].lower() in CLUSTER_SCHEMES
 
 
+def is_cluster_client(client: RedisClient) -> bool:
+    """True for a Redis Cluster client: keys in different slots need a command each."""
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
+
+
 def connect_redis(url: str, *, timeout: float | None = 2.0, **options: Any) -> RedisClient:
     """A client for ``url`` (nothing is connected until the first command): a
     ``RedisCluster`` for a cluster URL, a ``Redis`` otherwise. ``timeout`` bounds each

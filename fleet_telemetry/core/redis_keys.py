@@ -10,8 +10,10 @@ together carry a hash tag, so they live in one slot: a vehicle's status and newe
 (``vehicle:{<id>}:status``, ``vehicle:{<id>}:status:newest``) and the dashboard cache with
 its lock and version (``{dashboard:stats:daily}``, ``...:lock``, ``...:version``). The
 geofence sets are used one key per command and keep their names; the session keys
-(``user:{<id>}:session``, ``driver:{<id>}:session``) are tagged like the vehicle keys. A prefix holding braces
-would put every key of the deployment in one slot: leave braces out of it.
+(``user:{<id>}:session``, ``driver:{<id>}:session``) are tagged like the vehicle keys, so
+a user's and their driver's key live in different slots and are read with a GET each.
+A prefix holding braces would put every key of the deployment in one slot: leave braces
+out of it.
 """
 
 from __future__ import annotations

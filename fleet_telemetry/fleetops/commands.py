@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,7 +33,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 
 from fleet_telemetry.consumers.chain import Abandoned, Retrier
-from fleet_telemetry.consumers.deadletter import fit, request_size
+from fleet_telemetry.consumers.deadletter import HEADER_REDACTED, fit, request_size
 from fleet_telemetry.consumers.kafka_loop import Committable, KafkaLoop, LoopMetrics, LoopOptions, Records, start_with_retry
 from fleet_telemetry.fleetops import access, assignments, customers, dashboard, drivers, jobs, maintenance, sessions, vehicles
 from fleet_telemetry.fleetops.audit import jsonable
@@ -65,7 +66,7 @@ HEADER_COMMAND_TYPE = "fleet.command.type"
 class Command:
     """A decoded command. ``token`` is the v2 command's signed token (None for v1, whose
     ``actor`` field names the user); ``value`` is the record's bytes with the token
-    redacted, as a dead letter shows them."""
+    redacted, as a dead letter shows them (``redacted``: something was)."""
 
     command_id: UUID
     type: str
@@ -75,6 +76,7 @@ class Command:
     key: bytes | None
     value: bytes = field(repr=False)
     token: str | None = field(default=None, repr=False)
+    redacted: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,9 +88,21 @@ class CommandRejection:
     value: bytes
     command_id: UUID | None = None
     type: str | None = None
+    redacted: bool = False
+    """A token was removed from ``value`` (dead-letter header ``fleet.redacted``)."""
 
 
 REDACTED = "<redacted>"
+_JWT = re.compile(rb"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+"""Text shaped like a JWT: three base64url segments, the first a JSON object's (``eyJ``);
+the signature may be cut short (a truncated record)."""
+
+
+def redact_tokens(value: bytes) -> tuple[bytes, bool]:
+    """``value`` with everything shaped like a JWT replaced by ``<redacted>``, and whether
+    anything was: for bytes that are not a JSON object, whose token field cannot be found."""
+    redacted, count = _JWT.subn(REDACTED.encode(), value)
+    return redacted, count > 0
 
 
 def decode_command(value: bytes, *, key: bytes | None, source: Source,
@@ -97,26 +111,33 @@ def decode_command(value: bytes, *, key: bytes | None, source: Source,
     ``known``, by default :data:`HANDLERS`), ``data`` (object), ``token`` (v2: text) or
     ``actor`` (v1: optional text). The ``data`` fields are the writer's business; whether
     the token is valid is the applier's. Pure: no I/O, no clock. A token never reaches a
-    dead letter: the value kept is re-encoded with the token replaced by ``<redacted>``."""
+    dead letter: the value kept is re-encoded with the token replaced by ``<redacted>``,
+    and in every value kept (also bytes that are not JSON, or not an object) anything
+    shaped like a JWT is replaced by ``<redacted>`` (:func:`redact_tokens`)."""
     known = HANDLERS if known is None else known
     try:
         body = orjson.loads(value)
     except orjson.JSONDecodeError:
-        return CommandRejection(MALFORMED_JSON, "the value is not UTF-8 JSON", source, key, value)
+        value, redacted = redact_tokens(value)
+        return CommandRejection(MALFORMED_JSON, "the value is not UTF-8 JSON", source, key, value, redacted=redacted)
     if not isinstance(body, dict):
-        return CommandRejection(INVALID_COMMAND, "the value must be a JSON object", source, key, value)
+        value, redacted = redact_tokens(value)
+        return CommandRejection(INVALID_COMMAND, "the value must be a JSON object", source, key, value,
+                                redacted=redacted)
     token = body.get("token")
     if "token" in body:
         value = orjson.dumps({**body, "token": REDACTED})
+    value, redacted = redact_tokens(value)
+    redacted = redacted or "token" in body
     try:
         command_id = parse_uuid(body.get("command_id"), "command_id")
     except InvalidInput as exc:
-        return CommandRejection(INVALID_COMMAND, str(exc), source, key, value)
+        return CommandRejection(INVALID_COMMAND, str(exc), source, key, value, redacted=redacted)
     kind = body.get("type")
     if not isinstance(kind, str) or kind not in known:
         return CommandRejection(
             UNKNOWN_TYPE, f"field 'type' must be one of {', '.join(sorted(known))}, got {kind!r}",
-            source, key, value, command_id, kind if isinstance(kind, str) else None,
+            source, key, value, command_id, kind if isinstance(kind, str) else None, redacted,
         )
     data = body.get("data", {})
     actor = body.get("actor")
@@ -131,8 +152,9 @@ def decode_command(value: bytes, *, key: bytes | None, source: Source,
     elif token is not None and (not isinstance(token, str) or len(token) > 8192):
         problem = "field 'token' must be text of at most 8192 characters"
     if problem is not None:
-        return CommandRejection(INVALID_COMMAND, problem, source, key, value, command_id, kind)
-    return Command(command_id, kind, actor.strip() if actor else None, data, source, key, value, token or None)
+        return CommandRejection(INVALID_COMMAND, problem, source, key, value, command_id, kind, redacted)
+    return Command(command_id, kind, actor.strip() if actor else None, data, source, key, value, token or None,
+                   redacted)
 
 
 # --- what each command type does ----------------------------------------------------------
@@ -236,16 +258,39 @@ APPLIED = "applied"
 DUPLICATE = "duplicate"
 REJECTED = "rejected"
 
-_CLAIM = """
+RETRYABLE = ("unauthenticated", "forbidden")
+"""Rejections that do not use up a command id: the same id, delivered again with a token
+that authenticates a user allowed to do it, replaces the rejection (docs/commands.md)."""
+
+
+def _retryable(reasons: str) -> str:
+    """SQL: the stored row is a rejection for one of the reasons in parameter ``reasons``."""
+    return f"processed_commands.outcome = 'rejected' AND processed_commands.reason = ANY({reasons}::text[])"
+
+
+_CLAIM = f"""
 INSERT INTO processed_commands (command_id, type, actor, outcome, source_topic, source_partition, source_offset)
 VALUES ($1, $2, $3, 'applied', $4, $5, $6)
-ON CONFLICT (command_id) DO NOTHING RETURNING command_id
+ON CONFLICT (command_id) DO UPDATE
+   SET type = EXCLUDED.type, actor = NULL, outcome = 'applied', reason = NULL, detail = NULL, result = NULL,
+       source_topic = EXCLUDED.source_topic, source_partition = EXCLUDED.source_partition,
+       source_offset = EXCLUDED.source_offset, processed_at = now()
+ WHERE {_retryable("$7")}
+RETURNING command_id
 """
-_RECORD_REJECTION = """
+_RECORD_REJECTION = f"""
 INSERT INTO processed_commands (command_id, type, actor, outcome, reason, detail,
                                 source_topic, source_partition, source_offset)
-VALUES ($1, $2, $3, 'rejected', $4, $5, $6, $7, $8)
-ON CONFLICT (command_id) DO NOTHING
+VALUES ($1, $2, NULL, 'rejected', $3, $4, $5, $6, $7)
+ON CONFLICT (command_id) DO UPDATE
+   SET type = EXCLUDED.type, reason = EXCLUDED.reason, detail = EXCLUDED.detail,
+       source_topic = EXCLUDED.source_topic, source_partition = EXCLUDED.source_partition,
+       source_offset = EXCLUDED.source_offset, processed_at = now()
+ WHERE $9::boolean AND {_retryable("$8")}
+"""
+_SEEN = f"""
+SELECT CASE WHEN {_retryable("$2")} THEN 'retryable' ELSE 'final' END
+  FROM processed_commands WHERE command_id = $1
 """
 
 
@@ -280,9 +325,16 @@ class CommandApplier:
     async def apply(self, item: Command | CommandRejection) -> str:
         """Returns APPLIED, DUPLICATE or REJECTED. The effect and the processed row commit
         together; a rejection is dead-lettered (acknowledged) before it is recorded.
-        A command seen before is a duplicate whatever its token; a new one is applied only
-        when ``authenticate`` names its user (else ``unauthenticated``) and that user may
-        do it (else ``forbidden``, :func:`~fleet_telemetry.fleetops.access.authorize`).
+        A command is applied only when ``authenticate`` names its user (else
+        ``unauthenticated``) and that user may do it (else ``forbidden``,
+        :func:`~fleet_telemetry.fleetops.access.authorize`).
+
+        A command id seen before is a duplicate whatever its token, with one exception:
+        an id recorded as rejected ``unauthenticated`` or ``forbidden`` (:data:`RETRYABLE`)
+        is taken by the next delivery of that id whose token authenticates a user allowed
+        to do it: the command is applied (or refused by its writer, and dead-lettered) and
+        its outcome replaces the rejection. A delivery refused again for its token or
+        role is a duplicate (one dead letter per id and reason).
 
         Raises transient errors (PostgreSQL, broker) for the caller to retry.
         """
@@ -292,9 +344,12 @@ class CommandApplier:
         async with self._database.write() as conn:
             try:
                 async with conn.transaction():
+                    # Takes a new id, or one whose rejection was for its token or role (the
+                    # row stays locked until commit, so two deliveries cannot both take it);
+                    # rolled back with the rest when the command is refused.
                     claimed = await conn.fetchval(
                         _CLAIM, item.command_id, item.type, None, item.source.topic,
-                        item.source.partition, item.source.offset,
+                        item.source.partition, item.source.offset, list(RETRYABLE),
                     )
                     if claimed is None:
                         return DUPLICATE
@@ -308,27 +363,29 @@ class CommandApplier:
                     asyncpg.exceptions.DataError) as exc:
                 # Class 23 and 22: the input broke a rule the writer did not check first.
                 rejection = CommandRejection(_reason(exc), _first_line(exc), item.source, item.key,
-                                             item.value, item.command_id, item.type)
+                                             item.value, item.command_id, item.type, item.redacted)
         if rejection is not None:
-            return await self._reject(rejection)
+            return await self._reject(rejection, authorized=rejection.reason not in RETRYABLE)
         if self._applied is not None:
             await self._applied()
         return APPLIED
 
-    async def _reject(self, rejection: CommandRejection) -> str:
+    async def _reject(self, rejection: CommandRejection, *, authorized: bool = False) -> str:
+        """Dead-letters and records a rejection, unless its command id was seen before.
+        ``authorized``: the command's user was authenticated and allowed, and its writer
+        refused it; that outcome replaces a recorded ``unauthenticated``/``forbidden``."""
         if rejection.command_id is not None:
             async with self._database.write() as conn:
-                seen = await conn.fetchval("SELECT 1 FROM processed_commands WHERE command_id = $1",
-                                           rejection.command_id)
-            if seen:
+                seen = await conn.fetchval(_SEEN, rejection.command_id, list(RETRYABLE))
+            if seen == "final" or (seen == "retryable" and not authorized):
                 return DUPLICATE
         await self._dead_letter(rejection)
         if rejection.command_id is not None:
             async with self._database.write() as conn:
                 await conn.execute(
-                    _RECORD_REJECTION, rejection.command_id, rejection.type or "?", None,
+                    _RECORD_REJECTION, rejection.command_id, rejection.type or "?",
                     rejection.reason, rejection.detail, rejection.source.topic,
-                    rejection.source.partition, rejection.source.offset,
+                    rejection.source.partition, rejection.source.offset, list(RETRYABLE), authorized,
                 )
         log.info("command rejected", reason=rejection.reason, detail=rejection.detail,
                  command_id=str(rejection.command_id) if rejection.command_id else None,
@@ -358,6 +415,8 @@ def dead_letter_headers(rejection: CommandRejection, failed_at: datetime) -> lis
         headers.append((HEADER_COMMAND_ID, str(rejection.command_id).encode()))
     if rejection.type is not None:
         headers.append((HEADER_COMMAND_TYPE, rejection.type.encode()))
+    if rejection.redacted:
+        headers.append((HEADER_REDACTED, b"value"))
     return headers
 
 

@@ -1,7 +1,8 @@
 """On a Redis Cluster (``FLEET_REDIS_URL=redis+cluster://...``, three masters of the
 test's own): a worker writes the statuses of vehicles whose keys fall on every node, a
-geofence enter lands in the geofence's set and removing the geofence drops it, and the
-dashboard is cached, served from the cache and invalidated by a write."""
+geofence enter lands in the geofence's set and removing the geofence drops it, the
+dashboard is cached, served from the cache and invalidated by a write, and a revoked
+command token stays refused whether or not its user is linked to a driver profile."""
 
 from __future__ import annotations
 
@@ -12,16 +13,20 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import pytest_asyncio
+from pydantic import SecretStr
 from redis.asyncio.cluster import RedisCluster
 
 from fleet_telemetry.core.redis_client import connect_redis
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.deploy.stack.probe import Probe, probe_redis
+from fleet_telemetry.fleetops import sessions
+from fleet_telemetry.fleetops.tokens import TokenKeys, Unauthenticated, issue
 from fleet_telemetry.views.vehicle_status import live_status
 from tests.integration.cli import fleet
 from tests.integration.streams import publish, run_worker
 from tests.integration.test_geofence_scenarios import place, reading, rules_settings, square
 from tests.redis_cluster import redis_cluster
+from tests.users import TEST_JWT_SECRET, make_user
 
 pytestmark = pytest.mark.integration
 
@@ -107,3 +112,26 @@ async def test_the_dashboard_is_cached_and_invalidated_on_the_cluster(
     after = fleet(settings, "dashboard", "--json")
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout)["active_vehicles"] == json.loads(first.stdout)["active_vehicles"] + 1
+
+
+async def test_a_revocation_on_the_cluster_holds_for_the_user_and_driver_keys_in_different_slots(
+    on_cluster: Settings, cluster: RedisCluster, db
+) -> None:
+    keys = on_cluster.redis_keys
+    token_keys = TokenKeys.from_settings(on_cluster.model_copy(update={"jwt_secret": SecretStr(TEST_JWT_SECRET)}))
+    assert token_keys is not None
+    user, profile = await make_user(db, role="driver"), uuid.uuid4()
+    await db.execute("INSERT INTO drivers (id, name, user_id) VALUES ($1, 'Cluster', $2)", profile, user)
+    now = datetime.now(timezone.utc).timestamp()
+    token = issue(token_keys, user, ttl_seconds=600, now=now - 5)[0]
+
+    written, _ = await sessions.revoke(db, cluster, keys, user, now=now, keep_seconds=600)
+    assert written == [keys.user_session(user), keys.driver_session(profile)]
+    assert cluster.keyslot(written[0]) != cluster.keyslot(written[1])  # no MGET across them
+    for linked in (True, False):
+        if not linked:
+            await db.execute("UPDATE drivers SET user_id = NULL WHERE id = $1", profile)
+        with pytest.raises(Unauthenticated, match="the token was revoked"):
+            await sessions.authenticate(db, cluster, keys, token_keys, token, now=now)
+    fresh = issue(token_keys, user, ttl_seconds=600, now=now + 1)[0]
+    assert (await sessions.authenticate(db, cluster, keys, token_keys, fresh, now=now + 1)).user_id == user

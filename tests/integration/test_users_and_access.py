@@ -370,3 +370,118 @@ async def test_tokens_from_fleet_users_token_and_the_secret_never_shown(
     [dead] = await read_topic(s, s.commands_dlq_topic, expected=1)
     assert dead.headers["fleet.error.reason"] == "forbidden"  # a dispatcher deletes no vehicle
     assert token.encode() not in dead.value
+
+
+async def test_a_revoked_token_stays_revoked_when_the_driver_profile_is_unlinked_or_linked(
+    commands: tuple[Settings, AIOKafkaProducer], db: asyncpg.Connection, redis_client: aioredis.Redis
+) -> None:
+    s, producer = commands
+    keys = TokenKeys.from_settings(s)
+    assert keys is not None
+    admin = await db.fetchval("SELECT id FROM users WHERE email = $1", TEST_ADMIN)
+    linked, unlinked = await make_user(db, role="dispatcher"), await make_user(db, role="dispatcher")
+    vehicle, profile = await vehicle_and_driver(db)
+    other_profile = uuid.uuid4()
+    await db.execute("INSERT INTO drivers (id, name) VALUES ($1, 'Other')", other_profile)
+    await db.execute("UPDATE drivers SET user_id = $2 WHERE id = $1", profile, linked)
+    now = time.time()
+    of_linked, of_unlinked = (issue(keys, u, ttl_seconds=600, now=now - 5)[0] for u in (linked, unlinked))
+
+    revoked = json.loads(ok(await fleet_of(s, "users", "revoke", str(linked), "--json",
+                                           REDIS_KEY_PREFIX=s.redis_key_prefix, JWT_MAX_TTL_SECONDS="3600")))
+    user_key, driver_key = f"{s.redis_key_prefix}user:{linked}:session", f"{s.redis_key_prefix}driver:{profile}:session"
+    assert revoked["key"] == user_key and revoked["keys"] == [user_key, driver_key]
+    for key in (user_key, driver_key):
+        assert await redis_client.get(key) == str(revoked["revoked_at"]).encode()
+        assert 3590 <= await redis_client.ttl(key) <= 3600
+    assert json.loads(ok(await fleet_of(s, "users", "revoke", str(unlinked), "--json",
+                                        REDIS_KEY_PREFIX=s.redis_key_prefix)))["keys"] == \
+        [f"{s.redis_key_prefix}user:{unlinked}:session"]
+
+    # After the revocations the first user's driver profile is unlinked, and the second
+    # user is linked to one: neither revoked token is accepted for it.
+    admin_token = issue(keys, admin, ttl_seconds=600, now=now)[0]
+    booking = {"vehicle_id": str(vehicle), "driver_id": str(profile), "start_time": "2093-04-01T08:00:00Z",
+               "end_time": "2093-04-01T16:00:00Z"}
+    ids = [uuid.uuid4() for _ in range(4)]
+    for value in (
+        command_value("driver.update", {"id": str(profile), "user_id": None}, command_id=ids[0], token=admin_token),
+        command_value("driver.update", {"id": str(other_profile), "user_id": str(unlinked)}, command_id=ids[1],
+                      token=admin_token),
+        command_value("assignment.create", booking, command_id=ids[2], token=of_linked),
+        command_value("assignment.create", booking, command_id=ids[3], token=of_unlinked),
+    ):
+        await producer.send(s.commands_topic, value)
+    await producer.flush()
+    consumer = await consume(s)
+
+    assert (counted(consumer, "applied"), counted(consumer, "rejected")) == (2, 2)
+    assert await db.fetchval("SELECT user_id FROM drivers WHERE id = $1", profile) is None
+    assert await db.fetchval("SELECT user_id FROM drivers WHERE id = $1", other_profile) == unlinked
+    dead = await read_topic(s, s.commands_dlq_topic, expected=2)
+    assert {(r.headers["fleet.command.id"], r.headers["fleet.error.reason"], r.headers["fleet.error.detail"])
+            for r in dead} == {(str(i), "unauthenticated", "the token was revoked") for i in ids[2:]}
+    assert await db.fetchval("SELECT count(*) FROM vehicle_assignments WHERE vehicle_id = $1", vehicle) == 0
+
+
+async def test_a_command_refused_for_its_token_or_role_is_applied_once_when_sent_again_with_a_valid_token(
+    commands: tuple[Settings, AIOKafkaProducer], db: asyncpg.Connection
+) -> None:
+    s, producer = commands
+    keys = TokenKeys.from_settings(s)
+    assert keys is not None
+    dispatcher = await make_user(db, role="dispatcher")
+    manager = await make_user(db, role="fleet_manager")
+    vehicle, driver = await vehicle_and_driver(db)
+    now = time.time()
+    valid, of_manager = (issue(keys, u, ttl_seconds=600, now=now)[0] for u in (dispatcher, manager))
+    forged = issue(TokenKeys("HS256", keys.issuer, keys.audience, 3600, "x" * 40, "x" * 40), dispatcher,
+                   ttl_seconds=600, now=now)[0]
+    book, service, clash = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    booking = {"id": str(uuid.uuid4()), "vehicle_id": str(vehicle), "driver_id": str(driver),
+               "start_time": "2093-05-01T08:00:00Z", "end_time": "2093-05-01T16:00:00Z"}
+    overlapping = {**booking, "id": str(uuid.uuid4()), "start_time": "2093-05-01T12:00:00Z"}
+    maintenance = {"vehicle_id": str(vehicle), "type": "oil_change", "date": "2093-01-01"}
+    messages = [
+        command_value("assignment.create", booking, command_id=book, token=forged),          # unauthenticated
+        command_value("maintenance.record", maintenance, command_id=service, token=valid),   # forbidden
+        command_value("assignment.create", booking, command_id=book, token=valid),           # applied
+        command_value("maintenance.record", maintenance, command_id=service, token=of_manager),  # applied
+        command_value("assignment.create", booking, command_id=book, token=valid),           # duplicate
+        command_value("assignment.create", booking, command_id=book, token=forged),          # duplicate
+        command_value("assignment.create", overlapping, command_id=clash, token=forged),     # unauthenticated
+        command_value("assignment.create", overlapping, command_id=clash, token=forged),     # duplicate
+        command_value("assignment.create", overlapping, command_id=clash, token=valid),      # double_booking
+        command_value("assignment.create", overlapping, command_id=clash, token=valid),      # duplicate
+        # Not a command object: kept for the dead letter with the token redacted.
+        command_value("assignment.create", booking, command_id=uuid.uuid4(), token=valid)[:-9],
+        json.dumps([{"token": valid}]).encode(),
+    ]
+    for value in messages:
+        await producer.send(s.commands_topic, value)
+    await producer.flush()
+    first = await consume(s)
+
+    assert (counted(first, "applied"), counted(first, "duplicate"), counted(first, "rejected")) == (2, 4, 6)
+    assert await db.fetchval("SELECT count(*) FROM vehicle_assignments WHERE vehicle_id = $1", vehicle) == 1
+    assert await db.fetchval("SELECT count(*) FROM maintenance_records WHERE vehicle_id = $1", vehicle) == 1
+    assert await audit_of(db, booking["id"], overlapping["id"]) == [(str(dispatcher), "assignment.create")]
+    rows = await db.fetch("SELECT command_id, outcome, reason, actor FROM processed_commands"
+                          " WHERE command_id = ANY($1)", [book, service, clash])
+    assert {(r["command_id"], r["outcome"], r["reason"], r["actor"]) for r in rows} == {
+        (book, "applied", None, str(dispatcher)), (service, "applied", None, str(manager)),
+        (clash, "rejected", "double_booking", None)}
+
+    dead = await read_topic(s, s.commands_dlq_topic, expected=6)
+    assert sorted((r.headers.get("fleet.command.id", "-"), r.headers["fleet.error.reason"]) for r in dead) == sorted([
+        (str(book), "unauthenticated"), (str(service), "forbidden"), (str(clash), "unauthenticated"),
+        (str(clash), "double_booking"), ("-", "malformed_json"), ("-", "invalid_command")])
+    for record in dead:
+        assert all(t.encode().rsplit(b".", 1)[0] not in record.value for t in (valid, forged, of_manager))
+        assert record.headers["fleet.redacted"] == "value" and b"<redacted>" in record.value
+
+    # Replayed: every command id is a duplicate now; only the two records without one are
+    # dead-lettered again.
+    replay = await consume(s.model_copy(update={"commands_group": s.commands_group + "-replay"}))
+    assert (counted(replay, "applied"), counted(replay, "duplicate"), counted(replay, "rejected")) == (0, 10, 2)
+    assert await db.fetchval("SELECT count(*) FROM vehicle_assignments WHERE vehicle_id = $1", vehicle) == 1

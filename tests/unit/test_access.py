@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from fleet_telemetry.core.errors import UsageError
 from fleet_telemetry.core.redis_keys import RedisKeys
 from fleet_telemetry.core.settings import Settings
-from fleet_telemetry.fleetops import access, commands
+from fleet_telemetry.fleetops import access, commands, sessions
 from fleet_telemetry.fleetops.access import WRITES, Actor, roles_table
 from fleet_telemetry.fleetops.tokens import TokenKeys, Unauthenticated, issue, verify
 
@@ -152,3 +152,35 @@ def test_rs256_keys_may_be_given_as_files(tmp_path: object) -> None:
     assert verify(keys, token, now=NOW) == claims
     with pytest.raises(UsageError, match="FLEET_JWT_PUBLIC_KEY: cannot read the key file"):
         TokenKeys.from_settings(Settings(_env_file=None, jwt_public_key=str(folder / "absent.pem")))  # type: ignore[call-arg]
+
+
+class RecordingRedis:
+    """Answers GET and MGET from a dict and records each command sent."""
+
+    def __init__(self, values: dict[str, bytes]) -> None:
+        self.values = values
+        self.sent: list[tuple[str, ...]] = []
+
+    async def get(self, key: str) -> bytes | None:
+        self.sent.append(("GET", key))
+        return self.values.get(key)
+
+    async def mget(self, keys: list[str]) -> list[bytes | None]:
+        self.sent.append(("MGET", *keys))
+        return [self.values.get(k) for k in keys]
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+async def test_the_latest_revocation_of_the_user_and_driver_keys_counts(
+    cluster: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sessions, "is_cluster_client", lambda client: cluster)
+    redis = RecordingRedis({"user:u:session": b"100", "driver:d:session": b"250"})
+    assert await sessions.revoked_at(redis, ["user:u:session", "driver:d:session"]) == 250  # type: ignore[arg-type]
+    assert await sessions.revoked_at(redis, ["user:u:session", "driver:x:session"]) == 100  # type: ignore[arg-type]
+    assert await sessions.revoked_at(redis, ["user:none:session"]) is None  # type: ignore[arg-type]
+    if cluster:  # the two keys live in different slots: one GET each
+        assert redis.sent[:2] == [("GET", "user:u:session"), ("GET", "driver:d:session")]
+    else:  # one round trip
+        assert redis.sent[:2] == [("MGET", "user:u:session", "driver:d:session"),
+                                  ("MGET", "user:u:session", "driver:x:session")]

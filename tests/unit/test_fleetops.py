@@ -244,6 +244,49 @@ def test_dead_letter_headers_carry_the_reason_source_and_command() -> None:
     }
 
 
+def a_real_token() -> str:
+    import jwt
+
+    return jwt.encode({"sub": str(uuid.UUID(int=9)), "iss": "fleet", "aud": "fleet-commands", "iat": 1,
+                       "exp": 2, "jti": "j"}, "a unit-test secret that is long enough", algorithm="HS256")
+
+
+@pytest.mark.parametrize(("shape", "reason"), [
+    ("array", "invalid_command"), ("truncated", "malformed_json"), ("not_utf8", "malformed_json"),
+    ("two_tokens", "invalid_command"),
+])
+def test_a_token_in_a_value_that_is_no_command_object_never_reaches_a_dead_letter(shape: str, reason: str) -> None:
+    token = a_real_token()
+    command = commands.command_value("vehicle.delete", {"id": "x"}, command_id=uuid.uuid4(), token=token)
+    jwt_bytes, cut = token.encode(), token.encode()[:-7]
+    raw = {
+        "array": orjson.dumps([{"token": token}]),
+        "truncated": command[:-9],  # cut inside the token's signature: it ends '"}'
+        "not_utf8": b"\xff" + command,
+        "two_tokens": b'"' + jwt_bytes + b" and " + jwt_bytes + b'"',
+    }[shape]
+    decoded = commands.decode_command(raw, key=b"k", source=SOURCE)
+    assert isinstance(decoded, commands.CommandRejection) and decoded.reason == reason
+    assert cut in raw and cut[:-20] not in decoded.value and decoded.redacted
+    found = jwt_bytes if jwt_bytes in raw else cut
+    assert decoded.value == raw.replace(found, b"<redacted>")
+    headers = dict(commands.dead_letter_headers(decoded, datetime(2030, 1, 1, tzinfo=timezone.utc)))
+    assert headers["fleet.redacted"] == b"value"
+
+
+def test_a_token_anywhere_in_a_command_is_redacted_and_a_clean_one_is_kept_as_sent() -> None:
+    token = a_real_token()
+    command_id = uuid.uuid4()
+    raw = orjson.dumps({"command_id": str(command_id), "type": "vehicle.delete", "data": {"id": "x", "note": token}})
+    decoded = commands.decode_command(raw, key=None, source=SOURCE)
+    assert isinstance(decoded, commands.Command) and decoded.redacted
+    assert orjson.loads(decoded.value)["data"] == {"id": "x", "note": "<redacted>"}
+    clean = commands.command_value("vehicle.fly", {"id": "x"}, command_id=command_id, actor="app")
+    rejected = commands.decode_command(clean, key=None, source=SOURCE)
+    assert isinstance(rejected, commands.CommandRejection) and rejected.value == clean and not rejected.redacted
+    assert "fleet.redacted" not in dict(commands.dead_letter_headers(rejected, datetime.now(timezone.utc)))
+
+
 def test_every_command_type_is_documented() -> None:
     from pathlib import Path
 
