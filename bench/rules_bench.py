@@ -54,14 +54,14 @@ from bench.databases import drop, recreate, with_database
 from fleet_telemetry.consumers.decode import Decoded, Rules, decode_into
 from fleet_telemetry.consumers.rules import RuleEngine
 from fleet_telemetry.consumers.rules.engine import thresholds_from_settings
-from fleet_telemetry.consumers.rules.evaluate import by_vehicle, evaluate
+from fleet_telemetry.consumers.rules.evaluate import evaluate
 from fleet_telemetry.consumers.rules.index import GeofenceIndex
 from fleet_telemetry.consumers.rules.model import Evaluation, VehicleState
 from fleet_telemetry.consumers.rules.timers import load_index
 from fleet_telemetry.consumers.sink import init_connection
 from fleet_telemetry.core.logs import configure_logging
 from fleet_telemetry.core.metrics import PipelineMetrics
-from fleet_telemetry.core.reading import Reading, Source
+from fleet_telemetry.core.reading import Reading, Source, by_vehicle
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.schema.migrate import apply_migrations
 

@@ -22,7 +22,7 @@ from uuid import UUID
 import asyncpg
 import structlog
 
-from fleet_telemetry.consumers.rules.evaluate import by_vehicle, evaluate
+from fleet_telemetry.consumers.rules.evaluate import evaluate
 from fleet_telemetry.consumers.rules.geo_sets import drop_sets, update_members
 from fleet_telemetry.consumers.rules.index import GeofenceIndex
 from fleet_telemetry.consumers.rules.model import ALERT_TYPES, Evaluation, Thresholds
@@ -35,7 +35,7 @@ from fleet_telemetry.consumers.rules.timers import (
     run_every,
 )
 from fleet_telemetry.core.metrics import PipelineMetrics
-from fleet_telemetry.core.reading import Reading
+from fleet_telemetry.core.reading import Reading, by_vehicle
 from fleet_telemetry.core.redis_client import RedisClient
 from fleet_telemetry.core.settings import Settings
 

@@ -12,7 +12,6 @@ order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import datetime, timedelta
 from operator import attrgetter
 from uuid import UUID
@@ -37,17 +36,6 @@ CLOCK_SKEW = timedelta(seconds=60)
 
 _time_of = attrgetter("time")
 
-
-def by_vehicle(readings: Iterable[Reading]) -> dict[UUID, list[Reading]]:
-    """A batch's readings grouped per vehicle, in arrival order."""
-    groups: dict[UUID, list[Reading]] = {}
-    for r in readings:
-        group = groups.get(r.vehicle_id)
-        if group is None:
-            groups[r.vehicle_id] = [r]
-        else:
-            group.append(r)
-    return groups
 
 
 def evaluate(

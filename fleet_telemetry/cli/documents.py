@@ -17,6 +17,7 @@ from uuid import UUID
 
 import orjson
 
+from fleet_telemetry.cli.fleetops import display_value
 from fleet_telemetry.cli.fleetops_table import date_arg, uuid_arg
 from fleet_telemetry.cli.parsing import count_arg
 from fleet_telemetry.core.settings import Settings
@@ -173,7 +174,7 @@ async def _list(args: argparse.Namespace, settings: Settings) -> int:
     elif not found:
         print("(none)")
     for row in [] if args.json else found:
-        print("  ".join(f"{c}={_text(row.get(c))}" for c in
+        print("  ".join(f"{c}={display_value(row.get(c))}" for c in
                         ("id", "owner_type", "owner_id", "kind", "file_name", "size_bytes", "expires_on",
                          "created_at", "deleted_at")))
     return 0
@@ -224,12 +225,5 @@ def _print(result: Any, as_json: bool) -> None:
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         return
     for key, value in result.items():
-        print(f"{key}: {_text(value)}")
+        print(f"{key}: {display_value(value)}")
 
-
-def _text(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, (dict, list)):
-        return orjson.dumps(value).decode()
-    return str(value)

@@ -119,16 +119,17 @@ def _print(result: Any, as_json: bool, columns: Sequence[str] = ()) -> None:
             print("(none)")
         for row in result:
             shown = columns or list(row)
-            print("  ".join(f"{c}={_text(row.get(c))}" for c in shown))
+            print("  ".join(f"{c}={display_value(row.get(c))}" for c in shown))
         return
     if isinstance(result, Mapping):
         for key, value in result.items():
-            print(f"{key}: {_text(value)}")
+            print(f"{key}: {display_value(value)}")
         return
     print(result)
 
 
-def _text(value: Any) -> str:
+def display_value(value: Any) -> str:
+    """A value as one line of a table or a `key: value` listing: `-` for none, JSON for structures."""
     if value is None:
         return "-"
     if isinstance(value, (dict, list)):

@@ -8,6 +8,7 @@ rules that both the decoder and the producers share.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Final
@@ -109,3 +110,15 @@ class Rejection:
     key: bytes | None
     value: bytes
     """The dead letter's value: original bytes, or the array element as JSON."""
+
+
+def by_vehicle(readings: Iterable[Reading]) -> dict[UUID, list[Reading]]:
+    """A batch's readings grouped per vehicle, in arrival order."""
+    groups: dict[UUID, list[Reading]] = {}
+    for r in readings:
+        group = groups.get(r.vehicle_id)
+        if group is None:
+            groups[r.vehicle_id] = [r]
+        else:
+            group.append(r)
+    return groups

@@ -30,7 +30,7 @@ import asyncpg
 import structlog
 
 from fleet_telemetry.core.metrics import PipelineMetrics
-from fleet_telemetry.core.reading import Reading
+from fleet_telemetry.core.reading import Reading, by_vehicle
 from fleet_telemetry.core.settings import Settings
 from fleet_telemetry.trips.machine import advance
 from fleet_telemetry.trips.model import IDLING, Changes, MotionState, thresholds_from_settings
@@ -88,13 +88,7 @@ class TripTracker:
             return
         async with self._lock:
             started = time.perf_counter()
-            groups: dict[UUID, list[Reading]] = {}
-            for r in readings:
-                group = groups.get(r.vehicle_id)
-                if group is None:
-                    groups[r.vehicle_id] = [r]
-                else:
-                    group.append(r)
+            groups = by_vehicle(readings)
             for attempt in range(_ATTEMPTS):
                 try:
                     await self._run(groups)

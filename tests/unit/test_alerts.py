@@ -7,7 +7,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from fleet_telemetry.consumers.rules.alert_rows import plan_alert_rows
-from fleet_telemetry.consumers.rules.evaluate import by_vehicle, evaluate
+from fleet_telemetry.consumers.rules.evaluate import evaluate
+from fleet_telemetry.core.reading import by_vehicle
 from fleet_telemetry.consumers.rules.geometry import make_geofence
 from fleet_telemetry.consumers.rules.index import GeofenceIndex
 from fleet_telemetry.consumers.rules.model import AlertAction, Thresholds, VehicleState

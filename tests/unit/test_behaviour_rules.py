@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from fleet_telemetry.consumers.rules.alert_rows import plan_alert_rows
-from fleet_telemetry.consumers.rules.evaluate import by_vehicle, evaluate
+from fleet_telemetry.consumers.rules.evaluate import evaluate
+from fleet_telemetry.core.reading import by_vehicle
 from fleet_telemetry.consumers.rules.index import GeofenceIndex
 from fleet_telemetry.consumers.rules.model import AlertAction, Thresholds, VehicleState
 from fleet_telemetry.consumers.rules.store import _memory, _state_from_row

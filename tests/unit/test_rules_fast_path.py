@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from fleet_telemetry.consumers.rules.evaluate import by_vehicle, evaluate
+from fleet_telemetry.consumers.rules.evaluate import evaluate
+from fleet_telemetry.core.reading import by_vehicle
 from fleet_telemetry.consumers.rules.geometry import M_PER_DEGREE, Geofence, Ring, make_geofence
 from fleet_telemetry.consumers.rules.index import GeofenceIndex
 from fleet_telemetry.consumers.rules.model import AlertAction, Evaluation, Thresholds, VehicleState
