@@ -191,11 +191,15 @@ def test_a_started_service_holds_no_descriptor_of_the_caller(tmp_path: Path) -> 
     try:
         pid = spawn_detached([shutil.which("sleep") or "/bin/sleep", "30"], tmp_path / "sleep.log")
         try:
-            for _ in range(200):  # until its execve is over and close-on-exec applied
+            # Until its execve is over (close-on-exec applied) and the dynamic loader has
+            # closed the shared libraries it opens while the program starts.
+            held: set[str] = set()
+            for _ in range(300):
                 if Path(f"/proc/{pid}/cmdline").read_bytes():
-                    break
+                    held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+                    if not any(".so" in Path(name).name for name in held):
+                        break
                 time.sleep(0.01)
-            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
         finally:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
